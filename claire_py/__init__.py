@@ -1,0 +1,13 @@
+"""claire_py: spectral, MPI-parallel, PDE-constrained diffeomorphic image registration.
+
+Layers (imports point down only): ``claire_py`` (API, CLI, I/O) -> ``claire_py.solvers``
+(the control problem and its solvers) -> ``claire_py.kernels`` (distributed fields,
+spectral operators, numba arithmetic).
+"""
+
+__version__ = "0.1.0.dev0"
+
+from .api import smooth  # noqa: E402
+from .errors import UserInputError  # noqa: E402
+
+__all__ = ["__version__", "smooth", "UserInputError"]

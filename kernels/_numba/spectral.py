@@ -1,0 +1,217 @@
+"""Fourier-multiplier kernels on a local block of r2c spectral coefficients.
+
+Every kernel takes the local spectral block ``(n1, n2, n3c)`` (complex64 or complex128,
+C-contiguous) and the local integer wavenumbers of its three axes as 1-D arrays ``k0, k1,
+k2`` in the matching real dtype (see ``Decomposition.local_wavenumbers``). ``d0, d1, d2``
+denote the wavenumbers with the Nyquist entries zeroed (used for odd-order derivatives).
+``scale`` multiplies the result (it carries the ``1/N`` FFT normalisation when the caller
+transforms without normalising). ``out`` may alias the input: every kernel is pointwise in
+``k``. Kernels never see a communicator; only numbers.
+"""
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit_parallel
+
+__all__ = ["multiply_i_linear", "divergence", "radial_polynomial", "separable_multiply",
+           "vector_symbol", "leray"]
+
+
+@jit_parallel
+def _multiply_i_linear(uhat, a0, a1, a2, iscale, out):
+    n0, n1, n2 = uhat.shape
+    for i in prange(n0):
+        for j in range(n1):
+            aij = a0[i] + a1[j]
+            for l in range(n2):
+                out[i, j, l] = (iscale * (aij + a2[l])) * uhat[i, j, l]
+
+
+@jit_parallel
+def _divergence(v0, v1, v2, d0, d1, d2, iscale, out):
+    n0, n1, n2 = v0.shape
+    for i in prange(n0):
+        for j in range(n1):
+            for l in range(n2):
+                out[i, j, l] = iscale * (d0[i] * v0[i, j, l] + d1[j] * v1[i, j, l] + d2[l] * v2[i, j, l])
+
+
+@jit_parallel
+def _radial_polynomial(uhat, k0, k1, k2, c0, c1, c2, c3, scale, invert, out):
+    n0, n1, n2 = uhat.shape
+    zero = uhat.dtype.type(0)
+    for i in prange(n0):
+        for j in range(n1):
+            qij = k0[i] * k0[i] + k1[j] * k1[j]
+            for l in range(n2):
+                q = qij + k2[l] * k2[l]
+                s = c0 + q * (c1 + q * (c2 + q * c3))
+                if invert:
+                    out[i, j, l] = zero if s == 0 else (scale / s) * uhat[i, j, l]
+                else:
+                    out[i, j, l] = (scale * s) * uhat[i, j, l]
+
+
+@jit_parallel
+def _separable_multiply(uhat, m0, m1, m2, scale, out):
+    n0, n1, n2 = uhat.shape
+    for i in prange(n0):
+        for j in range(n1):
+            mij = scale * m0[i] * m1[j]
+            for l in range(n2):
+                out[i, j, l] = (mij * m2[l]) * uhat[i, j, l]
+
+
+@jit_parallel
+def _vector_symbol(v0, v1, v2, k0, k1, k2, d0, d1, d2, c0, c1, c2, c3, b, scale, invert,
+                   o0, o1, o2):
+    n0, n1, n2 = v0.shape
+    zero = v0.dtype.type(0)
+    for i in prange(n0):
+        for j in range(n1):
+            for l in range(n2):
+                q = k0[i] * k0[i] + k1[j] * k1[j] + k2[l] * k2[l]
+                s = c0 + q * (c1 + q * (c2 + q * c3))
+                x0 = v0[i, j, l]
+                x1 = v1[i, j, l]
+                x2 = v2[i, j, l]
+                dv = d0[i] * x0 + d1[j] * x1 + d2[l] * x2
+                if invert:
+                    if s == 0:
+                        o0[i, j, l] = zero
+                        o1[i, j, l] = zero
+                        o2[i, j, l] = zero
+                        continue
+                    dd = d0[i] * d0[i] + d1[j] * d1[j] + d2[l] * d2[l]
+                    a = scale / s
+                    w = a * b * dv / (s + b * dd)
+                    o0[i, j, l] = a * x0 - w * d0[i]
+                    o1[i, j, l] = a * x1 - w * d1[j]
+                    o2[i, j, l] = a * x2 - w * d2[l]
+                else:
+                    w = scale * b * dv
+                    o0[i, j, l] = (scale * s) * x0 + w * d0[i]
+                    o1[i, j, l] = (scale * s) * x1 + w * d1[j]
+                    o2[i, j, l] = (scale * s) * x2 + w * d2[l]
+
+
+@jit_parallel
+def _leray(v0, v1, v2, d0, d1, d2, scale, o0, o1, o2):
+    n0, n1, n2 = v0.shape
+    for i in prange(n0):
+        for j in range(n1):
+            for l in range(n2):
+                x0 = v0[i, j, l]
+                x1 = v1[i, j, l]
+                x2 = v2[i, j, l]
+                dd = d0[i] * d0[i] + d1[j] * d1[j] + d2[l] * d2[l]
+                w = (d0[i] * x0 + d1[j] * x1 + d2[l] * x2) / dd if dd > 0 else x0 * 0
+                o0[i, j, l] = scale * (x0 - w * d0[i])
+                o1[i, j, l] = scale * (x1 - w * d1[j])
+                o2[i, j, l] = scale * (x2 - w * d2[l])
+
+
+# ------------------------------------------------------------------ wrappers
+def _check_block(name, arr, shape=None):
+    if arr.dtype not in (np.complex64, np.complex128):
+        raise TypeError(f"{name}: spectral arrays must be complex64 or complex128, got {arr.dtype}")
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: spectral arrays must be C-contiguous")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"{name}: array of shape {arr.shape}, expected {shape}")
+    return arr
+
+
+def _real_of(arr):
+    return np.float32 if arr.dtype == np.complex64 else np.float64
+
+
+def _wavenumbers(uhat, ks, axes=(0, 1, 2)):
+    rt = _real_of(uhat)
+    out = tuple(np.ascontiguousarray(k, dtype=rt) for k in ks)
+    for ax, k in zip(axes, out):
+        if k.shape != (uhat.shape[-3 + ax],):
+            raise ValueError(f"wavenumbers of length {k.shape[0]} for an axis of length {uhat.shape[-3 + ax]}")
+    return out
+
+
+def _out_like(uhat, out, shape=None):
+    shape = uhat.shape if shape is None else shape
+    if out is None:
+        return np.empty(shape, uhat.dtype)
+    return _check_block("out", out, shape)
+
+
+def multiply_i_linear(uhat, a0, a1, a2, scale=1.0, out=None):
+    """``out = 1j * scale * (a0[i] + a1[j] + a2[l]) * uhat`` (a first derivative along
+    ``a`` when two of the three are zero)."""
+    _check_block("uhat", uhat)
+    a0, a1, a2 = _wavenumbers(uhat, (a0, a1, a2))
+    out = _out_like(uhat, out)
+    _multiply_i_linear(uhat, a0, a1, a2, uhat.dtype.type(1j * scale), out)
+    return out
+
+
+def divergence(vhat, d0, d1, d2, scale=1.0, out=None):
+    """``out = 1j * scale * (d0 vhat[0] + d1 vhat[1] + d2 vhat[2])`` for ``vhat`` of shape
+    ``(3, n1, n2, n3c)``."""
+    _check_block("vhat", vhat)
+    d0, d1, d2 = _wavenumbers(vhat[0], (d0, d1, d2))
+    out = _out_like(vhat, out, vhat.shape[1:])
+    _divergence(vhat[0], vhat[1], vhat[2], d0, d1, d2, vhat.dtype.type(1j * scale), out)
+    return out
+
+
+def radial_polynomial(uhat, k0, k1, k2, coeffs, scale=1.0, invert=False, out=None):
+    """Multiply by ``scale * s(|k|^2)`` or, with ``invert``, by ``scale / s(|k|^2)`` where
+    ``s(q) = c0 + c1 q + c2 q^2 + c3 q^3``. Modes where ``s == 0`` map to 0 when inverting
+    (pseudo-inverse on the complement of the null space, e.g. the zero mode of ``-Delta``)."""
+    _check_block("uhat", uhat)
+    k0, k1, k2 = _wavenumbers(uhat, (k0, k1, k2))
+    rt = _real_of(uhat)
+    c0, c1, c2, c3 = (rt(c) for c in coeffs)
+    out = _out_like(uhat, out)
+    _radial_polynomial(uhat, k0, k1, k2, c0, c1, c2, c3, rt(scale), bool(invert), out)
+    return out
+
+
+def separable_multiply(uhat, m0, m1, m2, scale=1.0, out=None):
+    """``out = scale * m0[i] * m1[j] * m2[l] * uhat`` with real 1-D factors (e.g. a
+    Gaussian ``exp(-(sigma_a k_a)^2 / 2)`` per axis)."""
+    _check_block("uhat", uhat)
+    m0, m1, m2 = _wavenumbers(uhat, (m0, m1, m2))
+    out = _out_like(uhat, out)
+    _separable_multiply(uhat, m0, m1, m2, _real_of(uhat)(scale), out)
+    return out
+
+
+def vector_symbol(vhat, k0, k1, k2, d0, d1, d2, coeffs, graddiv=0.0, scale=1.0, invert=False,
+                  out=None):
+    """Apply ``M(k) = s(|k|^2) I + b d d^T`` (``b = graddiv``) to a spectral vector field
+    ``(3, n1, n2, n3c)``, or its inverse ``(1/s) (I - b d d^T / (s + b |d|^2))``
+    (Sherman-Morrison), mapping modes with ``s == 0`` to 0. ``s`` as in
+    :func:`radial_polynomial`. ``b d d^T`` is the symbol of ``-grad div``."""
+    _check_block("vhat", vhat)
+    if vhat.ndim != 4 or vhat.shape[0] != 3:
+        raise ValueError(f"vhat must have shape (3, n1, n2, n3c), got {vhat.shape}")
+    k0, k1, k2 = _wavenumbers(vhat[0], (k0, k1, k2))
+    d0, d1, d2 = _wavenumbers(vhat[0], (d0, d1, d2))
+    rt = _real_of(vhat)
+    c0, c1, c2, c3 = (rt(c) for c in coeffs)
+    out = _out_like(vhat, out)
+    _vector_symbol(vhat[0], vhat[1], vhat[2], k0, k1, k2, d0, d1, d2, c0, c1, c2, c3, rt(graddiv),
+                   rt(scale), bool(invert), out[0], out[1], out[2])
+    return out
+
+
+def leray(vhat, d0, d1, d2, scale=1.0, out=None):
+    """Leray projection ``scale * (I - d d^T / |d|^2) vhat``; modes with ``d = 0`` (zero
+    mode, pure Nyquist modes) are kept unchanged."""
+    _check_block("vhat", vhat)
+    if vhat.ndim != 4 or vhat.shape[0] != 3:
+        raise ValueError(f"vhat must have shape (3, n1, n2, n3c), got {vhat.shape}")
+    d0, d1, d2 = _wavenumbers(vhat[0], (d0, d1, d2))
+    out = _out_like(vhat, out)
+    _leray(vhat[0], vhat[1], vhat[2], d0, d1, d2, _real_of(vhat)(scale), out[0], out[1], out[2])
+    return out

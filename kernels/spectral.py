@@ -1,0 +1,286 @@
+"""Spectral differential operators on distributed fields.
+
+All operators are Fourier multipliers on the distributed r2c transform of a
+:class:`~claire_py.kernels.decomposition.Decomposition`; they take and return *local real*
+blocks (scalars ``(n1, n2, n3)``, vectors ``(3, n1, n2, n3)``) and reuse the decomposition's
+FFTW plans and a few named spectral work arrays.
+
+Conventions (domain ``[0, 2*pi)^3``, integer wavenumbers ``k``):
+
+* **Zero mode.** Inverses of operators whose symbol vanishes at ``k = 0`` (``Delta``,
+  the seminorms ``h1s``, ``h2s``, ``h3s``) return the mean-free solution: the zero mode of the
+  result is 0. They invert exactly on mean-free fields.
+* **Nyquist modes** (``k_a = N_a/2`` on even-sized axes). First-order operators (gradient,
+  divergence, Leray projection, the grad-div term of ``h1s-div``) use ``k_a = 0`` there:
+  a real field's Nyquist mode has no representable derivative. Even-order operators
+  (Laplacian, regularisation norms, Gaussian smoothing) use the full ``|k|^2`` so they
+  stay invertible; hence ``laplacian != divergence(gradient)`` on Nyquist modes only.
+  Spectral resampling drops every mode with ``|k_a| >= min(N_src, N_dst)_a / 2``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._numba import spectral as _k
+
+__all__ = ["SpectralOperators", "SpectralResampler", "REGULARIZATION_NORMS", "regularization_symbol"]
+
+#: Regularisation norms of DESIGN.md section 1, as symbols ``s(|k|^2) I + b d d^T``.
+REGULARIZATION_NORMS = ("h1s", "h2s", "h3s", "h1", "h2", "h3", "l2", "h1s-div")
+
+
+def regularization_symbol(norm, *, beta=1.0, gamma=1e-4, beta_div=1e-4):
+    """Symbol of the regularisation operator ``beta * A`` of a named norm.
+
+    Parameters
+    ----------
+    norm : str
+        ``h1s`` (``-Delta``), ``h2s`` (``Delta^2``), ``h3s`` (``-Delta^3``), ``h1``, ``h2``,
+        ``h3`` (the seminorm plus ``gamma * I``), ``l2`` (``I``) or ``h1s-div``
+        (``-beta Delta - beta_div grad div``, near-incompressible).
+    beta, gamma, beta_div : float
+        Regularisation weight, identity weight of the full norms, grad-div weight.
+
+    Returns
+    -------
+    coeffs : tuple of 4 floats
+        ``(c0, c1, c2, c3)`` of ``s(q) = c0 + c1 q + c2 q^2 + c3 q^3``, ``q = |k|^2``.
+    graddiv : float
+        Weight ``b`` of the ``d d^T`` (``-grad div``) term.
+    """
+    base = {"h1s": (0, 1, 0, 0), "h2s": (0, 0, 1, 0), "h3s": (0, 0, 0, 1),
+            "h1": (gamma, 1, 0, 0), "h2": (gamma, 0, 1, 0), "h3": (gamma, 0, 0, 1),
+            "l2": (1, 0, 0, 0), "h1s-div": (0, 1, 0, 0)}
+    if norm not in base:
+        raise ValueError(f"unknown regularisation norm {norm!r}; use one of {', '.join(REGULARIZATION_NORMS)}")
+    if not beta > 0:
+        raise ValueError(f"beta={beta} must be > 0")
+    return tuple(beta * c for c in base[norm]), (beta_div if norm == "h1s-div" else 0.0)
+
+
+class SpectralOperators:
+    """Gradient, divergence, Laplacian, regularisation, Leray projection and smoothing.
+
+    Parameters
+    ----------
+    decomp : Decomposition
+        Owner of the layout and the FFT plans.
+
+    Notes
+    -----
+    Each call costs one forward transform per input component and one inverse transform per
+    output component; the multiplier is applied by a fused numba kernel that also carries the
+    ``1/N`` normalisation. Work arrays are allocated once, here.
+    """
+
+    def __init__(self, decomp):
+        self.decomp = decomp
+        rt = decomp.dtype.type
+        self.k = tuple(k.astype(rt) for k in decomp.local_wavenumbers())
+        self.d = tuple(k.astype(rt) for k in decomp.local_wavenumbers(zero_nyquist=True))
+        self._zeros = tuple(np.zeros_like(k) for k in self.k)
+        self._scale = 1.0 / decomp.num_points
+        self._fft = decomp.fft
+        self._hat = decomp.new_scalar(spectral=True)
+        self._vhat = None
+
+    # ------------------------------------------------------------ internals
+    def _vector_hat(self):
+        if self._vhat is None:
+            self._vhat = self.decomp.new_vector(spectral=True)
+        return self._vhat
+
+    def _check(self, f, vector):
+        shape = ((3,) if vector else ()) + self.decomp.local_shape
+        if f.shape != shape:
+            kind = "vector (3, n1, n2, n3)" if vector else "scalar (n1, n2, n3)"
+            raise ValueError(f"expected a local {kind} field of shape {shape}, got {f.shape}")
+
+    def _out(self, out, vector):
+        if out is None:
+            return self.decomp.new_vector() if vector else self.decomp.new_scalar()
+        self._check(out, vector)
+        return out
+
+    def _forward(self, f, out):
+        """Unnormalised forward transform (the kernels apply ``1/N``)."""
+        return self._fft.forward(f, out, normalize=False)
+
+    def _backward_from(self, kernel, out):
+        """Run ``kernel(target)`` into the plan's own spectral input and transform back."""
+        kernel(self._fft.backward.input_array)
+        return self._fft.backward(None, out, normalize=False)
+
+    def _each_component(self, f, out, apply):
+        """Apply a scalar operator per component when ``f`` is a vector field."""
+        if f.ndim == 4:
+            for c in range(f.shape[0]):
+                apply(f[c], out[c])
+        else:
+            apply(f, out)
+        return out
+
+    # ------------------------------------------------------------ operators
+    def gradient(self, f, out=None):
+        """``grad f`` of a scalar field: ``(3, n1, n2, n3)``, component ``a`` = ``df/dx_a``."""
+        self._check(f, False)
+        out = self._out(out, True)
+        fhat = self._forward(f, self._hat)
+        for a in range(3):
+            mult = tuple(self.d[b] if b == a else self._zeros[b] for b in range(3))
+            self._backward_from(lambda t: _k.multiply_i_linear(fhat, *mult, self._scale, out=t), out[a])
+        return out
+
+    def divergence(self, v, out=None):
+        """``div v`` of a vector field."""
+        self._check(v, True)
+        out = self._out(out, False)
+        vhat = self._vector_hat()
+        for a in range(3):
+            self._forward(v[a], vhat[a])
+        return self._backward_from(lambda t: _k.divergence(vhat, *self.d, self._scale, out=t), out)
+
+    def _radial(self, f, coeffs, invert, out):
+        out = self._out(out, f.ndim == 4)
+
+        def apply(fc, oc):
+            fhat = self._forward(fc, self._hat)
+            self._backward_from(lambda t: _k.radial_polynomial(fhat, *self.k, coeffs, self._scale, invert, out=t), oc)
+
+        return self._each_component(f, out, apply)
+
+    def laplacian(self, f, out=None):
+        """``Delta f`` (scalar or per component of a vector)."""
+        return self._radial(f, (0.0, -1.0, 0.0, 0.0), False, out)
+
+    def inverse_laplacian(self, f, out=None):
+        """``Delta^{-1} f`` on the mean-free part; the result has zero mean."""
+        return self._radial(f, (0.0, -1.0, 0.0, 0.0), True, out)
+
+    def _regularization(self, v, norm, beta, gamma, beta_div, invert, out):
+        self._check(v, True)
+        coeffs, graddiv = regularization_symbol(norm, beta=beta, gamma=gamma, beta_div=beta_div)
+        if graddiv == 0.0:
+            return self._radial(v, coeffs, invert, out)
+        out = self._out(out, True)
+        vhat = self._vector_hat()
+        for a in range(3):
+            self._forward(v[a], vhat[a])
+        _k.vector_symbol(vhat, *self.k, *self.d, coeffs, graddiv, self._scale, invert, out=vhat)
+        for a in range(3):
+            self._fft.backward(vhat[a], out[a], normalize=False)
+        return out
+
+    def regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, beta_div=1e-4, out=None):
+        """``beta A v`` for a velocity field (see :func:`regularization_symbol`)."""
+        return self._regularization(v, norm, beta, gamma, beta_div, False, out)
+
+    def inverse_regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, beta_div=1e-4, out=None):
+        """``(beta A)^{-1} v``; null-space modes (the zero mode of the seminorms) map to 0."""
+        return self._regularization(v, norm, beta, gamma, beta_div, True, out)
+
+    def leray(self, v, out=None):
+        """Leray projection ``K v = v - grad Delta^{-1} div v`` onto divergence-free fields.
+        The zero mode (the mean velocity) is kept."""
+        self._check(v, True)
+        out = self._out(out, True)
+        vhat = self._vector_hat()
+        for a in range(3):
+            self._forward(v[a], vhat[a])
+        _k.leray(vhat, *self.d, self._scale, out=vhat)
+        for a in range(3):
+            self._fft.backward(vhat[a], out[a], normalize=False)
+        return out
+
+    def smooth(self, f, sigma, out=None):
+        """Gaussian smoothing with standard deviation ``sigma`` in voxels (scalar or one per
+        axis), a scalar or per component of a vector field.
+
+        The multiplier is ``exp(-sum_a (sigma_a h_a k_a)^2 / 2)`` with ``h_a = 2 pi / N_a``,
+        the periodic Gaussian of width ``sigma_a`` grid cells; ``sigma = 0`` is the identity.
+        """
+        sig = np.broadcast_to(np.asarray(sigma, dtype=np.float64), (3,))
+        if np.any(sig < 0) or not np.all(np.isfinite(sig)):
+            raise ValueError(f"sigma={sigma} must be finite and >= 0 (voxels)")
+        m = tuple(np.exp(-0.5 * (s * h * k) ** 2) for s, h, k in zip(sig, self.decomp.spacing, self.k))
+        out = self._out(out, f.ndim == 4)
+
+        def apply(fc, oc):
+            fhat = self._forward(fc, self._hat)
+            self._backward_from(lambda t: _k.separable_multiply(fhat, *m, self._scale, out=t), oc)
+
+        return self._each_component(f, out, apply)
+
+
+class SpectralResampler:
+    """Spectral restriction / prolongation between two grids on the same ranks.
+
+    ``resampler(f)`` maps a local real field of ``src`` to the local real field of ``dst``
+    with the same Fourier coefficients on the modes both grids represent, ``|k_a| <
+    min(N_src,a, N_dst,a) / 2``, and zero elsewhere (Nyquist modes are dropped). Restriction
+    N -> N/2 and prolongation N/2 -> N are the two uses; any pair of shapes works.
+    Prolongation followed by restriction is the identity on band-limited coarse fields.
+
+    The routing (which spectral indices go to which rank) is computed once, here, from the
+    two decompositions' block tables; each call is one forward transform, one ``Alltoallv``
+    and one inverse transform per component.
+    """
+
+    def __init__(self, src, dst):
+        if not src.same_ranks(dst):
+            raise ValueError("resampling needs two decompositions over the same communicator")
+        self.src, self.dst = src, dst
+        keep = [min(a, b) for a, b in zip(src.shape, dst.shape)]
+
+        def mapped(shape_src, shape_dst, axis, lo, hi):
+            """dst global index for each src global index in [lo, hi), or -1 if dropped."""
+            idx = np.arange(lo, hi)
+            n = shape_src[axis]
+            k = idx if axis == 2 else np.where(idx <= (n - 1) // 2, idx, idx - n)
+            dst_idx = np.where(k >= 0, k, shape_dst[axis] + k)
+            return np.where(2 * np.abs(k) < keep[axis], dst_idx, -1)
+
+        me_src = src._spectral_blocks[src.rank]
+        me_dst = dst._spectral_blocks[dst.rank]
+        self._send, self._recv = [], []
+        for r in range(src.size):
+            # what I send to r: my src indices whose dst index falls in r's dst block
+            send_idx, recv_idx = [], []
+            for a in range(3):
+                m = mapped(src.shape, dst.shape, a, *me_src[a])
+                lo, hi = dst._spectral_blocks[r][a]
+                send_idx.append(np.nonzero((m >= lo) & (m < hi))[0])
+                # what r sends me: r's src indices mapped into my dst block, as my local positions
+                m = mapped(src.shape, dst.shape, a, *src._spectral_blocks[r][a])
+                lo, hi = me_dst[a]
+                recv_idx.append(m[(m >= lo) & (m < hi)] - lo)
+            self._send.append(np.ix_(*send_idx))
+            self._recv.append(np.ix_(*recv_idx))
+        self._send_counts = [math.prod(len(i.ravel()) for i in ix) for ix in self._send]
+        self._recv_counts = [math.prod(len(i.ravel()) for i in ix) for ix in self._recv]
+        self._src_hat = src.new_scalar(spectral=True)
+        self._dst_hat = dst.new_scalar(spectral=True)
+
+    def __call__(self, f, out=None):
+        """Resample a local real scalar ``(n1, n2, n3)`` or vector ``(3, n1, n2, n3)`` field."""
+        vector = f.ndim == 4
+        expect = ((3,) if vector else ()) + self.src.local_shape
+        if f.shape != expect:
+            raise ValueError(f"expected a field of shape {expect} on the source grid, got {f.shape}")
+        if out is None:
+            out = self.dst.new_vector() if vector else self.dst.new_scalar()
+        for fc, oc in (zip(f, out) if vector else [(f, out)]):
+            fhat = self.src.forward(fc, self._src_hat)
+            send = np.concatenate([fhat[ix].ravel() for ix in self._send]).astype(self.dst.complex_dtype)
+            recv = self.src.alltoallv(send, self._send_counts, self._recv_counts)
+            self._dst_hat[...] = 0
+            offset = 0
+            for ix, c in zip(self._recv, self._recv_counts):
+                shape = tuple(len(i.ravel()) for i in ix)
+                self._dst_hat[ix] = recv[offset:offset + c].reshape(shape)
+                offset += c
+            self.dst.backward(self._dst_hat, oc)
+        return out

@@ -1,0 +1,111 @@
+"""The ``claire`` command: smoothing a NIfTI file end to end, and failing well."""
+
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import claire_py
+from claire_py._testing import clean_subprocess_env
+from claire_py.cli import main
+from claire_py.kernels import reference
+
+COMM = MPI.COMM_WORLD
+
+
+def _write_nifti(path, data, affine=None):
+    if COMM.rank == 0:
+        nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), path)
+    COMM.Barrier()
+
+
+def test_smooth_command_matches_the_reference(shared_tmp):
+    rng = np.random.default_rng(0)
+    data = (100 * rng.random((12, 10, 9))).astype(np.int16)
+    src, dst = os.path.join(shared_tmp, "in.nii.gz"), os.path.join(shared_tmp, "sub", "out.nii.gz")
+    _write_nifti(src, data)
+    assert main(["smooth", src, "-o", dst, "--sigma", "1.5", "--dtype", "float64"]) == 0
+    COMM.Barrier()
+    out = nib.load(dst)
+    np.testing.assert_allclose(out.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+    np.testing.assert_allclose(out.get_fdata(), reference.smooth(data.astype(float), 1.5), rtol=0, atol=1e-4)
+    assert not [f for f in os.listdir(os.path.dirname(dst)) if f.startswith(".")], "temporary file left behind"
+
+
+def test_python_api_smooth_conserves_mass():
+    img = np.zeros((16, 16, 16))
+    img[8, 8, 8] = 1.0
+    out = claire_py.smooth(img if COMM.rank == 0 else None, 2.0, dtype=np.float64)
+    if COMM.rank == 0:
+        assert out.sum() == pytest.approx(1.0, rel=1e-12)
+        assert np.unravel_index(out.argmax(), out.shape) == (8, 8, 8)
+    else:
+        assert out is None
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such file"),
+    ("not_nifti", "not a NIfTI file name"),
+    ("two_d", "a 3-D volume is needed"),
+    ("nan", "NaN or infinite"),
+    ("truncated", "cannot be read as NIfTI"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_output(shared_tmp, capsys, case, message):
+    path = os.path.join(shared_tmp, f"{case}.nii.gz")
+    if case == "not_nifti":
+        path = os.path.join(shared_tmp, "image.png")
+        if COMM.rank == 0:
+            open(path, "w").close()
+    elif case == "two_d":
+        _write_nifti(path, np.zeros((8, 8, 3, 2), np.float32))
+    elif case == "nan":
+        data = np.zeros((8, 8, 8), np.float32)
+        data[1, 2, 3] = np.nan
+        _write_nifti(path, data)
+    elif case == "truncated":
+        _write_nifti(path, np.ones((16, 16, 16), np.float32))
+        if COMM.rank == 0:
+            with open(path, "rb") as f:
+                blob = f.read()
+            with open(path, "wb") as f:
+                f.write(blob[: len(blob) // 2])
+    COMM.Barrier()
+    out = os.path.join(shared_tmp, f"{case}-out.nii.gz")
+    assert main(["smooth", path, "-o", out]) == 2
+    err = capsys.readouterr().err
+    if COMM.rank == 0:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("claire: error:") and message in lines[0], err
+        assert "Traceback" not in err
+    assert not os.path.exists(out)
+
+
+def test_bad_option_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["smooth", "x.nii", "-o", "y.nii", "--sigma", "nan"])
+    assert exc.value.code == 2
+    assert "--sigma" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["-m", "claire_py", "info", "--shape", "8", "8", "8"],
+                                  ["-m", "claire_py", "--help"]])
+def test_module_entry_point(argv):
+    result = None
+    if COMM.rank == 0:
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                              env=clean_subprocess_env(), timeout=300)
+        result = (proc.returncode, proc.stdout + proc.stderr)
+    code, text = COMM.bcast(result)
+    assert code == 0, text
+    assert ("claire_py" in text and "8x8x8" in text) or "smooth" in text
+
+
+def test_info_command_runs_on_every_rank(capsys):
+    assert main(["info", "--shape", "12", "10", "8"]) == 0
+    out = capsys.readouterr().out
+    if COMM.rank == 0:
+        assert f"ranks        {COMM.size}" in out and "12x10x8" in out
