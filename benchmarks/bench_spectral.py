@@ -29,15 +29,19 @@ from mpi4py_fft import fftw
 from claire_py.kernels import Decomposition, SpectralOperators
 
 
-def timed(comm, fn, repeat):
-    fn()  # warm-up (numba compilation, first-touch)
-    times = []
+def timed(comm, fns, repeat):
+    """Median wall time of each callable (slowest rank), interleaved round-robin so that the
+    machine's load drifts affect all of them alike."""
+    for fn in fns:
+        fn()  # warm-up (numba compilation, first touch)
+    times = [[] for _ in fns]
     for _ in range(repeat):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return statistics.median(times)
+        for fn, t in zip(fns, times):
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fn()
+            t.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+    return [statistics.median(t) for t in times]
 
 
 def raw_fftw(decomp):
@@ -59,7 +63,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="128,256", help="comma-separated grid sizes N (N^3 grids)")
     parser.add_argument("--dtypes", default="float32,float64")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=11)
     parser.add_argument("--json", help="append one JSON object per measurement to this file")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
@@ -73,10 +77,9 @@ def main():
             grad = d.new_vector()
             back = d.new_scalar()
             fwd, bck = raw_fftw(d)
-            t_raw_f = timed(comm, fwd, args.repeat)
-            t_raw_b = timed(comm, bck, args.repeat)
-            t_pair = timed(comm, lambda: d.backward(d.forward(f, fhat), back), args.repeat)
-            t_grad = timed(comm, lambda: ops.gradient(f, grad), args.repeat)
+            t_raw_f, t_raw_b, t_pair, t_grad = timed(
+                comm, [fwd, bck, lambda: d.backward(d.forward(f, fhat), back), lambda: ops.gradient(f, grad)],
+                args.repeat)
             common = dict(n=n, dtype=dt, ranks=d.size, threads=d.threads, unit="s", layout=d.layout)
             rows.append(dict(name="fft_pair", value=t_pair, reference="raw FFTW r2c+c2r",
                              reference_value=t_raw_f + t_raw_b, **common))

@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 from mpi4py import MPI
-from mpi4py_fft import PFFT
+from mpi4py_fft import PFFT, fftw
 
 from ._numba._jit import set_threads as set_kernel_threads
 from ._numba.pointwise import dot as _local_dot
@@ -46,6 +46,12 @@ def _default_threads(comm):
     finally:
         node.Free()
     return max(1, cpus // ranks_on_node)
+
+
+def _same_layout(a, b):
+    """True when FFTW may run a plan made for ``b`` on ``a`` (new-array execution)."""
+    return (a.shape == b.shape and a.dtype == b.dtype and a.strides == b.strides
+            and fftw.get_alignment(a) >= fftw.get_alignment(b))
 
 
 def _is_smooth(n):
@@ -176,7 +182,7 @@ class Decomposition:
         # serial transforms over the unsplit axes into one FFTW plan (1.6x faster at P = 1).
         self.fft = PFFT(self.comm, self.shape, axes=[[0], [1], [2]], dtype=self.dtype,
                         grid=self.proc_grid, backend="fftw", collapse=True, threads=self.threads,
-                        planner_effort=planner_effort)
+                        planner_effort=planner_effort, overwrite_input="FFTW_PRESERVE_INPUT")
         self.spectral_shape = (self.shape[0], self.shape[1], self.shape[2] // 2 + 1)
         self.real_slice = tuple(self.fft.local_slice(False))
         self.spectral_slice = tuple(self.fft.local_slice(True))
@@ -210,17 +216,23 @@ class Decomposition:
         return neighbours
 
     # -------------------------------------------------------------- allocation
+    def _zeros(self, shape, dtype):
+        # SIMD-aligned like FFTW's own arrays, so transforms can read and write them in place
+        a = fftw.aligned(shape, dtype=dtype)
+        a[...] = 0
+        return a
+
     def new_scalar(self, *, spectral=False):
         """Zero local scalar field, real ``local_shape`` or complex ``local_spectral_shape``."""
         if spectral:
-            return np.zeros(self.local_spectral_shape, self.complex_dtype)
-        return np.zeros(self.local_shape, self.dtype)
+            return self._zeros(self.local_spectral_shape, self.complex_dtype)
+        return self._zeros(self.local_shape, self.dtype)
 
     def new_vector(self, *, spectral=False):
         """Zero local vector field ``(3, *local_shape)`` (or its spectral counterpart)."""
         if spectral:
-            return np.zeros((3,) + self.local_spectral_shape, self.complex_dtype)
-        return np.zeros((3,) + self.local_shape, self.dtype)
+            return self._zeros((3,) + self.local_spectral_shape, self.complex_dtype)
+        return self._zeros((3,) + self.local_shape, self.dtype)
 
     # ------------------------------------------------------------------ grids
     def local_coordinates(self):
@@ -270,12 +282,51 @@ class Decomposition:
     def forward(self, f, out=None):
         """Normalised r2c transform of a local real scalar field: ``fhat = (1/N) rfftn(f)``."""
         out = self.new_scalar(spectral=True) if out is None else out
-        return self.fft.forward(f, out, normalize=True)
+        self._execute(self.fft.forward, "fwd", f, out, src_destroyable=False)
+        out *= 1.0 / self.num_points
+        return out
 
     def backward(self, fhat, out=None):
-        """Inverse of :meth:`forward`: ``f = irfftn(fhat) * N`` on the local real block."""
+        """Inverse of :meth:`forward`: ``f = irfftn(fhat) * N`` on the local real block;
+        ``fhat`` is preserved."""
         out = self.new_scalar() if out is None else out
-        return self.fft.backward(fhat, out, normalize=False)
+        return self._execute(self.fft.backward, "bck", fhat, out, src_destroyable=False)
+
+    def forward_unnormalized(self, f, out):
+        """``rfftn(f)`` without the ``1/N`` (for kernels that fold it into their multiplier).
+        ``f`` is preserved; the last FFTW stage writes straight into ``out`` when its
+        alignment allows (else one extra copy)."""
+        return self._execute(self.fft.forward, "fwd", f, out, src_destroyable=False)
+
+    def backward_destroying(self, fhat, out):
+        """``irfftn(fhat) * N`` like :meth:`backward`, but ``fhat`` may be overwritten (FFTW's
+        multi-dimensional c2r destroys its input): saves the copies in and out of the plan's
+        own arrays when the arrays' alignment allows."""
+        return self._execute(self.fft.backward, "bck", fhat, out, src_destroyable=True)
+
+    def _execute(self, transform, kind, src, dst, src_destroyable):
+        """Run mpi4py-fft's serial stages and global transposes ourselves, so that the first
+        stage may read ``src`` and the last may write ``dst`` without staging copies."""
+        stages, transfers = transform._xfftn, transform._transfer
+        last = len(stages) - 1
+        for i, stage in enumerate(stages):
+            plan = getattr(stage.xfftn.__self__, kind)
+            # forward plans preserve their input (FFTW_PRESERVE_INPUT), c2r plans cannot
+            inp = src if i == 0 and (src_destroyable or kind == "fwd") else None
+            if i == 0 and inp is None:
+                stage.input_array[...] = src
+            out = dst if i == last else None
+            if inp is not None and not _same_layout(inp, plan.input_array):
+                plan.input_array[...] = inp
+                inp = None
+            if out is not None and not _same_layout(out, plan.output_array):
+                plan(inp, None, implicit=True, normalize=False)
+                out[...] = plan.output_array
+            else:
+                plan(inp, out, implicit=True, normalize=False)
+            if i < last:
+                transfers[i](stage.output_array, stages[i + 1].input_array)
+        return dst
 
     # ------------------------------------------------------------- reductions
     def inner(self, a, b):

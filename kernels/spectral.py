@@ -83,8 +83,8 @@ class SpectralOperators:
         self.d = tuple(k.astype(rt) for k in decomp.local_wavenumbers(zero_nyquist=True))
         self._zeros = tuple(np.zeros_like(k) for k in self.k)
         self._scale = 1.0 / decomp.num_points
-        self._fft = decomp.fft
         self._hat = decomp.new_scalar(spectral=True)
+        self._scratch = decomp.new_scalar(spectral=True)
         self._vhat = None
 
     # ------------------------------------------------------------ internals
@@ -107,12 +107,13 @@ class SpectralOperators:
 
     def _forward(self, f, out):
         """Unnormalised forward transform (the kernels apply ``1/N``)."""
-        return self._fft.forward(f, out, normalize=False)
+        return self.decomp.forward_unnormalized(f, out)
 
     def _backward_from(self, kernel, out):
-        """Run ``kernel(target)`` into the plan's own spectral input and transform back."""
-        kernel(self._fft.backward.input_array)
-        return self._fft.backward(None, out, normalize=False)
+        """Run ``kernel(scratch)`` into a spectral scratch array and transform it back (the
+        transform may overwrite the scratch)."""
+        kernel(self._scratch)
+        return self.decomp.backward_destroying(self._scratch, out)
 
     def _each_component(self, f, out, apply):
         """Apply a scalar operator per component when ``f`` is a vector field."""
@@ -171,7 +172,7 @@ class SpectralOperators:
             self._forward(v[a], vhat[a])
         _k.vector_symbol(vhat, *self.k, *self.d, coeffs, graddiv, self._scale, invert, out=vhat)
         for a in range(3):
-            self._fft.backward(vhat[a], out[a], normalize=False)
+            self.decomp.backward_destroying(vhat[a], out[a])
         return out
 
     def regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, beta_div=1e-4, out=None):
@@ -192,7 +193,7 @@ class SpectralOperators:
             self._forward(v[a], vhat[a])
         _k.leray(vhat, *self.d, self._scale, out=vhat)
         for a in range(3):
-            self._fft.backward(vhat[a], out[a], normalize=False)
+            self.decomp.backward_destroying(vhat[a], out[a])
         return out
 
     def smooth(self, f, sigma, out=None):

@@ -57,6 +57,14 @@ def test_forward_is_normalised_rfftn(shape, dtype):
     assert np.abs(fhat - ref[d.spectral_slice]).max() <= tol * np.abs(ref).max()
     back = d.backward(fhat)
     assert np.abs(back - g[d.real_slice]).max() <= 10 * tol * np.abs(g).max()
+    # inputs are preserved, also for arrays laid out as FFTW's own (transformed in place)
+    f = d.new_scalar()
+    f[...] = g[d.real_slice]
+    f_copy, fhat_copy = f.copy(), fhat.copy()
+    d.forward(f, fhat)
+    np.testing.assert_array_equal(f, f_copy)
+    d.backward(fhat, d.new_scalar())
+    np.testing.assert_array_equal(fhat, fhat_copy)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -38,7 +38,9 @@ def test_gradient_divergence_laplacian_exact(shape, dtype):
                for c, k, p in MODES)
     lap = sum(-c * np.dot(k, k) * np.cos(_phase(k, x, p)) for c, k, p in MODES)
     tol = tolerance(dtype)
+    f_copy = f.copy()
     assert rel_err(ops.gradient(f), grad) <= tol
+    np.testing.assert_array_equal(f, f_copy)  # operators never overwrite their input
     assert rel_err(ops.laplacian(f), lap) <= tol
     assert rel_err(ops.divergence(grad.astype(dtype)), lap) <= tol
     mean_free = f - 2.0
