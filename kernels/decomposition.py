@@ -346,6 +346,16 @@ class Decomposition:
         """True when ``other`` is distributed over the same ranks in the same order."""
         return self.size == other.size and MPI.Comm.Compare(self.comm, other.comm) in (MPI.IDENT, MPI.CONGRUENT)
 
+    def allgather(self, obj):
+        """List of every rank's ``obj`` (small Python objects), on every rank."""
+        return self.comm.allgather(obj)
+
+    def alltoall_counts(self, send_counts):
+        """Exchange per-rank item counts: returns how many items each rank will send here."""
+        recv = np.empty(self.size, np.int64)
+        self.comm.Alltoall(np.ascontiguousarray(send_counts, dtype=np.int64), recv)
+        return recv
+
     def alltoallv(self, send, send_counts, recv_counts):
         """Personalised all-to-all of a flat array: ``send_counts[r]`` consecutive items go
         to rank ``r``; returns the ``sum(recv_counts)`` items received, ordered by source."""

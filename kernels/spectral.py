@@ -145,6 +145,7 @@ class SpectralOperators:
         return self._backward_from(lambda t: _k.divergence(vhat, *self.d, self._scale, out=t), out)
 
     def _radial(self, f, coeffs, invert, out):
+        self._check(f, f.ndim == 4)
         out = self._out(out, f.ndim == 4)
 
         def apply(fc, oc):
@@ -207,6 +208,18 @@ class SpectralOperators:
         if np.any(sig < 0) or not np.all(np.isfinite(sig)):
             raise ValueError(f"sigma={sigma} must be finite and >= 0 (voxels)")
         m = tuple(np.exp(-0.5 * (s * h * k) ** 2) for s, h, k in zip(sig, self.decomp.spacing, self.k))
+        return self._separable(f, m, out)
+
+    def bspline_prefilter(self, f, out=None):
+        """Periodic cubic B-spline coefficients ``c`` of a scalar or vector field, so that
+        ``sum_j c_j beta3(x - j) = f(x)`` at the nodes: per axis the multiplier
+        ``6 / (4 + 2 cos(2 pi k / N_a))`` (exact, no boundary effects on the torus)."""
+        m = tuple(3.0 / (2.0 + np.cos(h * k)) for h, k in zip(self.decomp.spacing, self.k))
+        return self._separable(f, m, out)
+
+    def _separable(self, f, m, out):
+        """Multiply by the separable real symbol ``m[0][k0] m[1][k1] m[2][k2]``."""
+        self._check(f, f.ndim == 4)
         out = self._out(out, f.ndim == 4)
 
         def apply(fc, oc):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: serially, then under MPI with 2 ranks, then the decomposition-level
-# tests with 4 ranks (oversubscribed on small machines). Every MPI run uses the venv's
+# and transport tests with 4 ranks (oversubscribed on small machines). Every MPI run uses the venv's
 # mpiexec and `python -m mpi4py`, so a failing rank aborts the job instead of hanging it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,6 @@ run() {  # run LABEL EMPTY_OK COMMAND...: pytest's exit 5 (no test collected) fa
 start=$(date +%s)
 run "serial" no "$BIN/python" -m pytest -q "$@"
 run "mpiexec -n 2" no "$BIN/mpiexec" -n 2 "$BIN/python" -m mpi4py -m pytest -q "$@"
-run "mpiexec -n 4" yes "$BIN/mpiexec" -n 4 "$BIN/python" -m mpi4py -m pytest -q tests/kernels "$@"
+run "mpiexec -n 4" yes "$BIN/mpiexec" -n 4 "$BIN/python" -m mpi4py -m pytest -q tests/kernels tests/solvers "$@"
 echo "=== test suite finished in $(( $(date +%s) - start )) s: $([ $status -eq 0 ] && echo passed || echo FAILED)"
 exit $status

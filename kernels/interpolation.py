@@ -1,0 +1,152 @@
+"""Distributed interpolation plans: route query points to their owners once, interpolate often.
+
+A plan is built for one set of query points — in claire_py the departure points of every
+local grid node along the characteristics of one velocity — and then interpolates any
+number of fields at them, each with one halo exchange, one numba kernel call and one
+return exchange. Points may lie anywhere (they are wrapped periodically), also farther than
+the halo or than a whole local block: each goes to the rank owning its stencil's base node.
+
+Coordinates are in grid units: ``x_a = X_a / h_a`` with ``h_a = 2 pi / N_a``, so node ``i``
+sits at ``x = i``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._numba import interp as _interp
+
+__all__ = ["InterpolationPlan", "INTERPOLATION_KINDS"]
+
+#: ``lagrange``: periodic tricubic Lagrange (64-point stencil, interpolates the nodes);
+#: ``bspline``: cubic B-spline on prefiltered coefficients (the plan prefilters spectrally);
+#: ``nearest``: the value of the nearest grid node (for label maps).
+INTERPOLATION_KINDS = ("lagrange", "bspline", "nearest")
+
+#: Ghost width of the padded block: the cubic stencil of a point owned by node ``i`` spans
+#: ``i - 1 .. i + 2``.
+GHOST = 2
+
+
+class InterpolationPlan:
+    """Interpolation of distributed fields at a fixed set of query points.
+
+    Parameters
+    ----------
+    decomp : Decomposition
+        Layout of the fields to interpolate.
+    points : ndarray, shape ``(3, *local_shape)`` or ``(3, npts)``
+        Query points of this rank in grid units (global coordinates, any real values:
+        they are wrapped into ``[0, N_a)``). Results come back in the same order.
+    kind : {"lagrange", "bspline", "nearest"}
+        Interpolation scheme (see :data:`INTERPOLATION_KINDS`).
+    spectral : SpectralOperators, optional
+        Needed for ``bspline`` (the B-spline prefilter is a spectral multiplier).
+
+    Notes
+    -----
+    Building: wrap the points, find each one's owner from the block table of the real
+    layout, sort by owner (stable, so grid order is kept within each destination), exchange
+    with ``Alltoallv``, and precompute on the owner the flat base index into its padded block
+    and 12 separable weights per point. Applying: halo exchange of width 2, the numba kernel,
+    ``Alltoallv`` back, un-sort.
+    """
+
+    def __init__(self, decomp, points, *, kind="lagrange", spectral=None):
+        if kind not in INTERPOLATION_KINDS:
+            raise ValueError(f"interpolation kind {kind!r} is unknown; use one of {', '.join(INTERPOLATION_KINDS)}")
+        if kind == "bspline" and spectral is None:
+            raise ValueError("bspline interpolation needs spectral=SpectralOperators(decomp) for its prefilter")
+        if GHOST > decomp.min_block_thickness():
+            raise ValueError(f"cubic interpolation needs local blocks of at least {GHOST} grid planes; grid "
+                             f"{decomp.shape} on {decomp.size} ranks has thinner ones: use fewer ranks or "
+                             f"a pencil layout")
+        points = np.asarray(points)
+        if points.shape[0] != 3:
+            raise ValueError(f"points must have shape (3, ...), got {points.shape}")
+        self.decomp, self.kind, self.spectral = decomp, kind, spectral
+        self.out_shape = points.shape[1:]
+        x = np.ascontiguousarray(points.reshape(3, -1).T, dtype=np.float64)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("interpolation points must be finite (is the velocity field finite?)")
+        n = np.array(decomp.shape, dtype=np.float64)
+        x = np.mod(x, n)
+        x[x >= n] = 0.0  # np.mod(-1e-17, N) rounds to N
+        self.num_points = x.shape[0]
+
+        owner = self._owners(np.floor(x).astype(np.int64))
+        self._order = np.argsort(owner, kind="stable")
+        self._send_counts = np.bincount(owner, minlength=decomp.size)
+        self._recv_counts = decomp.alltoall_counts(self._send_counts)
+        received = decomp.alltoallv(x[self._order].ravel(), 3 * self._send_counts, 3 * self._recv_counts)
+        received = received.reshape(-1, 3)
+        self.num_owned = received.shape[0]
+
+        lo = [s.start for s in decomp.real_slice]
+        origin = (lo[0] - GHOST, lo[1] - GHOST, -GHOST)
+        self._padded_shape = tuple(n_ + 2 * GHOST for n_ in decomp.local_shape)
+        scheme = "bspline" if kind == "bspline" else "lagrange"
+        self._base, self._weights = _interp.stencil_plan(received, origin, self._padded_shape, kind=scheme,
+                                                         dtype=decomp.dtype)
+        if kind == "nearest":
+            self._weights[...] = 0
+            frac = received - np.floor(received)
+            for a in range(3):
+                self._weights[np.arange(self.num_owned), 4 * a + 1 + (frac[:, a] >= 0.5)] = 1
+        self._padded = {}
+
+    # ----------------------------------------------------------------- build
+    def _owners(self, base_nodes):
+        """Rank owning each base node ``(i0, i1, i2)`` in the real layout (axes 0, 1 split)."""
+        blocks = self.decomp._real_blocks
+        starts0 = np.unique([b[0][0] for b in blocks])
+        starts1 = np.unique([b[1][0] for b in blocks])
+        table = np.empty((starts0.size, starts1.size), np.int64)
+        for r, b in enumerate(blocks):
+            table[np.searchsorted(starts0, b[0][0]), np.searchsorted(starts1, b[1][0])] = r
+        i0 = np.searchsorted(starts0, base_nodes[:, 0], side="right") - 1
+        i1 = np.searchsorted(starts1, base_nodes[:, 1], side="right") - 1
+        return table[i0, i1]
+
+    # ----------------------------------------------------------------- apply
+    def _padded_buffer(self, components):
+        key = components
+        if key not in self._padded:
+            shape = ((components,) if components else ()) + self._padded_shape
+            self._padded[key] = np.empty(shape, self.decomp.dtype)
+        return self._padded[key]
+
+    def interpolate(self, field, out=None):
+        """Values of a local scalar ``(n1, n2, n3)`` or vector ``(C, n1, n2, n3)`` field at the
+        plan's points: shape ``out_shape`` or ``(C, *out_shape)``.
+
+        For ``bspline`` the field is prefiltered first (one forward and one inverse FFT per
+        component)."""
+        decomp = self.decomp
+        vector = field.ndim == 4
+        if field.shape[-3:] != decomp.local_shape or field.ndim not in (3, 4):
+            raise ValueError(f"field of shape {field.shape} does not match the local block {decomp.local_shape}")
+        comps = field.shape[0] if vector else 0
+        if field.dtype != decomp.dtype:
+            field = field.astype(decomp.dtype)
+        if self.kind == "bspline":
+            field = self.spectral.bspline_prefilter(field)
+        padded = decomp.exchange_halo(field, GHOST, out=self._padded_buffer(comps))
+        values = _interp.interpolate_planned(padded, self._base, self._weights)
+        shape = ((comps,) if vector else ()) + self.out_shape
+        if out is None:
+            out = np.empty(shape, decomp.dtype)
+        elif out.shape != shape:
+            raise ValueError(f"out has shape {out.shape}, expected {shape}")
+        flat = out.reshape(((comps,) if vector else ()) + (-1,))
+        if decomp.size == 1:
+            back = values.reshape(max(comps, 1), -1).T
+        else:
+            send = np.ascontiguousarray(values.reshape(max(comps, 1), -1).T)  # point-major
+            c = max(comps, 1)
+            back = decomp.alltoallv(send.ravel(), c * self._recv_counts, c * self._send_counts).reshape(-1, c)
+        if vector:
+            flat[:, self._order] = back.T
+        else:
+            flat[self._order] = back[:, 0]
+        return out
