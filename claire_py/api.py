@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
+from .config import RegistrationConfig
 from .errors import UserInputError
 from .kernels import Decomposition, SpectralOperators
+from .solvers.monitor import Workload
+from .solvers.newton import gauss_newton_krylov
+from .solvers.problem import RegistrationProblem
+from .solvers.transport import SemiLagrangianTransport
 
-__all__ = ["smooth"]
+__all__ = ["smooth", "register", "RegistrationResult"]
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +78,97 @@ def smooth(image, sigma, *, comm=None, dtype=np.float32):
     log.info("smoothed %s with sigma=%s voxels on %s in %.3f s", "x".join(map(str, shape)), sigma,
              decomp, time.perf_counter() - t0)
     return result
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` returns. On rank 0 the arrays are the global fields; on other
+    ranks they are ``None``.
+
+    Attributes
+    ----------
+    velocity : ndarray ``(3, n1, n2, n3)``
+        Stationary velocity on ``[0, 2 pi)^3`` (radians per unit time, component ``a`` along
+        array axis ``a``).
+    warped : ndarray ``(n1, n2, n3)``
+        The moving image deformed onto the fixed one, in the moving image's intensities:
+        ``warped(x) = moving(y(x))`` (pull-back).
+    det_grad_y : ndarray ``(n1, n2, n3)``
+        Jacobian determinant of the pull-back map ``y``.
+    history : list of IterationInfo
+    workload : dict
+        Counts and seconds per operation.
+    converged : bool
+    stop_reason : str
+    """
+
+    velocity: np.ndarray | None
+    warped: np.ndarray | None
+    det_grad_y: np.ndarray | None
+    history: list
+    workload: dict
+    converged: bool
+    stop_reason: str
+
+
+def _normalized(local, decomp):
+    lo = decomp.allreduce(float(local.min()), "min")
+    hi = decomp.allreduce(float(local.max()), "max")
+    return (local - lo) / (hi - lo) if hi > lo else np.zeros_like(local)
+
+
+def register(fixed, moving, *, config=None, comm=None, callback=None):
+    """Register ``moving`` onto ``fixed`` with CLAIRE's Gauss-Newton-Krylov solver.
+
+    Parameters
+    ----------
+    fixed, moving : ndarray ``(n1, n2, n3)`` or None
+        The reference ``m_R`` and the template ``m_T`` (the ANTs/DIPY/ITK order), global
+        arrays on rank 0 (other ranks may pass ``None``, or the same arrays).
+    config : RegistrationConfig, optional
+    comm : mpi4py.MPI.Comm, optional
+    callback : callable, optional
+        ``callback(info)`` with an :class:`~claire_py.solvers.monitor.IterationInfo` after each
+        Gauss-Newton iteration, on every rank.
+
+    Returns
+    -------
+    RegistrationResult
+    """
+    config = RegistrationConfig() if config is None else config
+    shape = _image_shape(fixed, comm, "fixed")
+    if _image_shape(moving, comm, "moving") != shape:
+        raise UserInputError("fixed and moving images must have the same shape; resample one onto the other")
+    t0 = time.perf_counter()
+    workload = Workload()
+    decomp = Decomposition(shape, comm=comm, dtype=np.dtype(config.precision))
+    ops = SpectralOperators(decomp)
+    transport = SemiLagrangianTransport(decomp, ops, config.transport)
+    fixed_local = _global_input(fixed, decomp, "fixed")
+    moving_local = _global_input(moving, decomp, "moving")
+    images = []
+    for img in (fixed_local, moving_local):
+        if not np.all(np.isfinite(img)):
+            raise UserInputError("images must not contain NaN or infinite values")
+        img = _normalized(img, decomp) if config.preprocess.normalize else img
+        if config.preprocess.sigma > 0:
+            img = ops.smooth(img, config.preprocess.sigma)
+        images.append(img)
+    problem = RegistrationProblem(transport, images[0], images[1], config.regularization, workload)
+    log.info("registering %s on %s (%s)", "x".join(map(str, shape)), decomp, config.precision)
+    log.info("iter     objective   mismatch  |g|/|g0|  krylov  step      time")
+    result = gauss_newton_krylov(problem, decomp.new_vector(), config.newton, callback=callback)
+    log.info("stopped: %s", result.stop_reason)
+    if problem.velocity is not result.velocity:
+        problem.set_velocity(result.velocity)
+    warped = transport.transport_image(moving_local)
+    det = transport.det_grad_y()
+    workload.add("total", 1, time.perf_counter() - t0)
+    work = workload.as_dict()
+    work["hessian_matvecs"] = {"count": result.matvecs}
+    work.update({f"transport_{k}": {"count": v} for k, v in transport.counters.items()})
+    log.info("workload (count, seconds):\n%s", "\n".join(
+        f"  {name:24s} {entry.get('count', ''):>8} {entry.get('seconds', ''):>10}" for name, entry in work.items()))
+    return RegistrationResult(
+        velocity=decomp.gather(result.velocity), warped=decomp.gather(warped), det_grad_y=decomp.gather(det),
+        history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason)

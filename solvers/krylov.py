@@ -1,0 +1,95 @@
+"""Preconditioned conjugate gradients with an injected (global) inner product."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["KrylovOptions", "KrylovResult", "pcg"]
+
+
+@dataclass(frozen=True)
+class KrylovOptions:
+    """PCG options. ``forcing``: ``superlinear`` (eta = min(0.5, sqrt(||g||/||g0||)), default),
+    ``quadratic`` (min(0.5, ||g||/||g0||)) or ``fixed`` (``tolerance``)."""
+
+    max_iterations: int = 50
+    forcing: str = "superlinear"
+    tolerance: float = 1e-1
+
+    def __post_init__(self):
+        if self.forcing not in ("superlinear", "quadratic", "fixed"):
+            raise ValueError(f"forcing={self.forcing!r}: use 'superlinear', 'quadratic' or 'fixed'")
+        if self.max_iterations < 1:
+            raise ValueError(f"max_iterations={self.max_iterations} must be >= 1")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"tolerance={self.tolerance} must lie in (0, 1)")
+
+    def relative_tolerance(self, grad_rel):
+        """The forcing term eta for the current ``||g|| / ||g0||``."""
+        if self.forcing == "fixed":
+            return self.tolerance
+        return min(0.5, math.sqrt(grad_rel) if self.forcing == "superlinear" else grad_rel)
+
+
+@dataclass(frozen=True)
+class KrylovResult:
+    solution: np.ndarray
+    iterations: int
+    relative_residual: float
+    converged: bool
+    negative_curvature: bool
+
+
+def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50):
+    """Solve ``H x = rhs`` for symmetric positive (semi)definite ``H``.
+
+    Parameters
+    ----------
+    matvec, precondition : callable
+        ``H x`` and ``M^{-1} r`` (identity when ``None``).
+    rhs : ndarray
+    inner : callable
+        Global inner product ``inner(a, b) -> float`` (the Decomposition's, so all ranks take
+        the same decisions).
+    rtol : float
+        Stop when ``||r|| <= rtol ||rhs||``.
+    max_iterations : int
+
+    Returns
+    -------
+    KrylovResult
+        On negative curvature the iterate so far (or the preconditioned rhs at the first
+        step) is returned with ``negative_curvature=True``.
+    """
+    precondition = precondition or (lambda r: r)
+    x = np.zeros_like(rhs)
+    r = rhs.copy()
+    norm_rhs = math.sqrt(inner(rhs, rhs))
+    if norm_rhs == 0.0:
+        return KrylovResult(x, 0, 0.0, True, False)
+    z = precondition(r)
+    p = z.copy()
+    rz = inner(r, z)
+    res = 1.0
+    for it in range(1, max_iterations + 1):
+        hp = matvec(p)
+        curvature = inner(p, hp)
+        if curvature <= 0:
+            if it == 1:
+                x = z
+            return KrylovResult(x, it, res, False, True)
+        alpha = rz / curvature
+        x += alpha * p
+        r -= alpha * hp
+        res = math.sqrt(inner(r, r)) / norm_rhs
+        if res <= rtol:
+            return KrylovResult(x, it, res, True, False)
+        z = precondition(r)
+        rz_new = inner(r, z)
+        p *= rz_new / rz
+        p += z
+        rz = rz_new
+    return KrylovResult(x, max_iterations, res, False, False)

@@ -1,0 +1,130 @@
+"""Inexact Gauss-Newton-Krylov with Armijo backtracking (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .krylov import KrylovOptions, pcg
+from .monitor import IterationInfo
+
+__all__ = ["NewtonOptions", "NewtonResult", "gauss_newton_krylov"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NewtonOptions:
+    """Outer iteration options.
+
+    Attributes
+    ----------
+    gradient_tolerance : float
+        Stop when ``||g|| / ||g0|| <= gradient_tolerance`` (5e-2 default, 1e-2 "accurate").
+    absolute_gradient_tolerance : float
+        Stop when ``||g|| <= absolute_gradient_tolerance``.
+    max_iterations : int
+        Gauss-Newton iterations.
+    max_line_search : int
+        Armijo backtracking halvings before giving up.
+    armijo : float
+        Sufficient-decrease constant ``c`` in ``J(v + a s) <= J(v) + c a <g, s>``.
+    krylov : KrylovOptions
+    """
+
+    gradient_tolerance: float = 5e-2
+    absolute_gradient_tolerance: float = 1e-6
+    max_iterations: int = 50
+    max_line_search: int = 10
+    armijo: float = 1e-4
+    krylov: KrylovOptions = field(default_factory=KrylovOptions)
+
+    def __post_init__(self):
+        if not 0 < self.gradient_tolerance < 1:
+            raise ValueError(f"gradient_tolerance={self.gradient_tolerance} must lie in (0, 1)")
+        if self.max_iterations < 0:
+            raise ValueError(f"max_iterations={self.max_iterations} must be >= 0")
+
+
+@dataclass
+class NewtonResult:
+    velocity: np.ndarray
+    history: list
+    converged: bool
+    stop_reason: str
+    matvecs: int
+
+
+def gauss_newton_krylov(problem, v0, options=None, *, callback=None):
+    """Minimise the problem's objective from ``v0``.
+
+    Parameters
+    ----------
+    problem : RegistrationProblem
+        Provides ``set_velocity``, ``objective``, ``gradient``, ``hessian_matvec``,
+        ``apply_inverse_regularization``, ``project`` and ``inner``.
+    v0 : ndarray ``(3, *local_shape)``
+    options : NewtonOptions
+    callback : callable, optional
+        Called with an :class:`IterationInfo` after every iteration (rank-collective).
+
+    Returns
+    -------
+    NewtonResult
+    """
+    options = NewtonOptions() if options is None else options
+    t0 = time.perf_counter()
+    v = problem.project(np.array(v0, dtype=problem.decomp.dtype, copy=True))
+    problem.set_velocity(v)
+    objective, mismatch = problem.objective()
+    history, matvecs = [], 0
+    g = problem.gradient()
+    g0 = gnorm = problem.norm(g)
+    krylov_its, step = 0, 0.0
+    stop_reason, converged = None, False
+    for it in range(options.max_iterations + 1):
+        grad_rel = gnorm / g0 if g0 > 0 else 0.0
+        info = IterationInfo(it, objective, mismatch, grad_rel, gnorm, krylov_its, step, time.perf_counter() - t0)
+        history.append(info)
+        log.info("%4d  %12.6e  %9.3e  %9.3e  %4d  %6.3f  %8.2f", it, objective, mismatch, grad_rel,
+                 krylov_its, step, info.seconds)
+        if callback is not None:
+            callback(info)
+        if gnorm <= options.absolute_gradient_tolerance:
+            stop_reason, converged = f"||g|| = {gnorm:.2e} <= {options.absolute_gradient_tolerance:g}", True
+            break
+        if it > 0 and grad_rel <= options.gradient_tolerance:
+            stop_reason, converged = f"||g||/||g0|| = {grad_rel:.2e} <= {options.gradient_tolerance:g}", True
+            break
+        if it == options.max_iterations:
+            stop_reason = f"reached the maximum of {options.max_iterations} Gauss-Newton iterations"
+            break
+        eta = options.krylov.relative_tolerance(grad_rel)
+        krylov = pcg(problem.hessian_matvec, -g, inner=problem.inner,
+                     precondition=problem.apply_inverse_regularization, rtol=eta,
+                     max_iterations=options.krylov.max_iterations)
+        matvecs += krylov.iterations
+        krylov_its = krylov.iterations
+        s = krylov.solution
+        slope = problem.inner(g, s)
+        if slope >= 0:  # not a descent direction (should not happen with SPD H): use -g
+            s, slope = -g, -gnorm ** 2
+        step = 1.0
+        for _ in range(options.max_line_search):
+            trial = v + step * s
+            problem.set_velocity(trial)
+            trial_objective, trial_mismatch = problem.objective()
+            if trial_objective <= objective + options.armijo * step * slope:
+                break
+            step *= 0.5
+        else:
+            problem.set_velocity(v)
+            stop_reason = f"line search failed after {options.max_line_search} halvings"
+            break
+        v, objective, mismatch = trial, trial_objective, trial_mismatch
+        g = problem.gradient()
+        gnorm = problem.norm(g)
+    return NewtonResult(velocity=v, history=history, converged=converged, stop_reason=stop_reason, matvecs=matvecs)
