@@ -143,7 +143,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     workload = Workload()
     decomp = Decomposition(shape, comm=comm, dtype=np.dtype(config.precision))
     ops = SpectralOperators(decomp)
-    transport = SemiLagrangianTransport(decomp, ops, config.transport)
+    transport = SemiLagrangianTransport(decomp, ops, config.transport, workload)
     fixed_local = _global_input(fixed, decomp, "fixed")
     moving_local = _global_input(moving, decomp, "moving")
     images = []
@@ -164,11 +164,12 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     warped = transport.transport_image(moving_local)
     det = transport.det_grad_y()
     workload.add("total", 1, time.perf_counter() - t0)
+    for name, (count, seconds) in decomp.stats.items():
+        workload.add(name, count, seconds)
     work = workload.as_dict()
-    work["hessian_matvecs"] = {"count": result.matvecs}
-    work.update({f"transport_{k}": {"count": v} for k, v in transport.counters.items()})
+    work.setdefault("hessian_matvec", {"count": 0, "seconds": 0.0})["pcg_iterations"] = result.matvecs
     log.info("workload (count, seconds):\n%s", "\n".join(
-        f"  {name:24s} {entry.get('count', ''):>8} {entry.get('seconds', ''):>10}" for name, entry in work.items()))
+        f"  {name:20s} {entry['count']:>8} {entry['seconds']:>10.3f}" for name, entry in work.items()))
     return RegistrationResult(
         velocity=decomp.gather(result.velocity), warped=decomp.gather(warped), det_grad_y=decomp.gather(det),
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason)

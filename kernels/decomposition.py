@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from collections import defaultdict
 
 import numpy as np
 from mpi4py import MPI
@@ -194,6 +196,8 @@ class Decomposition:
         self._spectral_blocks = [self._as_bounds(s) for s in self.comm.allgather(self.spectral_slice)]
         self._neighbours = self._find_neighbours()
         self.num_points = math.prod(self.shape)
+        #: ``{name: [count, seconds]}`` of transforms and communication on this rank
+        self.stats = defaultdict(lambda: [0, 0.0])
         self.spacing = tuple(2 * math.pi / n for n in self.shape)
 
     # ------------------------------------------------------------------ set-up
@@ -304,9 +308,15 @@ class Decomposition:
         own arrays when the arrays' alignment allows."""
         return self._execute(self.fft.backward, "bck", fhat, out, src_destroyable=True)
 
+    def _record(self, name, t0):
+        entry = self.stats[name]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - t0
+
     def _execute(self, transform, kind, src, dst, src_destroyable):
         """Run mpi4py-fft's serial stages and global transposes ourselves, so that the first
         stage may read ``src`` and the last may write ``dst`` without staging copies."""
+        t0 = time.perf_counter()
         stages, transfers = transform._xfftn, transform._transfer
         last = len(stages) - 1
         for i, stage in enumerate(stages):
@@ -326,13 +336,18 @@ class Decomposition:
                 plan(inp, out, implicit=True, normalize=False)
             if i < last:
                 transfers[i](stage.output_array, stages[i + 1].input_array)
+        self._record("fft", t0)
         return dst
 
     # ------------------------------------------------------------- reductions
     def inner(self, a, b):
         """Global Euclidean inner product ``sum_x a(x) b(x)`` of two local real arrays of the
         same shape (any leading component axes), accumulated in float64 on every rank."""
-        return self.comm.allreduce(_local_dot(a, b), op=MPI.SUM)
+        local = _local_dot(a, b)
+        t0 = time.perf_counter()
+        total = self.comm.allreduce(local, op=MPI.SUM)
+        self._record("allreduce", t0)
+        return total
 
     def norm(self, a):
         """Global Euclidean norm ``sqrt(inner(a, a))``."""
@@ -359,8 +374,10 @@ class Decomposition:
     def alltoallv(self, send, send_counts, recv_counts):
         """Personalised all-to-all of a flat array: ``send_counts[r]`` consecutive items go
         to rank ``r``; returns the ``sum(recv_counts)`` items received, ordered by source."""
+        t0 = time.perf_counter()
         recv = np.empty(int(sum(recv_counts)), send.dtype)
         self.comm.Alltoallv((np.ascontiguousarray(send), list(send_counts)), (recv, list(recv_counts)))
+        self._record("alltoallv", t0)
         return recv
 
     # -------------------------------------------------------- gather/scatter
@@ -452,6 +469,7 @@ class Decomposition:
             out = np.empty(padded_shape, f.dtype)
         elif out.shape != padded_shape:
             raise ValueError(f"out has shape {out.shape}, expected {padded_shape}")
+        t0 = time.perf_counter()
         out[..., g:g + n0, g:g + n1, g:g + n2] = f
         if g == 0:
             return out
@@ -478,6 +496,7 @@ class Decomposition:
             self.comm.Sendrecv(np.ascontiguousarray(out[high]), dest=up, sendtag=20 + axis,
                                recvbuf=recv, source=down, recvtag=20 + axis)
             out[low_ghost] = recv
+        self._record("halo_exchange", t0)
         return out
 
     def __repr__(self):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._numba import interp as _interp
+from ._numba import routing as _routing
 
 __all__ = ["InterpolationPlan", "INTERPOLATION_KINDS"]
 
@@ -66,20 +67,18 @@ class InterpolationPlan:
             raise ValueError(f"points must have shape (3, ...), got {points.shape}")
         self.decomp, self.kind, self.spectral = decomp, kind, spectral
         self.out_shape = points.shape[1:]
-        x = np.ascontiguousarray(points.reshape(3, -1).T, dtype=np.float64)
+        x = points.reshape(3, -1)
         if not np.all(np.isfinite(x)):
             raise ValueError("interpolation points must be finite (is the velocity field finite?)")
-        n = np.array(decomp.shape, dtype=np.float64)
-        x = np.mod(x, n)
-        x[x >= n] = 0.0  # np.mod(-1e-17, N) rounds to N
-        self.num_points = x.shape[0]
-
-        owner = self._owners(np.floor(x).astype(np.int64))
-        self._order = np.argsort(owner, kind="stable")
-        self._send_counts = np.bincount(owner, minlength=decomp.size)
-        self._recv_counts = decomp.alltoall_counts(self._send_counts)
-        received = decomp.alltoallv(x[self._order].ravel(), 3 * self._send_counts, 3 * self._recv_counts)
-        received = received.reshape(-1, 3)
+        self.num_points = x.shape[1]
+        starts0, starts1, table = self._block_table()
+        self._send_counts, x, order = _routing.route_points(x, decomp.shape, starts0, starts1, table)
+        # with one rank the routing is the identity: no exchange, no un-sorting
+        self._order = None if decomp.size == 1 else order
+        if decomp.size > 1:
+            self._recv_counts = decomp.alltoall_counts(self._send_counts)
+            x = decomp.alltoallv(x.ravel(), 3 * self._send_counts, 3 * self._recv_counts).reshape(-1, 3)
+        received = x
         self.num_owned = received.shape[0]
 
         lo = [s.start for s in decomp.real_slice]
@@ -96,17 +95,15 @@ class InterpolationPlan:
         self._padded = {}
 
     # ----------------------------------------------------------------- build
-    def _owners(self, base_nodes):
-        """Rank owning each base node ``(i0, i1, i2)`` in the real layout (axes 0, 1 split)."""
+    def _block_table(self):
+        """Block starts along axes 0 and 1 of the real layout and the rank owning each block."""
         blocks = self.decomp._real_blocks
         starts0 = np.unique([b[0][0] for b in blocks])
         starts1 = np.unique([b[1][0] for b in blocks])
         table = np.empty((starts0.size, starts1.size), np.int64)
         for r, b in enumerate(blocks):
             table[np.searchsorted(starts0, b[0][0]), np.searchsorted(starts1, b[1][0])] = r
-        i0 = np.searchsorted(starts0, base_nodes[:, 0], side="right") - 1
-        i1 = np.searchsorted(starts1, base_nodes[:, 1], side="right") - 1
-        return table[i0, i1]
+        return starts0, starts1, table
 
     # ----------------------------------------------------------------- apply
     def _padded_buffer(self, components):
@@ -139,12 +136,12 @@ class InterpolationPlan:
         elif out.shape != shape:
             raise ValueError(f"out has shape {out.shape}, expected {shape}")
         flat = out.reshape(((comps,) if vector else ()) + (-1,))
-        if decomp.size == 1:
-            back = values.reshape(max(comps, 1), -1).T
-        else:
-            send = np.ascontiguousarray(values.reshape(max(comps, 1), -1).T)  # point-major
-            c = max(comps, 1)
-            back = decomp.alltoallv(send.ravel(), c * self._recv_counts, c * self._send_counts).reshape(-1, c)
+        if self._order is None:
+            flat[...] = values
+            return out
+        c = max(comps, 1)
+        send = np.ascontiguousarray(values.reshape(c, -1).T)  # point-major, grouped by destination
+        back = decomp.alltoallv(send.ravel(), c * self._recv_counts, c * self._send_counts).reshape(-1, c)
         if vector:
             flat[:, self._order] = back.T
         else:

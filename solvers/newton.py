@@ -10,6 +10,7 @@ import numpy as np
 
 from .krylov import KrylovOptions, pcg
 from .monitor import IterationInfo
+from .preconditioner import PRECONDITIONERS, make_preconditioner
 
 __all__ = ["NewtonOptions", "NewtonResult", "gauss_newton_krylov"]
 
@@ -32,6 +33,8 @@ class NewtonOptions:
         Armijo backtracking halvings before giving up.
     armijo : float
         Sufficient-decrease constant ``c`` in ``J(v + a s) <= J(v) + c a <g, s>``.
+    preconditioner : str
+        ``invreg``: the spectral ``(beta A)^{-1}``.
     krylov : KrylovOptions
     """
 
@@ -40,6 +43,7 @@ class NewtonOptions:
     max_iterations: int = 50
     max_line_search: int = 10
     armijo: float = 1e-4
+    preconditioner: str = "invreg"
     krylov: KrylovOptions = field(default_factory=KrylovOptions)
 
     def __post_init__(self):
@@ -47,6 +51,8 @@ class NewtonOptions:
             raise ValueError(f"gradient_tolerance={self.gradient_tolerance} must lie in (0, 1)")
         if self.max_iterations < 0:
             raise ValueError(f"max_iterations={self.max_iterations} must be >= 0")
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner={self.preconditioner!r}: use one of {', '.join(PRECONDITIONERS)}")
 
 
 @dataclass
@@ -84,6 +90,7 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None):
     g = problem.gradient()
     g0 = gnorm = problem.norm(g)
     krylov_its, step = 0, 0.0
+    precondition = make_preconditioner(problem, options.preconditioner)
     stop_reason, converged = None, False
     for it in range(options.max_iterations + 1):
         grad_rel = gnorm / g0 if g0 > 0 else 0.0
@@ -104,7 +111,7 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None):
             break
         eta = options.krylov.relative_tolerance(grad_rel)
         krylov = pcg(problem.hessian_matvec, -g, inner=problem.inner,
-                     precondition=problem.apply_inverse_regularization, rtol=eta,
+                     precondition=precondition, rtol=eta,
                      max_iterations=options.krylov.max_iterations)
         matvecs += krylov.iterations
         krylov_its = krylov.iterations

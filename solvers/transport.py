@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels.interpolation import InterpolationPlan
+from .monitor import Workload
 
 __all__ = ["TransportOptions", "SemiLagrangianTransport"]
 
@@ -56,6 +57,8 @@ class SemiLagrangianTransport:
     spectral : SpectralOperators
         On the same decomposition (divergence, gradients, B-spline prefilter).
     options : TransportOptions, optional
+    workload : Workload, optional
+        Where plan builds and interpolations are counted and timed.
 
     Notes
     -----
@@ -69,7 +72,7 @@ class SemiLagrangianTransport:
     * Incremental adjoint (Gauss-Newton form): the adjoint solve from ``-mt(1)``.
     """
 
-    def __init__(self, decomp, spectral, options=None):
+    def __init__(self, decomp, spectral, options=None, workload=None):
         self.decomp = decomp
         self.spectral = spectral
         self.options = TransportOptions() if options is None else options
@@ -82,17 +85,20 @@ class SemiLagrangianTransport:
         self.div_v = None
         self.backward_plan = self.forward_plan = None
         self._backward_step = None  # X- - x in grid units
-        self.counters = {"plans": 0, "interpolations": 0, "ffts": 0}
+        self.workload = Workload() if workload is None else workload
 
     # --------------------------------------------------------------- velocity
     def _plan(self, points, kind=None):
-        self.counters["plans"] += 1
         kind = self.options.interpolation if kind is None else kind
-        return InterpolationPlan(self.decomp, points, kind=kind, spectral=self.spectral)
+        with self.workload.timer("interpolation_plan"):
+            return InterpolationPlan(self.decomp, points, kind=kind, spectral=self.spectral)
 
     def _interpolate(self, plan, field, out=None):
-        self.counters["interpolations"] += 1 if field.ndim == 3 else field.shape[0]
-        return plan.interpolate(field, out=out)
+        with self.workload.timer("interpolation"):
+            out = plan.interpolate(field, out=out)
+        if field.ndim == 4:  # count scalar interpolations
+            self.workload.add("interpolation", field.shape[0] - 1)
+        return out
 
     def _nodes_plus(self, w):
         """``x + w`` for a vector field ``w`` in grid units (float64)."""
@@ -117,7 +123,6 @@ class SemiLagrangianTransport:
         self._backward_step = step.astype(self.decomp.dtype)
         self.forward_plan = self._plan(self._nodes_plus(self._characteristic(v_grid, +1.0)))
         self.div_v = self.spectral.divergence(v)
-        self.counters["ffts"] += 4
 
     def _require_velocity(self):
         if self.backward_plan is None:
@@ -145,7 +150,6 @@ class SemiLagrangianTransport:
         out = np.empty((m_hist.shape[0], 3) + self.decomp.local_shape, self.decomp.dtype) if out is None else out
         for j, m in enumerate(m_hist):
             self.spectral.gradient(m, out=out[j])
-            self.counters["ffts"] += 4
         return out
 
     def solve_adjoint(self, lam1, grad_m):
@@ -214,7 +218,6 @@ class SemiLagrangianTransport:
         jac = np.empty((3, 3) + self.decomp.local_shape, np.float64)
         for a in range(3):
             grad = self.spectral.gradient(u[a])
-            self.counters["ffts"] += 4
             for b in range(3):
                 jac[a, b] = (a == b) + h[b] * grad[b]
         det = (jac[0, 0] * (jac[1, 1] * jac[2, 2] - jac[1, 2] * jac[2, 1])

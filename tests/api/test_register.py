@@ -29,7 +29,12 @@ def test_register_returns_gathered_results(precision):
     assert res.converged, res.stop_reason
     assert [i.iteration for i in res.history] == [i.iteration for i in infos]
     assert res.history[-1].mismatch < 0.3 and res.history[-1].objective < res.history[0].objective
-    assert res.workload["hessian_matvecs"]["count"] >= 1
+    work = res.workload
+    assert work["hessian_matvec"]["count"] == work["hessian_matvec"]["pcg_iterations"] >= 1
+    for name in ("fft", "interpolation", "interpolation_plan", "state_solve", "adjoint_solve", "total"):
+        assert work[name]["count"] >= 1 and work[name]["seconds"] >= 0, name
+    if COMM.size > 1:
+        assert work["halo_exchange"]["count"] >= 1 and work["alltoallv"]["count"] >= 1
     if COMM.rank == 0:
         assert res.velocity.shape == (3, 32, 32, 32) and res.warped.shape == (32, 32, 32)
         assert res.det_grad_y.min() > 0
