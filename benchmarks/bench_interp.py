@@ -16,27 +16,15 @@ Run::
 """
 
 import argparse
-import json
-import statistics
 import time
 
 import numpy as np
+from _common import append_json, median_times
 from mpi4py import MPI
 
 from claire_py.kernels import Decomposition, SpectralOperators
 from claire_py.kernels._numba import interp
 from claire_py.solvers.transport import SemiLagrangianTransport, TransportOptions
-
-
-def median_time(comm, fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return statistics.median(times)
 
 
 def velocity(d, amplitude_voxels=3.0):
@@ -71,10 +59,10 @@ def main():
                 f = np.cos(d.local_coordinates()[0] + d.local_coordinates()[1]).astype(d.dtype) + d.new_scalar()
                 out = d.new_scalar()
                 npts = d.allreduce(plan.num_points)
-                t_plan = median_time(comm, lambda: plan.interpolate(f, out=out), args.repeat)
                 padded = d.exchange_halo(f, 2)
-                t_kernel = median_time(comm, lambda: interp.interpolate_planned(padded, plan._base, plan._weights),
-                                       args.repeat)
+                t_plan, t_kernel = median_times(
+                    comm, [lambda: plan.interpolate(f, out=out),
+                           lambda: interp.interpolate_planned(padded, plan._base, plan._weights)], args.repeat)
                 common = dict(n=n, dtype=dt, ranks=d.size, threads=d.threads)
                 rows.append(dict(name="set_velocity", value=t_set, unit="s",
                                  note="4 plan builds (2 Euler + 2 RK2) + div v", **common))
@@ -84,8 +72,9 @@ def main():
                     m0 = f
                     hist = tr.solve_state(m0)
                     grad_m = tr.state_gradients(hist)
-                    t_state = median_time(comm, lambda: tr.solve_state(m0, out=hist), max(1, args.repeat // 2))
-                    t_adj = median_time(comm, lambda: tr.solve_adjoint(hist[-1], grad_m), max(1, args.repeat // 2))
+                    t_state, t_adj = median_times(
+                        comm, [lambda: tr.solve_state(m0, out=hist), lambda: tr.solve_adjoint(hist[-1], grad_m)],
+                        max(1, args.repeat // 2))
                     rows.append(dict(name="state_solve", value=t_state, unit="s", nt=4, **common))
                     rows.append(dict(name="adjoint_solve", value=t_adj, unit="s", nt=4, **common))
                 del tr, plan
@@ -95,10 +84,7 @@ def main():
             ref = f"{r['reference_value']:11.1f}" if "reference_value" in r else ""
             print(f"{r['name']:14} {r['n']:>5} {r['dtype']:8} {r['ranks']:>5} {r['threads']:>3} "
                   f"{r['value']:10.3f} {r['unit']:7} {ref}")
-        if args.json:
-            with open(args.json, "a") as fh:
-                for r in rows:
-                    fh.write(json.dumps(r) + "\n")
+        append_json(args.json, rows)
 
 
 if __name__ == "__main__":

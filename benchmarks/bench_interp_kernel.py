@@ -22,12 +22,12 @@ thread and >= 65 on two at 256^3 float32.
 """
 
 import argparse
-import json
 import statistics
 import time
 
 import numba
 import numpy as np
+from _common import append_json
 
 from claire_py.kernels._numba import interp
 from claire_py.kernels._numba._jit import set_threads
@@ -115,10 +115,7 @@ def main():
                                      unit="Mpts/s", reference="interpolate_periodic",
                                      reference_value=round(ref, 2)))
             del base, weights, fpad, field
-    if args.json:
-        with open(args.json, "a") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+    append_json(args.json, rows)
 
 
 if __name__ == "__main__":

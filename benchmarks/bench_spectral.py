@@ -18,30 +18,13 @@ of four raw FFTW transforms.
 """
 
 import argparse
-import json
-import statistics
-import time
 
 import numpy as np
+from _common import append_json, median_times
 from mpi4py import MPI
 from mpi4py_fft import fftw
 
 from claire_py.kernels import Decomposition, SpectralOperators
-
-
-def timed(comm, fns, repeat):
-    """Median wall time of each callable (slowest rank), interleaved round-robin so that the
-    machine's load drifts affect all of them alike."""
-    for fn in fns:
-        fn()  # warm-up (numba compilation, first touch)
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for fn, t in zip(fns, times):
-            comm.Barrier()
-            t0 = time.perf_counter()
-            fn()
-            t.append(comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return [statistics.median(t) for t in times]
 
 
 def raw_fftw(decomp):
@@ -77,7 +60,7 @@ def main():
             grad = d.new_vector()
             back = d.new_scalar()
             fwd, bck = raw_fftw(d)
-            t_raw_f, t_raw_b, t_pair, t_grad = timed(
+            t_raw_f, t_raw_b, t_pair, t_grad = median_times(
                 comm, [fwd, bck, lambda: d.backward(d.forward(f, fhat), back), lambda: ops.gradient(f, grad)],
                 args.repeat)
             common = dict(n=n, dtype=dt, ranks=d.size, threads=d.threads, unit="s", layout=d.layout)
@@ -91,10 +74,7 @@ def main():
         for r in rows:
             print(f"{r['name']:10} {r['n']:>5} {r['dtype']:8} {r['ranks']:>5} {r['threads']:>3} "
                   f"{r['value']:9.4f} {r['reference_value']:12.4f} {r['value'] / r['reference_value']:6.2f}")
-        if args.json:
-            with open(args.json, "a") as fh:
-                for r in rows:
-                    fh.write(json.dumps(r) + "\n")
+        append_json(args.json, rows)
 
 
 if __name__ == "__main__":
