@@ -115,6 +115,17 @@ class SpectralOperators:
         kernel(self._scratch)
         return self.decomp.backward_destroying(self._scratch, out)
 
+    def _vector_multiplier(self, v, out, kernel):
+        """Transform the three components, apply ``kernel(vhat)`` in place, transform back."""
+        out = self._out(out, True)
+        vhat = self._vector_hat()
+        for a in range(3):
+            self._forward(v[a], vhat[a])
+        kernel(vhat)
+        for a in range(3):
+            self.decomp.backward_destroying(vhat[a], out[a])
+        return out
+
     def _each_component(self, f, out, apply):
         """Apply a scalar operator per component when ``f`` is a vector field."""
         if f.ndim == 4:
@@ -167,14 +178,9 @@ class SpectralOperators:
         coeffs, graddiv = regularization_symbol(norm, beta=beta, gamma=gamma, beta_div=beta_div)
         if graddiv == 0.0:
             return self._radial(v, coeffs, invert, out)
-        out = self._out(out, True)
-        vhat = self._vector_hat()
-        for a in range(3):
-            self._forward(v[a], vhat[a])
-        _k.vector_symbol(vhat, *self.k, *self.d, coeffs, graddiv, self._scale, invert, out=vhat)
-        for a in range(3):
-            self.decomp.backward_destroying(vhat[a], out[a])
-        return out
+        return self._vector_multiplier(
+            v, out, lambda vhat: _k.vector_symbol(vhat, *self.k, *self.d, coeffs, graddiv, self._scale, invert,
+                                                  out=vhat))
 
     def regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, beta_div=1e-4, out=None):
         """``beta A v`` for a velocity field (see :func:`regularization_symbol`)."""
@@ -188,14 +194,7 @@ class SpectralOperators:
         """Leray projection ``K v = v - grad Delta^{-1} div v`` onto divergence-free fields.
         The zero mode (the mean velocity) is kept."""
         self._check(v, True)
-        out = self._out(out, True)
-        vhat = self._vector_hat()
-        for a in range(3):
-            self._forward(v[a], vhat[a])
-        _k.leray(vhat, *self.d, self._scale, out=vhat)
-        for a in range(3):
-            self.decomp.backward_destroying(vhat[a], out[a])
-        return out
+        return self._vector_multiplier(v, out, lambda vhat: _k.leray(vhat, *self.d, self._scale, out=vhat))
 
     def smooth(self, f, sigma, out=None):
         """Gaussian smoothing with standard deviation ``sigma`` in voxels (scalar or one per

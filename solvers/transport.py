@@ -123,6 +123,10 @@ class SemiLagrangianTransport:
         self._backward_step = step.astype(self.decomp.dtype)
         self.forward_plan = self._plan(self._nodes_plus(self._characteristic(v_grid, +1.0)))
         self.div_v = self.spectral.divergence(v)
+        # trapezoidal rule of the adjoint's div v source along a characteristic (see Notes)
+        half = 0.5 * self.dt
+        self._adjoint_source = (1.0 + half * self.div_v).astype(self.decomp.dtype)
+        self._adjoint_damping = (1.0 / (1.0 - half * self.div_v)).astype(self.decomp.dtype)
 
     def _require_velocity(self):
         if self.backward_plan is None:
@@ -163,17 +167,14 @@ class SemiLagrangianTransport:
             ``b = int_0^1 lam grad m dt`` (trapezoidal rule over the ``nt + 1`` time points).
         """
         self._require_velocity()
-        half = 0.5 * self.dt
-        source = (1.0 + half * self.div_v).astype(self.decomp.dtype)
-        damping = (1.0 / (1.0 - half * self.div_v)).astype(self.decomp.dtype)
         w = self._quadrature_weights()
         lam = np.array(lam1, dtype=self.decomp.dtype, copy=True)
         body = (w[self.nt] * lam) * grad_m[self.nt]
         tmp = np.empty_like(lam)
         for j in range(self.nt - 1, -1, -1):
-            np.multiply(lam, source, out=tmp)
+            np.multiply(lam, self._adjoint_source, out=tmp)
             self._interpolate(self.forward_plan, tmp, out=lam)
-            lam *= damping
+            lam *= self._adjoint_damping
             body += (w[j] * lam) * grad_m[j]
         return lam, body
 
