@@ -72,6 +72,68 @@ def _cmd_smooth(args):
     return 0
 
 
+def _register_config(args):
+    """Resolved RegistrationConfig: defaults, then --config FILE, then the flags given."""
+    import dataclasses
+
+    from .config import RegistrationConfig
+
+    cfg = RegistrationConfig.from_file(args.config) if args.config else RegistrationConfig()
+    reg = {k: v for k, v in (("norm", args.regnorm), ("beta", args.beta)) if v is not None}
+    if args.incompressible:
+        reg["incompressible"] = True
+    newton = {k: v for k, v in (("gradient_tolerance", args.gtol), ("max_iterations", args.max_iter)) if v is not None}
+    krylov = {k: v for k, v in (("max_iterations", args.krylov_max_iter), ("forcing", args.forcing)) if v is not None}
+    return dataclasses.replace(
+        cfg,
+        regularization=dataclasses.replace(cfg.regularization, **reg),
+        transport=dataclasses.replace(cfg.transport, **({"nt": args.nt} if args.nt is not None else {})),
+        newton=dataclasses.replace(cfg.newton, krylov=dataclasses.replace(cfg.newton.krylov, **krylov), **newton),
+        preprocess=dataclasses.replace(cfg.preprocess, **({"sigma": args.sigma} if args.sigma is not None else {})),
+        precision=args.precision or cfg.precision)
+
+
+def _cmd_register(args):
+    import logging
+
+    import numpy as np
+
+    from .api import register
+    from .errors import UserInputError
+    from .io import read_image
+    from .outputs import write_outputs
+
+    comm = _comm()
+    config = _register_config(args)
+    if args.dump_config:
+        if comm.Get_rank() == 0:
+            print(config.to_json())
+        return 0
+    if not args.output:
+        raise UserInputError("give an output directory with -o OUTDIR")
+    fixed = read_image(args.fixed, comm)
+    moving = read_image(args.moving, comm)
+    if fixed.shape != moving.shape or not np.allclose(fixed.affine, moving.affine, atol=1e-3):
+        raise UserInputError(f"FIXED {fixed.shape} and MOVING {moving.shape} are not on the same grid (shape and "
+                             "affine); resample MOVING onto FIXED's grid first")
+    t0 = time.perf_counter()
+    result = register(fixed.data, moving.data, config=config, comm=comm)
+    seconds = time.perf_counter() - t0
+    if comm.Get_rank() == 0:
+        write_outputs(args.output, result, fixed.data, moving.data, fixed.affine, config,
+                      inputs={"fixed": os.path.abspath(args.fixed), "moving": os.path.abspath(args.moving)},
+                      ranks=comm.Get_size(), seconds=seconds)
+        det = result.det_grad_y
+        last = result.history[-1]
+        print(f"registered {args.moving} onto {args.fixed} in {seconds:.1f} s on {comm.Get_size()} rank(s): "
+              f"{len(result.history) - 1} Gauss-Newton iterations, mismatch {last.mismatch:.3f}, "
+              f"det(grad y) in [{det.min():.3f}, {det.max():.3f}]; outputs in {args.output}")
+        if det.min() <= 0:
+            logging.getLogger("claire_py").warning(
+                "warning: det(grad y) <= 0 somewhere: the map folds; increase --beta (or smooth more)")
+    return 0
+
+
 def _positive_float(text):
     try:
         value = float(text)
@@ -104,6 +166,29 @@ def _build_parser():
     p.add_argument("--sigma", type=_positive_float, default=1.0, help="standard deviation in voxels")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="working precision")
     p.set_defaults(run=_cmd_smooth)
+
+    p = sub.add_parser("register", help="register MOVING onto FIXED (NIfTI files on the same grid)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Register MOVING onto FIXED with CLAIRE's Gauss-Newton-Krylov solver. Options "
+                                   "left unset take the value of --config FILE, else the defaults shown "
+                                   "by --dump-config.")
+    p.add_argument("fixed", help="reference image m_R (.nii/.nii.gz)")
+    p.add_argument("moving", help="template image m_T, deformed onto FIXED")
+    p.add_argument("-o", "--output", help="output directory (created); see claire_py/outputs.py for its files")
+    p.add_argument("--config", help="JSON or YAML file with a RegistrationConfig")
+    p.add_argument("--dump-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--beta", type=float, help="regularisation weight (default 1e-2)")
+    p.add_argument("--regnorm", choices=("h1s", "h2s", "h3s", "h1", "h2", "h3", "l2", "h1s-div"),
+                   help="regularisation norm (default h1s)")
+    p.add_argument("--incompressible", action="store_true", help="volume-preserving (div v = 0)")
+    p.add_argument("--nt", type=int, help="time steps of the transport (default 4)")
+    p.add_argument("--gtol", type=float, help="stop at ||g||/||g0|| <= GTOL (default 5e-2)")
+    p.add_argument("--max-iter", type=int, help="Gauss-Newton iterations (default 50)")
+    p.add_argument("--krylov-max-iter", type=int, help="PCG iterations per Newton step (default 50)")
+    p.add_argument("--forcing", choices=("superlinear", "quadratic", "fixed"), help="PCG forcing sequence")
+    p.add_argument("--sigma", type=_positive_float, help="image smoothing in voxels (default 1)")
+    p.add_argument("--precision", choices=("float32", "float64"), help="working precision (default float32)")
+    p.set_defaults(run=_cmd_register)
     return parser
 
 

@@ -109,3 +109,62 @@ def test_info_command_runs_on_every_rank(capsys):
     out = capsys.readouterr().out
     if COMM.rank == 0:
         assert f"ranks        {COMM.size}" in out and "12x10x8" in out
+
+
+def _synthetic_pair(n=24):
+    x = np.meshgrid(*[2 * np.pi * np.arange(n) / n] * 3, indexing="ij")
+    moving = 200 * (np.sin(x[0]) ** 2 + np.sin(x[1]) ** 2 + np.sin(x[2]) ** 2) / 3
+    fixed = 200 * (np.sin(x[0] - 0.3 * np.sin(x[1])) ** 2 + np.sin(x[1]) ** 2 + np.sin(x[2]) ** 2) / 3
+    return fixed.astype(np.float32), moving.astype(np.int16)
+
+
+def test_register_command_writes_complete_outputs(shared_tmp, capsys):
+    import json
+
+    fixed, moving = _synthetic_pair()
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    f_path, m_path = os.path.join(shared_tmp, "fixed.nii.gz"), os.path.join(shared_tmp, "moving.nii")
+    _write_nifti(f_path, fixed, affine)
+    _write_nifti(m_path, moving, affine)
+    out = os.path.join(shared_tmp, "run")
+    assert main(["register", f_path, m_path, "-o", out, "--beta", "1e-3", "--precision", "float64"]) == 0
+    COMM.Barrier()
+    with open(os.path.join(out, "registration.json")) as fh:
+        meta = json.load(fh)
+    assert meta["complete"] is True and meta["converged"] and list(meta)[-1] == "complete"
+    assert meta["config"]["regularization"]["beta"] == 1e-3 and meta["ranks"] == COMM.size
+    assert meta["det_grad_y"]["min"] > 0
+    for name in meta["files"]:
+        img = nib.load(os.path.join(out, name))
+        np.testing.assert_allclose(img.affine, affine)
+        assert img.shape[:3] == fixed.shape
+    before = nib.load(os.path.join(out, "residual_before.nii.gz")).get_fdata()
+    after = nib.load(os.path.join(out, "residual_after.nii.gz")).get_fdata()
+    assert np.sqrt((after ** 2).mean()) < 0.5 * np.sqrt((before ** 2).mean())
+    assert nib.load(os.path.join(out, "velocity.nii.gz")).shape == fixed.shape + (3,)
+    assert not [f for f in os.listdir(out) if "partial" in f]
+    if COMM.rank == 0:
+        assert "registered" in capsys.readouterr().out
+
+
+def test_register_command_refuses_different_grids_and_writes_nothing(shared_tmp, capsys):
+    fixed, moving = _synthetic_pair(16)
+    f_path, m_path = os.path.join(shared_tmp, "f.nii.gz"), os.path.join(shared_tmp, "m.nii.gz")
+    _write_nifti(f_path, fixed)
+    _write_nifti(m_path, moving[:, :, :12])
+    out = os.path.join(shared_tmp, "nothing")
+    assert main(["register", f_path, m_path, "-o", out]) == 2
+    err = capsys.readouterr().err
+    if COMM.rank == 0:
+        assert err.count("\n") == 1 and "not on the same grid" in err
+    assert not os.path.exists(out)
+
+
+def test_register_dump_config(capsys):
+    import json
+
+    assert main(["register", "f.nii", "m.nii", "--dump-config", "--beta", "0.5", "--regnorm", "h2s", "--nt", "8"]) == 0
+    if COMM.rank == 0:
+        cfg = json.loads(capsys.readouterr().out)
+        assert cfg["regularization"]["beta"] == 0.5 and cfg["regularization"]["norm"] == "h2s"
+        assert cfg["transport"]["nt"] == 8 and cfg["newton"]["gradient_tolerance"] == 0.05
