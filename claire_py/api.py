@@ -109,12 +109,47 @@ class RegistrationResult:
     workload: dict
     converged: bool
     stop_reason: str
+    config: RegistrationConfig = None
+    fixed: np.ndarray | None = None
+    moving: np.ndarray | None = None
+    affine: np.ndarray | None = None
+    seconds: float = 0.0
+    ranks: int = 1
+
+    def save(self, outdir, *, overwrite=False, inputs=None):
+        """Write the files of ``claire register`` into ``outdir`` (see
+        :mod:`claire_py.outputs`); a no-op on ranks other than 0. FIXED's affine is used
+        when the inputs were files or nibabel images, else the identity."""
+        if self.velocity is None:
+            return
+        from .outputs import prepare_outdir, write_outputs
+
+        prepare_outdir(outdir, overwrite=overwrite)
+        affine = np.eye(4) if self.affine is None else self.affine
+        write_outputs(outdir, self, self.fixed, self.moving, affine, self.config,
+                      inputs=inputs or {}, ranks=self.ranks, seconds=self.seconds)
 
 
-def _normalized(local, decomp):
+def _normalized(local, decomp, name):
     lo = decomp.allreduce(float(local.min()), "min")
     hi = decomp.allreduce(float(local.max()), "max")
-    return (local - lo) / (hi - lo) if hi > lo else np.zeros_like(local)
+    if not hi > lo:
+        raise UserInputError(f"{name} image is constant (every voxel is {lo:g}): there is nothing to register")
+    return (local - lo) / (hi - lo)
+
+
+def _as_array(image, comm, name):
+    """``(array or None, affine or None)`` from an array, a NIfTI path or a nibabel image."""
+    import os
+
+    if isinstance(image, (str, os.PathLike)):
+        from .io import read_image
+
+        img = read_image(os.fspath(image), comm)
+        return img.data, img.affine
+    if hasattr(image, "dataobj") and hasattr(image, "affine"):
+        return np.asanyarray(image.dataobj), np.asarray(image.affine, float)
+    return image, None
 
 
 def register(fixed, moving, *, config=None, comm=None, callback=None):
@@ -122,9 +157,10 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
 
     Parameters
     ----------
-    fixed, moving : ndarray ``(n1, n2, n3)`` or None
-        The reference ``m_R`` and the template ``m_T`` (the ANTs/DIPY/ITK order), global
-        arrays on rank 0 (other ranks may pass ``None``, or the same arrays).
+    fixed, moving : ndarray ``(n1, n2, n3)``, NIfTI path, nibabel image, or None
+        The reference ``m_R`` and the template ``m_T`` (the ANTs/DIPY/ITK order): global
+        arrays on rank 0 (other ranks may pass ``None``, or the same arrays), or files / images
+        (read on rank 0).
     config : RegistrationConfig, optional
     comm : mpi4py.MPI.Comm, optional
     callback : callable, optional
@@ -136,9 +172,13 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     RegistrationResult
     """
     config = RegistrationConfig() if config is None else config
+    fixed, affine = _as_array(fixed, comm, "fixed")
+    moving, moving_affine = _as_array(moving, comm, "moving")
     shape = _image_shape(fixed, comm, "fixed")
-    if _image_shape(moving, comm, "moving") != shape:
-        raise UserInputError("fixed and moving images must have the same shape; resample one onto the other")
+    if _image_shape(moving, comm, "moving") != shape or (
+            affine is not None and moving_affine is not None and not np.allclose(affine, moving_affine, atol=1e-3)):
+        raise UserInputError(f"fixed {shape} and moving {_image_shape(moving, comm, 'moving')} images are not on "
+                             "the same grid (shape and affine); resample moving onto fixed's grid first")
     t0 = time.perf_counter()
     workload = Workload()
     decomp = Decomposition(shape, comm=comm, dtype=np.dtype(config.precision))
@@ -147,10 +187,10 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     fixed_local = _global_input(fixed, decomp, "fixed")
     moving_local = _global_input(moving, decomp, "moving")
     images = []
-    for img in (fixed_local, moving_local):
-        if not np.all(np.isfinite(img)):
-            raise UserInputError("images must not contain NaN or infinite values")
-        img = _normalized(img, decomp) if config.preprocess.normalize else img
+    for name, img in (("fixed", fixed_local), ("moving", moving_local)):
+        if not decomp.allreduce(bool(np.all(np.isfinite(img))), "min"):
+            raise UserInputError(f"{name} image contains NaN or infinite values; replace them first")
+        img = _normalized(img, decomp, name) if config.preprocess.normalize else img
         if config.preprocess.sigma > 0:
             img = ops.smooth(img, config.preprocess.sigma)
         images.append(img)
@@ -170,6 +210,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     work.setdefault("hessian_matvec", {"count": 0, "seconds": 0.0})["pcg_iterations"] = result.matvecs
     log.info("workload (count, seconds):\n%s", "\n".join(
         f"  {name:20s} {entry['count']:>8} {entry['seconds']:>10.3f}" for name, entry in work.items()))
+    root = decomp.rank == 0
     return RegistrationResult(
         velocity=decomp.gather(result.velocity), warped=decomp.gather(warped), det_grad_y=decomp.gather(det),
-        history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason)
+        history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
+        config=config, fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
+        affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size)

@@ -96,12 +96,9 @@ def _register_config(args):
 def _cmd_register(args):
     import logging
 
-    import numpy as np
-
     from .api import register
     from .errors import UserInputError
-    from .io import read_image
-    from .outputs import write_outputs
+    from .outputs import prepare_outdir
 
     comm = _comm()
     config = _register_config(args)
@@ -111,23 +108,29 @@ def _cmd_register(args):
         return 0
     if not args.output:
         raise UserInputError("give an output directory with -o OUTDIR")
-    fixed = read_image(args.fixed, comm)
-    moving = read_image(args.moving, comm)
-    if fixed.shape != moving.shape or not np.allclose(fixed.affine, moving.affine, atol=1e-3):
-        raise UserInputError(f"FIXED {fixed.shape} and MOVING {moving.shape} are not on the same grid (shape and "
-                             "affine); resample MOVING onto FIXED's grid first")
-    t0 = time.perf_counter()
-    result = register(fixed.data, moving.data, config=config, comm=comm)
-    seconds = time.perf_counter() - t0
+    if args.quiet:
+        logging.getLogger("claire_py").setLevel(logging.WARNING)
+    error = None
+    if comm.Get_rank() == 0:  # refuse a bad OUTDIR before spending the solve
+        try:
+            prepare_outdir(args.output, overwrite=args.overwrite, create=False)
+        except UserInputError as exc:
+            error = str(exc)
+    error = comm.bcast(error)
+    if error:
+        raise UserInputError(error)
+    result = register(args.fixed, args.moving, config=config, comm=comm)
     if comm.Get_rank() == 0:
-        write_outputs(args.output, result, fixed.data, moving.data, fixed.affine, config,
-                      inputs={"fixed": os.path.abspath(args.fixed), "moving": os.path.abspath(args.moving)},
-                      ranks=comm.Get_size(), seconds=seconds)
-        det = result.det_grad_y
-        last = result.history[-1]
-        print(f"registered {args.moving} onto {args.fixed} in {seconds:.1f} s on {comm.Get_size()} rank(s): "
-              f"{len(result.history) - 1} Gauss-Newton iterations, mismatch {last.mismatch:.3f}, "
-              f"det(grad y) in [{det.min():.3f}, {det.max():.3f}]; outputs in {args.output}")
+        result.save(args.output, overwrite=True,
+                    inputs={"fixed": os.path.abspath(args.fixed), "moving": os.path.abspath(args.moving)})
+        det, first, last = result.det_grad_y, result.history[0], result.history[-1]
+        rows = [("time", f"{result.seconds:.1f} s on {result.ranks} rank(s), {config.precision}"),
+                ("Gauss-Newton iterations", f"{last.iteration} ({result.stop_reason})"),
+                ("Hessian matvecs", f"{result.workload['hessian_matvec']['pcg_iterations']}"),
+                ("mismatch", f"{first.mismatch:.3f} -> {last.mismatch:.3f} (relative, smoothed images)"),
+                ("det(grad y)", f"min {det.min():.3f}, max {det.max():.3f}"),
+                ("outputs", f"{args.output}/ (warped, velocity, det_grad_y, residuals, registration.json)")]
+        print("\n".join(f"{name:24s} {value}" for name, value in rows))
         if det.min() <= 0:
             logging.getLogger("claire_py").warning(
                 "warning: det(grad y) <= 0 somewhere: the map folds; increase --beta (or smooth more)")
@@ -188,6 +191,8 @@ def _build_parser():
     p.add_argument("--forcing", choices=("superlinear", "quadratic", "fixed"), help="PCG forcing sequence")
     p.add_argument("--sigma", type=_positive_float, help="image smoothing in voxels (default 1)")
     p.add_argument("--precision", choices=("float32", "float64"), help="working precision (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
+    p.add_argument("--quiet", action="store_true", help="no per-iteration log, only the summary and warnings")
     p.set_defaults(run=_cmd_register)
     return parser
 

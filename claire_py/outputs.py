@@ -25,7 +25,27 @@ import numpy as np
 
 from .io import write_image
 
-__all__ = ["write_outputs"]
+__all__ = ["write_outputs", "prepare_outdir"]
+
+
+def prepare_outdir(outdir, *, overwrite=False, create=True):
+    """Check ``outdir`` (and create it when ``create``): refuse one that holds a registration
+    unless ``overwrite``, a non-directory, and a place that is not writable. Raises
+    :class:`UserInputError` naming the fix. With ``create=False`` nothing is written, so a
+    check before the solve leaves no trace when the solve then fails."""
+    from .errors import UserInputError
+
+    if os.path.exists(os.path.join(outdir, "registration.json")) and not overwrite:
+        raise UserInputError(f"{outdir} already holds a registration; choose another -o or pass --overwrite")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UserInputError(f"{outdir} exists and is not a directory")
+    existing = os.path.abspath(outdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{existing} is not writable; choose another -o")
+    if create:
+        os.makedirs(outdir, exist_ok=True)
 
 
 def _normalized(a, like=None):
@@ -64,7 +84,6 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
 
     ``fixed`` and ``moving`` are the global input arrays; ``affine`` is FIXED's.
     """
-    os.makedirs(outdir, exist_ok=True)
     spacing = np.array([2 * np.pi / n for n in fixed.shape])
     velocity_voxels = np.moveaxis(result.velocity / spacing[:, None, None, None], 0, -1)
     images = {

@@ -144,7 +144,8 @@ def test_register_command_writes_complete_outputs(shared_tmp, capsys):
     assert nib.load(os.path.join(out, "velocity.nii.gz")).shape == fixed.shape + (3,)
     assert not [f for f in os.listdir(out) if "partial" in f]
     if COMM.rank == 0:
-        assert "registered" in capsys.readouterr().out
+        summary = capsys.readouterr().out
+        assert "Gauss-Newton iterations" in summary and "det(grad y)" in summary
 
 
 def test_register_command_refuses_different_grids_and_writes_nothing(shared_tmp, capsys):
@@ -168,3 +169,50 @@ def test_register_dump_config(capsys):
         cfg = json.loads(capsys.readouterr().out)
         assert cfg["regularization"]["beta"] == 0.5 and cfg["regularization"]["norm"] == "h2s"
         assert cfg["transport"]["nt"] == 8 and cfg["newton"]["gradient_tolerance"] == 0.05
+
+
+def test_register_refuses_constant_images_and_existing_results(shared_tmp, capsys):
+    fixed, moving = _synthetic_pair(16)
+    f_path, m_path = os.path.join(shared_tmp, "f.nii.gz"), os.path.join(shared_tmp, "m.nii.gz")
+    c_path = os.path.join(shared_tmp, "c.nii.gz")
+    _write_nifti(f_path, fixed)
+    _write_nifti(m_path, moving)
+    _write_nifti(c_path, np.full(fixed.shape, 7, np.int16))
+    out = os.path.join(shared_tmp, "const")
+    assert main(["register", f_path, c_path, "-o", out, "--quiet"]) == 2
+    if COMM.rank == 0:
+        assert "constant" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "registration.json"))
+    out = os.path.join(shared_tmp, "twice")
+    assert main(["register", f_path, m_path, "-o", out, "--quiet", "--beta", "1e-3"]) == 0
+    COMM.Barrier()
+    stamp = os.path.getmtime(os.path.join(out, "registration.json"))
+    capsys.readouterr()
+    assert main(["register", f_path, m_path, "-o", out, "--quiet"]) == 2
+    if COMM.rank == 0:
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--overwrite" in err
+    assert os.path.getmtime(os.path.join(out, "registration.json")) == stamp
+    assert main(["register", f_path, m_path, "-o", out, "--quiet", "--overwrite", "--beta", "1e-3"]) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(["register", f_path, m_path, "-o", out, "--nt", "zero"])
+    assert exc.value.code == 2
+    assert main(["register", f_path, m_path, "-o", os.path.join(shared_tmp, "nt0"), "--nt", "0"]) == 2
+
+
+def test_python_register_accepts_paths_and_saves_like_the_cli(shared_tmp):
+    import json
+
+    fixed, moving = _synthetic_pair(16)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    f_path, m_path = os.path.join(shared_tmp, "pf.nii.gz"), os.path.join(shared_tmp, "pm.nii.gz")
+    _write_nifti(f_path, fixed, affine)
+    _write_nifti(m_path, moving, affine)
+    cfg = claire_py.RegistrationConfig.from_dict({"regularization": {"beta": 1e-3}})
+    res = claire_py.register(f_path, nib.load(m_path), config=cfg)
+    out = os.path.join(shared_tmp, "saved")
+    res.save(out)
+    COMM.Barrier()
+    with open(os.path.join(out, "registration.json")) as fh:
+        assert json.load(fh)["complete"] is True
+    np.testing.assert_allclose(nib.load(os.path.join(out, "warped.nii.gz")).affine, affine)

@@ -63,5 +63,5 @@ def test_config_round_trip_and_errors(tmp_path):
 
 def test_register_rejects_mismatched_shapes():
     a = np.zeros((8, 8, 8))
-    with pytest.raises(claire_py.UserInputError, match="same shape"):
+    with pytest.raises(claire_py.UserInputError, match="not on the same grid"):
         claire_py.register(a, np.zeros((8, 8, 6)))
