@@ -16,7 +16,7 @@ from .solvers.newton import gauss_newton_krylov
 from .solvers.problem import RegistrationProblem
 from .solvers.transport import SemiLagrangianTransport
 
-__all__ = ["smooth", "register", "RegistrationResult"]
+__all__ = ["smooth", "register", "RegistrationResult", "transport", "jacobian"]
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +216,61 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
         config=config, fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
         affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size)
+
+
+def _velocity_setup(velocity, comm, precision, nt, interpolation):
+    """Decomposition, transport with ``velocity`` set (global ``(3, n1, n2, n3)`` on rank 0)."""
+    from .solvers.transport import TransportOptions
+
+    shape = None
+    if (comm.Get_rank() if comm is not None else 0) == 0:
+        velocity = np.asarray(velocity)
+        if velocity.ndim != 4 or velocity.shape[0] != 3:
+            raise UserInputError(f"velocity must have shape (3, n1, n2, n3), got {velocity.shape}")
+        shape = velocity.shape[1:]
+    from mpi4py import MPI
+
+    shape = (MPI.COMM_WORLD if comm is None else comm).bcast(shape)
+    decomp = Decomposition(shape, comm=comm, dtype=np.dtype(precision))
+    ops = SpectralOperators(decomp)
+    transport = SemiLagrangianTransport(decomp, ops, TransportOptions(nt=nt, interpolation=interpolation))
+    transport.set_velocity(decomp.scatter(velocity if decomp.rank == 0 else None).astype(decomp.dtype))
+    return decomp, transport
+
+
+def transport(image, velocity, *, labels=None, nt=4, interpolation="lagrange", precision="float64", comm=None):
+    """Deform ``image`` with a registration's velocity: ``image(y(x))``.
+
+    Parameters
+    ----------
+    image : ndarray ``(n1, n2, n3)`` or None
+        On MOVING's grid (global, rank 0).
+    velocity : ndarray ``(3, n1, n2, n3)`` or None
+        ``RegistrationResult.velocity`` (radians of the box per unit time).
+    labels : {None, "nearest", "probability"}
+        Treat ``image`` as an integer label map (see ``SemiLagrangianTransport.transport_labels``).
+    nt, interpolation, precision : as in the registration's configuration.
+
+    Returns
+    -------
+    ndarray or None
+        The deformed image on rank 0 (integer dtype kept for labels), ``None`` elsewhere.
+    """
+    decomp, tr = _velocity_setup(velocity, comm, precision, nt, interpolation)
+    if _image_shape(image, comm, "image") != decomp.shape:
+        raise UserInputError(f"image is not on the velocity's grid {decomp.shape}")
+    if labels is None:
+        out = tr.transport_image(_global_input(image, decomp, "image"))
+    else:
+        dtype = decomp.comm.bcast(np.asarray(image).dtype if decomp.rank == 0 else None)
+        if not np.issubdtype(dtype, np.integer):
+            raise UserInputError(f"a label map must have an integer voxel type, not {dtype}")
+        local = decomp.scatter(np.asarray(image) if decomp.rank == 0 else None)
+        out = tr.transport_labels(local, method=labels)
+    return decomp.gather(np.ascontiguousarray(out))
+
+
+def jacobian(velocity, *, nt=4, interpolation="lagrange", precision="float64", comm=None):
+    """``det(grad y)`` of the pull-back map of ``velocity`` (global on rank 0, else None)."""
+    decomp, tr = _velocity_setup(velocity, comm, precision, nt, interpolation)
+    return decomp.gather(tr.det_grad_y())

@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 __all__ = ["main"]
 
 
@@ -27,7 +29,6 @@ def _cmd_info(args):
     import mpi4py
     import mpi4py_fft
     import numba
-    import numpy as np
     from mpi4py import MPI
 
     from . import __version__
@@ -53,8 +54,6 @@ def _cmd_info(args):
 
 
 def _cmd_smooth(args):
-    import numpy as np
-
     from .api import smooth
     from .io import read_image, write_image
 
@@ -137,6 +136,37 @@ def _cmd_register(args):
     return 0
 
 
+def _cmd_transport(args):
+    from .api import transport
+    from .io import read_image, write_image
+    from .outputs import load_registration
+
+    comm = _comm()
+    velocity, config, affine = load_registration(args.outdir, comm)
+    image = read_image(args.image, comm)
+    out = transport(image.data, velocity, labels=args.labels, nt=config.transport.nt,
+                    interpolation=config.transport.interpolation, precision=config.precision, comm=comm)
+    if comm.Get_rank() == 0:
+        write_image(args.output, out if args.labels else out.astype(np.float32), affine)
+        print(f"wrote {args.output}: {args.image} deformed by the registration in {args.outdir}")
+    return 0
+
+
+def _cmd_jacobian(args):
+    from .api import jacobian
+    from .io import write_image
+    from .outputs import load_registration
+
+    comm = _comm()
+    velocity, config, affine = load_registration(args.outdir, comm)
+    det = jacobian(velocity, nt=config.transport.nt, interpolation=config.transport.interpolation,
+                   precision=config.precision, comm=comm)
+    if comm.Get_rank() == 0:
+        write_image(args.output, det.astype(np.float32), affine)
+        print(f"wrote {args.output}: det(grad y) in [{det.min():.3f}, {det.max():.3f}]")
+    return 0
+
+
 def _positive_float(text):
     try:
         value = float(text)
@@ -194,6 +224,22 @@ def _build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
     p.add_argument("--quiet", action="store_true", help="no per-iteration log, only the summary and warnings")
     p.set_defaults(run=_cmd_register)
+
+    p = sub.add_parser("transport", help="deform another image (or label map) with a finished registration",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("outdir", help="the -o directory of a finished claire register")
+    p.add_argument("image", help="image on MOVING's grid (.nii/.nii.gz)")
+    p.add_argument("-o", "--output", required=True, help="deformed image, on FIXED's grid")
+    p.add_argument("--labels", nargs="?", const="probability", choices=("nearest", "probability"),
+                   help="IMAGE is an integer label map: transport each label's indicator and keep the most "
+                        "probable (probability, the default with --labels) or take the nearest voxel")
+    p.set_defaults(run=_cmd_transport)
+
+    p = sub.add_parser("jacobian", help="det(grad y) of a finished registration",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("outdir", help="the -o directory of a finished claire register")
+    p.add_argument("-o", "--output", required=True, help="output image (.nii/.nii.gz)")
+    p.set_defaults(run=_cmd_jacobian)
     return parser
 
 

@@ -36,7 +36,7 @@ def _suffix(path):
     return None
 
 
-def _load(path):
+def _load(path, vector=False):
     import nibabel as nib
 
     if _suffix(path) is None:
@@ -48,10 +48,14 @@ def _load(path):
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for damaged files
         raise UserInputError(f"{path}: cannot be read as NIfTI ({exc}); check the file is complete") from exc
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise UserInputError(f"{path}: image has shape {data.shape}; a 3-D volume is needed")
+    if vector:
+        if data.ndim != 4 or data.shape[3] != 3:
+            raise UserInputError(f"{path}: shape {data.shape}; a 3-D field of 3-vectors (n1, n2, n3, 3) is needed")
+    else:
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise UserInputError(f"{path}: image has shape {data.shape}; a 3-D volume is needed")
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise UserInputError(f"{path}: voxel type {data.dtype} is not a real number type")
     affine = np.asarray(img.affine, float)
@@ -62,17 +66,18 @@ def _load(path):
     return Image(np.ascontiguousarray(data), affine, data.shape, img.header)
 
 
-def read_image(path, comm=None):
+def read_image(path, comm=None, *, vector=False):
     """Read a 3-D NIfTI image on rank 0 of ``comm`` and share its geometry with every rank.
 
-    A trailing singleton 4th axis is dropped. Errors are raised on every rank (as
-    :class:`UserInputError`) so that all ranks exit together.
+    A trailing singleton 4th axis is dropped; ``vector=True`` reads a field ``(n1, n2, n3,
+    3)`` instead. Errors are raised on every rank (as :class:`UserInputError`) so that all
+    ranks exit together.
     """
     rank = 0 if comm is None else comm.Get_rank()
     result, error = None, None
     if rank == 0:
         try:
-            result = _load(path)
+            result = _load(path, vector)
         except UserInputError as exc:
             error = str(exc)
     if comm is not None:

@@ -25,7 +25,35 @@ import numpy as np
 
 from .io import write_image
 
-__all__ = ["write_outputs", "prepare_outdir"]
+__all__ = ["write_outputs", "prepare_outdir", "load_registration"]
+
+
+def load_registration(outdir, comm):
+    """``(velocity, config, affine)`` of a finished registration in ``outdir``: the velocity
+    in radians of the box per unit time, ``(3, n1, n2, n3)`` on rank 0 (``None`` elsewhere).
+    Errors (missing or incomplete run) are raised on every rank."""
+    from .config import RegistrationConfig
+    from .errors import UserInputError
+    from .io import read_image
+
+    error, meta = None, None
+    if comm.Get_rank() == 0:
+        try:
+            with open(os.path.join(outdir, "registration.json")) as fh:
+                meta = json.load(fh)
+            if not meta.get("complete"):
+                error = f"{outdir}: the registration there did not complete; run it again"
+        except (OSError, ValueError) as exc:
+            error = f"{outdir}: no finished registration found ({exc}); give the -o directory of claire register"
+    error, meta = comm.bcast((error, meta))
+    if error:
+        raise UserInputError(error)
+    img = read_image(os.path.join(outdir, "velocity.nii.gz"), comm, vector=True)
+    velocity = None
+    if img.data is not None:
+        spacing = np.array([2 * np.pi / n for n in img.shape[:3]])
+        velocity = np.moveaxis(np.asarray(img.data, np.float64), -1, 0) * spacing[:, None, None, None]
+    return velocity, RegistrationConfig.from_dict(meta["config"]), img.affine
 
 
 def prepare_outdir(outdir, *, overwrite=False, create=True):
