@@ -175,10 +175,17 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     fixed, affine = _as_array(fixed, comm, "fixed")
     moving, moving_affine = _as_array(moving, comm, "moving")
     shape = _image_shape(fixed, comm, "fixed")
-    if _image_shape(moving, comm, "moving") != shape or (
-            affine is not None and moving_affine is not None and not np.allclose(affine, moving_affine, atol=1e-3)):
-        raise UserInputError(f"fixed {shape} and moving {_image_shape(moving, comm, 'moving')} images are not on "
-                             "the same grid (shape and affine); resample moving onto fixed's grid first")
+    moving_shape = _image_shape(moving, comm, "moving")
+    same_affine = affine is None or moving_affine is None or np.allclose(affine, moving_affine, atol=1e-3)
+    if moving_shape != shape or not same_affine:
+        if not (config.preprocess.resample and affine is not None and moving_affine is not None):
+            raise UserInputError(f"fixed {shape} and moving {moving_shape} images are not on the same grid (shape "
+                                 "and affine); pass --resample (files or nibabel images) or resample moving first")
+        if moving is not None:
+            from .io import resample_to_grid
+
+            moving = resample_to_grid(moving, moving_affine, affine, shape)
+            log.info("resampled moving %s onto fixed's grid %s", moving_shape, shape)
     t0 = time.perf_counter()
     workload = Workload()
     decomp = Decomposition(shape, comm=comm, dtype=np.dtype(config.precision))

@@ -88,7 +88,8 @@ def _register_config(args):
         regularization=dataclasses.replace(cfg.regularization, **reg),
         transport=dataclasses.replace(cfg.transport, **({"nt": args.nt} if args.nt is not None else {})),
         newton=dataclasses.replace(cfg.newton, krylov=dataclasses.replace(cfg.newton.krylov, **krylov), **newton),
-        preprocess=dataclasses.replace(cfg.preprocess, **({"sigma": args.sigma} if args.sigma is not None else {})),
+        preprocess=dataclasses.replace(cfg.preprocess, **({"sigma": args.sigma} if args.sigma is not None else {}),
+                                       **({"resample": True} if args.resample else {})),
         precision=args.precision or cfg.precision)
 
 
@@ -221,6 +222,8 @@ def _build_parser():
     p.add_argument("--forcing", choices=("superlinear", "quadratic", "fixed"), help="PCG forcing sequence")
     p.add_argument("--sigma", type=_positive_float, help="image smoothing in voxels (default 1)")
     p.add_argument("--precision", choices=("float32", "float64"), help="working precision (default float32)")
+    p.add_argument("--resample", action="store_true",
+                   help="resample MOVING onto FIXED's grid through their affines when the grids differ")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
     p.add_argument("--quiet", action="store_true", help="no per-iteration log, only the summary and warnings")
     p.set_defaults(run=_cmd_register)

@@ -25,10 +25,14 @@ class PreprocessOptions:
         Rescale each image's intensities to ``[0, 1]``.
     sigma : float
         Gaussian smoothing in voxels (CLAIRE's default 1; 0 switches it off).
+    resample : bool
+        When MOVING's grid (shape or affine) differs from FIXED's, resample MOVING onto
+        FIXED's grid through the two affines (trilinear, zero outside) instead of refusing.
     """
 
     normalize: bool = True
     sigma: float = 1.0
+    resample: bool = False
 
     def __post_init__(self):
         if not (math.isfinite(self.sigma) and self.sigma >= 0):

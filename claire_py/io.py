@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import UserInputError
 
-__all__ = ["Image", "read_image", "write_image", "atomic_path"]
+__all__ = ["Image", "read_image", "write_image", "atomic_path", "resample_to_grid"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -120,3 +120,13 @@ def write_image(path, data, affine, header=None):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def resample_to_grid(data, affine, target_affine, target_shape, order=1):
+    """``data`` (with voxel-to-mm ``affine``) sampled on the grid of ``target_affine`` and
+    ``target_shape``: trilinear (``order=1``) or nearest (``order=0``), zero outside."""
+    from scipy import ndimage
+
+    matrix = np.linalg.solve(np.asarray(affine, float), np.asarray(target_affine, float))
+    return ndimage.affine_transform(np.asarray(data, np.float64), matrix[:3, :3], matrix[:3, 3],
+                                    output_shape=tuple(target_shape), order=order, mode="constant", cval=0.0)

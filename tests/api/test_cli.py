@@ -243,3 +243,25 @@ def test_transport_and_jacobian_tools_reproduce_the_registration(shared_tmp):
     assert warped_labels.dtype == np.int16 and set(np.unique(warped_labels)) <= {0, 1, 2}
     assert main(["transport", os.path.join(shared_tmp, "nowhere"), m_path, "-o", warped_again]) == 2
     assert main(["transport", out, f_path, "-o", l_out, "--labels"]) == 2  # float image as labels
+
+
+def test_resample_puts_moving_on_fixed_grid(shared_tmp, capsys):
+    from claire_py.io import resample_to_grid
+
+    fixed, moving = _synthetic_pair(16)
+    # MOVING sampled on a finer grid (1 mm vs 2 mm) covering the same field of view
+    fine_affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    coarse_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fine = resample_to_grid(moving.astype(float), coarse_affine, fine_affine, (32, 32, 32), order=1)
+    back = resample_to_grid(fine, fine_affine, coarse_affine, (16, 16, 16), order=1)
+    np.testing.assert_allclose(back[:15, :15, :15], moving[:15, :15, :15], atol=1e-9)
+    f_path, m_path = os.path.join(shared_tmp, "rf.nii.gz"), os.path.join(shared_tmp, "rm.nii.gz")
+    _write_nifti(f_path, fixed, coarse_affine)
+    _write_nifti(m_path, fine.astype(np.float32), fine_affine)
+    out = os.path.join(shared_tmp, "resampled")
+    assert main(["register", f_path, m_path, "-o", out, "--quiet"]) == 2
+    if COMM.rank == 0:
+        assert "--resample" in capsys.readouterr().err
+    assert main(["register", f_path, m_path, "-o", out, "--quiet", "--resample", "--beta", "1e-3"]) == 0
+    COMM.Barrier()
+    assert nib.load(os.path.join(out, "warped.nii.gz")).shape == fixed.shape
