@@ -65,3 +65,11 @@ def test_register_rejects_mismatched_shapes():
     a = np.zeros((8, 8, 8))
     with pytest.raises(claire_py.UserInputError, match="not on the same grid"):
         claire_py.register(a, np.zeros((8, 8, 6)))
+
+
+def test_register_refuses_a_grid_too_large_for_memory_before_allocating():
+    huge = np.broadcast_to(np.zeros(1, np.float32), (4096, 4096, 4096))  # shape only, no memory
+    with pytest.raises(claire_py.UserInputError, match=r"needs about \d+\.\d GiB .* available"):
+        claire_py.register(huge, huge)
+    per_rank, root = claire_py.api.estimate_memory((256, 256, 256), 2)
+    assert 9e9 < 2 * per_rank + root < 14e9  # 256^3 float32 on one 2-rank node: ~11.4 GB (584 B/pt measured)
