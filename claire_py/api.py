@@ -95,6 +95,8 @@ class RegistrationResult:
         ``warped(x) = moving(y(x))`` (pull-back).
     det_grad_y : ndarray ``(n1, n2, n3)``
         Jacobian determinant of the pull-back map ``y``.
+    displacement : ndarray ``(3, n1, n2, n3)``
+        ``u = y - x`` in voxels along the array axes (``y`` may leave the grid: periodic).
     history : list of IterationInfo
     workload : dict
         Counts and seconds per operation.
@@ -109,6 +111,7 @@ class RegistrationResult:
     workload: dict
     converged: bool
     stop_reason: str
+    displacement: np.ndarray | None = None
     config: RegistrationConfig = None
     fixed: np.ndarray | None = None
     moving: np.ndarray | None = None
@@ -251,7 +254,8 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     if problem.velocity is not result.velocity:
         problem.set_velocity(result.velocity)
     warped = transport.transport_image(moving_local)
-    det = transport.det_grad_y()
+    displacement = transport.displacement()
+    det = transport.det_grad_y(displacement)
     workload.add("total", 1, time.perf_counter() - t0)
     for name, (count, seconds) in decomp.stats.items():
         workload.add(name, count, seconds)
@@ -262,6 +266,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     root = decomp.rank == 0
     return RegistrationResult(
         velocity=decomp.gather(result.velocity), warped=decomp.gather(warped), det_grad_y=decomp.gather(det),
+        displacement=decomp.gather(displacement),
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
         config=config, fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
         affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size)

@@ -129,7 +129,8 @@ def _cmd_register(args):
                 ("Hessian matvecs", f"{result.workload['hessian_matvec']['pcg_iterations']}"),
                 ("mismatch", f"{first.mismatch:.3f} -> {last.mismatch:.3f} (relative, smoothed images)"),
                 ("det(grad y)", f"min {det.min():.3f}, max {det.max():.3f}"),
-                ("outputs", f"{args.output}/ (warped, velocity, det_grad_y, residuals, registration.json)")]
+                ("outputs", f"{args.output}/ (warped, velocity, deformation_map, displacement, det_grad_y, "
+                            "residuals, registration.json)")]
         print("\n".join(f"{name:24s} {value}" for name, value in rows))
         if det.min() <= 0:
             logging.getLogger("claire_py").warning(

@@ -100,9 +100,10 @@ def atomic_path(path):
     return tmp
 
 
-def write_image(path, data, affine, header=None):
+def write_image(path, data, affine, header=None, intent=None):
     """Write ``data`` as NIfTI at ``path`` atomically (temporary name, then rename): a
-    reader sees either the complete file or none. Call on one rank only."""
+    reader sees either the complete file or none. Call on one rank only. ``intent`` sets the
+    NIfTI intent code by name (e.g. ``"vector"`` for displacement fields)."""
     import nibabel as nib
 
     if _suffix(path) is None:
@@ -112,6 +113,8 @@ def write_image(path, data, affine, header=None):
         raise UserInputError(f"{directory}: output directory does not exist")
     img = nib.Nifti1Image(np.asarray(data), affine, header=header)
     img.set_data_dtype(np.asarray(data).dtype)
+    if intent is not None:
+        img.header.set_intent(intent)
     tmp = atomic_path(path)
     try:
         nib.save(img, tmp)

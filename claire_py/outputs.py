@@ -8,6 +8,12 @@ All images are on FIXED's grid with its affine. Conventions:
   array axis ``a``, in voxels per unit time (the map ``y`` is its flow over ``t in [0, 1]``).
 * ``det_grad_y.nii.gz``: ``det(grad y)`` of the pull-back map (< 1: FIXED's voxel maps onto a
   smaller region of MOVING).
+* ``deformation_map.nii.gz``: ``y(x)`` as world (RAS, mm) coordinates, 4-D ``(n1, n2, n3, 3)``:
+  the point of MOVING that FIXED's voxel ``x`` takes its value from (SPM-style ``y_`` field).
+* ``displacement.nii.gz``: ``y(x) - x`` in the ITK/ANTs convention: physical millimetres in
+  ITK's LPS axes, a 5-D vector NIfTI ``(n1, n2, n3, 1, 3)`` with intent "vector", so that
+  ``SimpleITK.DisplacementFieldTransform`` / ``antsApplyTransforms -t displacement.nii.gz``
+  resample MOVING into ``warped.nii.gz``.
 * ``residual_before.nii.gz`` / ``residual_after.nii.gz``: ``|fixed - moving|`` and
   ``|fixed - warped|`` on intensities normalised to ``[0, 1]``.
 * ``registration.json``: resolved configuration, convergence history, stop reason, workload,
@@ -122,8 +128,15 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         # warped in MOVING's normalisation: cubic overshoot must not shift its background
         "residual_after.nii.gz": np.abs(_normalized(fixed) - _normalized(result.warped, moving)).astype(np.float32),
     }
+    linear = np.asarray(affine, float)[:3, :3]
+    u_mm = np.einsum("ab,b...->...a", linear, result.displacement)  # RAS mm, (n1, n2, n3, 3)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in fixed.shape], indexing="ij"), axis=-1)
+    images["deformation_map.nii.gz"] = (grid @ linear.T + affine[:3, 3] + u_mm).astype(np.float32)
+    ras_to_lps = np.array([-1.0, -1.0, 1.0])
+    images["displacement.nii.gz"] = (u_mm * ras_to_lps)[:, :, :, None, :].astype(np.float32)
     for name, data in images.items():
-        write_image(os.path.join(outdir, name), data, affine)
+        write_image(os.path.join(outdir, name), data, affine,
+                    intent="vector" if name == "displacement.nii.gz" else None)
     payload = {
         "inputs": inputs,
         "grid": list(fixed.shape),

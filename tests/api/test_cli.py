@@ -265,3 +265,40 @@ def test_resample_puts_moving_on_fixed_grid(shared_tmp, capsys):
     assert main(["register", f_path, m_path, "-o", out, "--quiet", "--resample", "--beta", "1e-3"]) == 0
     COMM.Barrier()
     assert nib.load(os.path.join(out, "warped.nii.gz")).shape == fixed.shape
+
+
+def test_displacement_and_deformation_map_reproduce_warped(shared_tmp):
+    """SimpleITK's DisplacementFieldTransform (ITK/ANTs convention) and sampling MOVING at
+    deformation_map (world mm) both give back warped.nii.gz."""
+    import SimpleITK as sitk
+    from scipy.ndimage import map_coordinates
+
+    n = 24
+    x = np.stack(np.meshgrid(*[np.arange(n, dtype=float)] * 3, indexing="ij"))
+    blob = lambda c, r: np.exp(-((x - np.array(c)[:, None, None, None]) ** 2).sum(0) / (2 * r ** 2))  # noqa: E731
+    moving = (100 * blob((12, 11, 12), 3.5) + 60 * blob((8, 14, 11), 2.0)).astype(np.float32)
+    fixed = (100 * blob((12.8, 11.5, 12), 3.8) + 60 * blob((8.5, 13.2, 11), 2.2)).astype(np.float32)
+    # a flipped, anisotropic, shifted voxel-to-world map: exercises RAS -> LPS and spacing
+    affine = np.array([[-1.5, 0, 0, 20.0], [0, 2.0, 0, -10.0], [0, 0, 1.2, 4.0], [0, 0, 0, 1]])
+    f_path, m_path = os.path.join(shared_tmp, "df.nii.gz"), os.path.join(shared_tmp, "dm.nii.gz")
+    _write_nifti(f_path, fixed, affine)
+    _write_nifti(m_path, moving, affine)
+    out = os.path.join(shared_tmp, "disp")
+    assert main(["register", f_path, m_path, "-o", out, "--quiet", "--beta", "1e-3", "--precision", "float64"]) == 0
+    COMM.Barrier()
+    warped = nib.load(os.path.join(out, "warped.nii.gz")).get_fdata()
+    assert np.abs(warped - moving).max() > 10  # the map is not trivial
+    disp = sitk.ReadImage(os.path.join(out, "displacement.nii.gz"), sitk.sitkVectorFloat64)
+    transform = sitk.DisplacementFieldTransform(disp)
+    itk_warped = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(m_path, sitk.sitkFloat64),
+                                                      sitk.ReadImage(f_path, sitk.sitkFloat64), transform,
+                                                      sitk.sitkBSpline, 0.0)).transpose(2, 1, 0)
+    ymap = nib.load(os.path.join(out, "deformation_map.nii.gz")).get_fdata()
+    vox = np.einsum("ab,...b->a...", np.linalg.inv(affine)[:3, :3], ymap) + np.linalg.inv(affine)[:3, 3][:, None, None, None]
+    nib_warped = map_coordinates(moving.astype(float), vox, order=3, mode="grid-wrap")
+    scale = np.abs(moving).max()
+    # cubic B-spline (ITK) vs cubic Lagrange (ours) interpolation of the same map
+    # measured: 0.4 % max, 0.006 % mean of the range (the map without the warp: 14 %)
+    assert np.abs(itk_warped - warped).max() <= 0.01 * scale
+    assert np.abs(itk_warped - warped).mean() <= 0.001 * scale
+    assert np.abs(nib_warped - warped).max() <= 0.01 * scale
