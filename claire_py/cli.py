@@ -202,27 +202,32 @@ def _build_parser():
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="working precision")
     p.set_defaults(run=_cmd_smooth)
 
-    p = sub.add_parser("register", help="register MOVING onto FIXED (NIfTI files on the same grid)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    from .config import RegistrationConfig
+
+    d = RegistrationConfig()  # the defaults shown below are the config's own
+    p = sub.add_parser("register", help="register MOVING onto FIXED (NIfTI files)",
                        description="Register MOVING onto FIXED with CLAIRE's Gauss-Newton-Krylov solver. Options "
-                                   "left unset take the value of --config FILE, else the defaults shown "
-                                   "by --dump-config.")
+                                   "left unset take the value of --config FILE, else the defaults shown here "
+                                   "(--dump-config prints the resolved configuration).")
     p.add_argument("fixed", help="reference image m_R (.nii/.nii.gz)")
     p.add_argument("moving", help="template image m_T, deformed onto FIXED")
     p.add_argument("-o", "--output", help="output directory (created); see claire_py/outputs.py for its files")
     p.add_argument("--config", help="JSON or YAML file with a RegistrationConfig")
     p.add_argument("--dump-config", action="store_true", help="print the resolved configuration and exit")
-    p.add_argument("--beta", type=float, help="regularisation weight (default 1e-2)")
+    p.add_argument("--beta", type=float, help=f"regularisation weight (default {d.regularization.beta:g})")
     p.add_argument("--regnorm", choices=("h1s", "h2s", "h3s", "h1", "h2", "h3", "l2", "h1s-div"),
-                   help="regularisation norm (default h1s)")
+                   help=f"regularisation norm (default {d.regularization.norm})")
     p.add_argument("--incompressible", action="store_true", help="volume-preserving (div v = 0)")
-    p.add_argument("--nt", type=int, help="time steps of the transport (default 4)")
-    p.add_argument("--gtol", type=float, help="stop at ||g||/||g0|| <= GTOL (default 5e-2)")
-    p.add_argument("--max-iter", type=int, help="Gauss-Newton iterations (default 50)")
-    p.add_argument("--krylov-max-iter", type=int, help="PCG iterations per Newton step (default 50)")
-    p.add_argument("--forcing", choices=("superlinear", "quadratic", "fixed"), help="PCG forcing sequence")
-    p.add_argument("--sigma", type=_positive_float, help="image smoothing in voxels (default 1)")
-    p.add_argument("--precision", choices=("float32", "float64"), help="working precision (default float32)")
+    p.add_argument("--nt", type=int, help=f"time steps of the transport (default {d.transport.nt})")
+    p.add_argument("--gtol", type=float,
+                   help=f"stop at ||g||/||g0|| <= GTOL (default {d.newton.gradient_tolerance:g})")
+    p.add_argument("--max-iter", type=int, help=f"Gauss-Newton iterations (default {d.newton.max_iterations})")
+    p.add_argument("--krylov-max-iter", type=int,
+                   help=f"PCG iterations per Newton step (default {d.newton.krylov.max_iterations})")
+    p.add_argument("--forcing", choices=("superlinear", "quadratic", "fixed"),
+                   help=f"PCG forcing sequence (default {d.newton.krylov.forcing})")
+    p.add_argument("--sigma", type=_positive_float, help=f"image smoothing in voxels (default {d.preprocess.sigma:g})")
+    p.add_argument("--precision", choices=("float32", "float64"), help=f"working precision (default {d.precision})")
     p.add_argument("--resample", action="store_true",
                    help="resample MOVING onto FIXED's grid through their affines when the grids differ")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
