@@ -274,17 +274,20 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
 
 def _velocity_setup(velocity, comm, precision, nt, interpolation):
     """Decomposition, transport with ``velocity`` set (global ``(3, n1, n2, n3)`` on rank 0)."""
-    from .solvers.transport import TransportOptions
-
-    shape = None
-    if (comm.Get_rank() if comm is not None else 0) == 0:
-        velocity = np.asarray(velocity)
-        if velocity.ndim != 4 or velocity.shape[0] != 3:
-            raise UserInputError(f"velocity must have shape (3, n1, n2, n3), got {velocity.shape}")
-        shape = velocity.shape[1:]
     from mpi4py import MPI
 
-    shape = (MPI.COMM_WORLD if comm is None else comm).bcast(shape)
+    from .solvers.transport import TransportOptions
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    shape, error = None, None
+    if comm.Get_rank() == 0:  # checked on rank 0, the verdict shared so that every rank raises
+        velocity = np.asarray(velocity)
+        if velocity.ndim != 4 or velocity.shape[0] != 3:
+            error = f"velocity must have shape (3, n1, n2, n3), got {velocity.shape}"
+        shape = velocity.shape[1:]
+    shape, error = comm.bcast((shape, error))
+    if error:
+        raise UserInputError(error)
     decomp = Decomposition(shape, comm=comm, dtype=np.dtype(precision))
     ops = SpectralOperators(decomp)
     transport = SemiLagrangianTransport(decomp, ops, TransportOptions(nt=nt, interpolation=interpolation))
