@@ -12,8 +12,8 @@ All images are on FIXED's grid with its affine. Conventions:
   the point of MOVING that FIXED's voxel ``x`` takes its value from (SPM-style ``y_`` field).
 * ``displacement.nii.gz``: ``y(x) - x`` in the ITK/ANTs convention: physical millimetres in
   ITK's LPS axes, a 5-D vector NIfTI ``(n1, n2, n3, 1, 3)`` with intent "vector", so that
-  ``SimpleITK.DisplacementFieldTransform`` / ``antsApplyTransforms -t displacement.nii.gz``
-  resample MOVING into ``warped.nii.gz``.
+  ``SimpleITK.DisplacementFieldTransform`` resamples MOVING into ``warped.nii.gz`` (tested);
+  ANTs' ``antsApplyTransforms -t displacement.nii.gz`` reads the same ITK convention.
 * ``residual_before.nii.gz`` / ``residual_after.nii.gz``: ``|fixed - moving|`` and
   ``|fixed - warped|`` on intensities normalised to ``[0, 1]``.
 * ``registration.json``: resolved configuration, convergence history, stop reason, workload,
