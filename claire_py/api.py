@@ -12,7 +12,7 @@ from .config import RegistrationConfig
 from .errors import UserInputError
 from .kernels import Decomposition, SpectralOperators
 from .solvers.monitor import Workload
-from .solvers.newton import gauss_newton_krylov
+from .solvers import continuation
 from .solvers.problem import RegistrationProblem
 from .solvers.transport import SemiLagrangianTransport
 
@@ -102,6 +102,8 @@ class RegistrationResult:
         Counts and seconds per operation.
     converged : bool
     stop_reason : str
+    beta : float
+        The regularisation weight of the final solve (the trained one with β training).
     """
 
     velocity: np.ndarray | None
@@ -112,6 +114,7 @@ class RegistrationResult:
     converged: bool
     stop_reason: str
     displacement: np.ndarray | None = None
+    beta: float = float("nan")
     config: RegistrationConfig = None
     fixed: np.ndarray | None = None
     moving: np.ndarray | None = None
@@ -249,8 +252,8 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     problem = RegistrationProblem(transport, images[0], images[1], config.regularization, workload)
     log.info("registering %s on %s (%s)", "x".join(map(str, shape)), decomp, config.precision)
     log.info("iter     objective   mismatch  |g|/|g0|  krylov  step      time")
-    result = gauss_newton_krylov(problem, decomp.new_vector(), config.newton, callback=callback)
-    log.info("stopped: %s", result.stop_reason)
+    result = continuation.solve(problem, decomp.new_vector(), config.newton, config.continuation, callback=callback)
+    log.info("stopped: %s (beta = %.3g)", result.stop_reason, result.beta)
     if problem.velocity is not result.velocity:
         problem.set_velocity(result.velocity)
     warped = transport.transport_image(moving_local)
@@ -268,7 +271,8 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
         velocity=decomp.gather(result.velocity), warped=decomp.gather(warped), det_grad_y=decomp.gather(det),
         displacement=decomp.gather(displacement),
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
-        config=config, fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
+        beta=result.beta, config=config,
+        fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
         affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size)
 
 

@@ -82,12 +82,16 @@ def _register_config(args):
     if args.incompressible:
         reg["incompressible"] = True
     newton = {k: v for k, v in (("gradient_tolerance", args.gtol), ("max_iterations", args.max_iter)) if v is not None}
+    cont = {k: v for k, v in (("train", args.train), ("det_bound", args.jbound)) if v is not None}
+    if args.beta_continuation:
+        cont["beta_continuation"] = True
     krylov = {k: v for k, v in (("max_iterations", args.krylov_max_iter), ("forcing", args.forcing)) if v is not None}
     return dataclasses.replace(
         cfg,
         regularization=dataclasses.replace(cfg.regularization, **reg),
         transport=dataclasses.replace(cfg.transport, **({"nt": args.nt} if args.nt is not None else {})),
         newton=dataclasses.replace(cfg.newton, krylov=dataclasses.replace(cfg.newton.krylov, **krylov), **newton),
+        continuation=dataclasses.replace(cfg.continuation, **cont),
         preprocess=dataclasses.replace(cfg.preprocess, **({"sigma": args.sigma} if args.sigma is not None else {}),
                                        **({"resample": True} if args.resample else {})),
         precision=args.precision or cfg.precision)
@@ -125,7 +129,9 @@ def _cmd_register(args):
                     inputs={"fixed": os.path.abspath(args.fixed), "moving": os.path.abspath(args.moving)})
         det, first, last = result.det_grad_y, result.history[0], result.history[-1]
         rows = [("time", f"{result.seconds:.1f} s on {result.ranks} rank(s), {config.precision}"),
-                ("Gauss-Newton iterations", f"{last.iteration} ({result.stop_reason})"),
+                ("Gauss-Newton iterations", f"{sum(1 for h in result.history if h.iteration > 0)} "
+                                            f"({result.stop_reason})"),
+                ("beta", f"{result.beta:.3g}" + (" (trained)" if config.continuation.train else "")),
                 ("Hessian matvecs", f"{result.workload['hessian_matvec']['pcg_iterations']}"),
                 ("mismatch", f"{first.mismatch:.3f} -> {last.mismatch:.3f} (relative, smoothed images)"),
                 ("det(grad y)", f"min {det.min():.3f}, max {det.max():.3f}"),
@@ -218,6 +224,13 @@ def _build_parser():
     p.add_argument("--regnorm", choices=("h1s", "h2s", "h3s", "h1", "h2", "h3", "l2", "h1s-div"),
                    help=f"regularisation norm (default {d.regularization.norm})")
     p.add_argument("--incompressible", action="store_true", help="volume-preserving (div v = 0)")
+    p.add_argument("--train", choices=("reduce", "binary"),
+                   help="choose beta by the det(grad y) bound: reduce by 10x while feasible (reduce), then bisect "
+                        "(binary); overrides --beta")
+    p.add_argument("--jbound", type=float,
+                   help=f"lower det(grad y) bound for --train, upper = 1/JBOUND (default {d.continuation.det_bound:g})")
+    p.add_argument("--beta-continuation", action="store_true",
+                   help="reach --beta through beta = 1, 0.1, ... with inexact presolves")
     p.add_argument("--nt", type=int, help=f"time steps of the transport (default {d.transport.nt})")
     p.add_argument("--gtol", type=float,
                    help=f"stop at ||g||/||g0|| <= GTOL (default {d.newton.gradient_tolerance:g})")

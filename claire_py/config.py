@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from .solvers.continuation import ContinuationOptions
 from .solvers.krylov import KrylovOptions
 from .solvers.newton import NewtonOptions
 from .solvers.problem import RegularizationOptions
@@ -54,6 +55,7 @@ class RegistrationConfig:
     regularization: RegularizationOptions = field(default_factory=RegularizationOptions)
     transport: TransportOptions = field(default_factory=TransportOptions)
     newton: NewtonOptions = field(default_factory=NewtonOptions)
+    continuation: ContinuationOptions = field(default_factory=ContinuationOptions)
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
     precision: str = "float32"
 
@@ -103,6 +105,7 @@ _NESTED = {
     (RegistrationConfig, "regularization"): RegularizationOptions,
     (RegistrationConfig, "transport"): TransportOptions,
     (RegistrationConfig, "newton"): NewtonOptions,
+    (RegistrationConfig, "continuation"): ContinuationOptions,
     (RegistrationConfig, "preprocess"): PreprocessOptions,
     (NewtonOptions, "krylov"): KrylovOptions,
 }

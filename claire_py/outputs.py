@@ -144,6 +144,7 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         "config": config.to_dict(),
         "converged": result.converged,
         "stop_reason": result.stop_reason,
+        "beta": result.beta,
         "history": [dataclasses.asdict(h) for h in result.history],
         "det_grad_y": {"min": float(result.det_grad_y.min()), "max": float(result.det_grad_y.max())},
         "workload": result.workload,

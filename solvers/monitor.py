@@ -31,6 +31,8 @@ class IterationInfo:
         Line-search step length accepted (0 for iteration 0).
     seconds : float
         Wall time since the solve started.
+    beta : float
+        Regularisation weight of this solve (changes under continuation and training).
     """
 
     iteration: int
@@ -41,6 +43,7 @@ class IterationInfo:
     krylov_iterations: int
     step: float
     seconds: float
+    beta: float = float("nan")
 
 
 class Workload:

@@ -94,7 +94,8 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None):
     stop_reason, converged = None, False
     for it in range(options.max_iterations + 1):
         grad_rel = gnorm / g0 if g0 > 0 else 0.0
-        info = IterationInfo(it, objective, mismatch, grad_rel, gnorm, krylov_its, step, time.perf_counter() - t0)
+        info = IterationInfo(it, objective, mismatch, grad_rel, gnorm, krylov_its, step, time.perf_counter() - t0,
+                             problem.options.beta)
         history.append(info)
         log.info("%4d  %12.6e  %9.3e  %9.3e  %4d  %6.3f  %8.2f", it, objective, mismatch, grad_rel,
                  krylov_its, step, info.seconds)
