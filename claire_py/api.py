@@ -16,7 +16,7 @@ from .solvers import continuation
 from .solvers.problem import RegistrationProblem
 from .solvers.transport import SemiLagrangianTransport
 
-__all__ = ["smooth", "register", "RegistrationResult", "transport", "jacobian"]
+__all__ = ["smooth", "register", "RegistrationResult", "transport", "jacobian", "invert"]
 
 log = logging.getLogger(__name__)
 
@@ -335,3 +335,16 @@ def jacobian(velocity, *, nt=4, interpolation="lagrange", precision="float64", c
     """``det(grad y)`` of the pull-back map of ``velocity`` (global on rank 0, else None)."""
     decomp, tr = _velocity_setup(velocity, comm, precision, nt, interpolation)
     return decomp.gather(tr.det_grad_y())
+
+
+def invert(velocity, *, nt=4, interpolation="lagrange", precision="float64", comm=None):
+    """The inverse map, from the flow of ``-v``.
+
+    Returns ``(velocity, displacement, det_grad_y)`` of the inverse on rank 0 (``None``
+    elsewhere): ``-v``, its pull-back displacement in voxels and det(∇ y_inv).
+    """
+    negated = None if velocity is None else -np.asarray(velocity)
+    decomp, tr = _velocity_setup(negated, comm, precision, nt, interpolation)
+    u = tr.displacement()
+    det = tr.det_grad_y(u)
+    return decomp.gather(np.ascontiguousarray(tr.velocity)), decomp.gather(u), decomp.gather(det)

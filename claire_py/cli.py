@@ -175,6 +175,33 @@ def _cmd_jacobian(args):
     return 0
 
 
+def _cmd_invert(args):
+    from .api import invert
+    from .errors import UserInputError
+    from .outputs import load_registration, prepare_outdir, write_inverse
+
+    comm = _comm()
+    velocity, config, affine = load_registration(args.outdir, comm)
+    error = None
+    if comm.Get_rank() == 0:
+        try:
+            prepare_outdir(args.output, overwrite=args.overwrite, create=False)
+        except UserInputError as exc:
+            error = str(exc)
+    error = comm.bcast(error)
+    if error:
+        raise UserInputError(error)
+    v_inv, u_inv, det = invert(velocity, nt=config.transport.nt, interpolation=config.transport.interpolation,
+                               precision=config.precision, comm=comm)
+    if comm.Get_rank() == 0:
+        prepare_outdir(args.output, overwrite=True)
+        write_inverse(args.output, args.outdir, v_inv, u_inv, det, affine, config, ranks=comm.Get_size())
+        print(f"wrote the inverse of {args.outdir} to {args.output}: det(grad y_inv) in "
+              f"[{det.min():.3f}, {det.max():.3f}]; claire transport {args.output} IMAGE maps FIXED-grid "
+              "images onto MOVING")
+    return 0
+
+
 def _positive_float(text):
     try:
         value = float(text)
@@ -262,6 +289,13 @@ def _build_parser():
     p.add_argument("outdir", help="the -o directory of a finished claire register")
     p.add_argument("-o", "--output", required=True, help="output image (.nii/.nii.gz)")
     p.set_defaults(run=_cmd_jacobian)
+
+    p = sub.add_parser("invert", help="the inverse map of a finished registration (the flow of -v)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("outdir", help="the -o directory of a finished claire register")
+    p.add_argument("-o", "--output", required=True, help="directory for the inverse registration")
+    p.add_argument("--overwrite", action="store_true", help="replace an inverse already in OUTPUT")
+    p.set_defaults(run=_cmd_invert)
     return parser
 
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from .io import write_image
 
-__all__ = ["write_outputs", "prepare_outdir", "load_registration"]
+__all__ = ["write_outputs", "write_inverse", "prepare_outdir", "load_registration"]
 
 
 def load_registration(outdir, comm):
@@ -113,30 +113,42 @@ def _write_json(path, payload):
     os.replace(tmp, path)
 
 
+def _map_images(velocity, displacement, det, affine):
+    """The NIfTI arrays describing a map: velocity (voxels / unit time), det_grad_y,
+    deformation_map (RAS mm) and displacement (ITK: LPS mm, 5-D)."""
+    shape = det.shape
+    spacing = np.array([2 * np.pi / n for n in shape])
+    linear = np.asarray(affine, float)[:3, :3]
+    u_mm = np.einsum("ab,b...->...a", linear, displacement)  # RAS mm, (n1, n2, n3, 3)
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), axis=-1)
+    ras_to_lps = np.array([-1.0, -1.0, 1.0])
+    return {
+        "velocity.nii.gz": np.moveaxis(velocity / spacing[:, None, None, None], 0, -1).astype(np.float32),
+        "det_grad_y.nii.gz": det.astype(np.float32),
+        "deformation_map.nii.gz": (grid @ linear.T + affine[:3, 3] + u_mm).astype(np.float32),
+        "displacement.nii.gz": (u_mm * ras_to_lps)[:, :, :, None, :].astype(np.float32),
+    }
+
+
+def _write_images(outdir, images, affine):
+    for name, data in images.items():
+        write_image(os.path.join(outdir, name), data, affine,
+                    intent="vector" if name == "displacement.nii.gz" else None)
+
+
 def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, ranks, seconds):
     """Write the registration's files; call on rank 0 with the gathered ``result``.
 
     ``fixed`` and ``moving`` are the global input arrays; ``affine`` is FIXED's.
     """
-    spacing = np.array([2 * np.pi / n for n in fixed.shape])
-    velocity_voxels = np.moveaxis(result.velocity / spacing[:, None, None, None], 0, -1)
-    images = {
+    images = _map_images(result.velocity, result.displacement, result.det_grad_y, affine)
+    images.update({
         "warped.nii.gz": result.warped.astype(np.float32),
-        "velocity.nii.gz": velocity_voxels.astype(np.float32),
-        "det_grad_y.nii.gz": result.det_grad_y.astype(np.float32),
         "residual_before.nii.gz": np.abs(_normalized(fixed) - _normalized(moving)).astype(np.float32),
         # warped in MOVING's normalisation: cubic overshoot must not shift its background
         "residual_after.nii.gz": np.abs(_normalized(fixed) - _normalized(result.warped, moving)).astype(np.float32),
-    }
-    linear = np.asarray(affine, float)[:3, :3]
-    u_mm = np.einsum("ab,b...->...a", linear, result.displacement)  # RAS mm, (n1, n2, n3, 3)
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in fixed.shape], indexing="ij"), axis=-1)
-    images["deformation_map.nii.gz"] = (grid @ linear.T + affine[:3, 3] + u_mm).astype(np.float32)
-    ras_to_lps = np.array([-1.0, -1.0, 1.0])
-    images["displacement.nii.gz"] = (u_mm * ras_to_lps)[:, :, :, None, :].astype(np.float32)
-    for name, data in images.items():
-        write_image(os.path.join(outdir, name), data, affine,
-                    intent="vector" if name == "displacement.nii.gz" else None)
+    })
+    _write_images(outdir, images, affine)
     payload = {
         "inputs": inputs,
         "grid": list(fixed.shape),
@@ -154,4 +166,19 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         "conventions": "warped(x) = moving(y(x)); velocity in voxels per unit time along the array axes",
     }
     payload["complete"] = True  # last key: a reader seeing it knows every file above is in place
+    _write_json(os.path.join(outdir, "registration.json"), payload)
+
+
+def write_inverse(outdir, source, velocity, displacement, det, affine, config, *, ranks):
+    """Write the inverse of the registration in ``source`` (the flow of ``-v``) as a
+    registration directory: velocity, det_grad_y, deformation_map, displacement and a
+    registration.json, so that ``claire transport`` / ``jacobian`` work on it (mapping images
+    on FIXED's grid onto MOVING). Call on rank 0."""
+    images = _map_images(velocity, displacement, det, affine)
+    _write_images(outdir, images, affine)
+    payload = {"inverse_of": os.path.abspath(source), "grid": list(det.shape), "ranks": ranks,
+               "config": config.to_dict(), "det_grad_y": {"min": float(det.min()), "max": float(det.max())},
+               "versions": _versions(), "files": sorted(images),
+               "conventions": "inverse map: image_on_moving(x) = image_on_fixed(y_inv(x)); velocity = -v"}
+    payload["complete"] = True
     _write_json(os.path.join(outdir, "registration.json"), payload)

@@ -302,3 +302,27 @@ def test_displacement_and_deformation_map_reproduce_warped(shared_tmp):
     assert np.abs(itk_warped - warped).max() <= 0.01 * scale
     assert np.abs(itk_warped - warped).mean() <= 0.001 * scale
     assert np.abs(nib_warped - warped).max() <= 0.01 * scale
+
+
+def test_invert_maps_fixed_back_onto_moving(shared_tmp):
+    import json
+
+    fixed, moving = _synthetic_pair(24)
+    f_path, m_path = os.path.join(shared_tmp, "if.nii.gz"), os.path.join(shared_tmp, "im.nii.gz")
+    _write_nifti(f_path, fixed)
+    _write_nifti(m_path, moving)
+    out, inv = os.path.join(shared_tmp, "ireg"), os.path.join(shared_tmp, "iinv")
+    assert main(["register", f_path, m_path, "-o", out, "--quiet", "--beta", "1e-3", "--precision", "float64"]) == 0
+    assert main(["invert", out, "-o", inv]) == 0
+    back = os.path.join(shared_tmp, "fixed_on_moving.nii.gz")
+    assert main(["transport", inv, f_path, "-o", back]) == 0
+    assert main(["invert", out, "-o", inv]) == 2  # refuses to overwrite without --overwrite
+    COMM.Barrier()
+    with open(os.path.join(inv, "registration.json")) as fh:
+        meta = json.load(fh)
+    assert meta["complete"] and meta["det_grad_y"]["min"] > 0
+    v = nib.load(os.path.join(out, "velocity.nii.gz")).get_fdata()
+    np.testing.assert_allclose(nib.load(os.path.join(inv, "velocity.nii.gz")).get_fdata(), -v, atol=1e-6)
+    fixed_on_moving = nib.load(back).get_fdata()
+    before = np.abs(fixed - moving).mean()
+    assert np.abs(fixed_on_moving - moving).mean() < 0.5 * before
