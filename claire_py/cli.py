@@ -97,12 +97,28 @@ def _register_config(args):
         precision=args.precision or cfg.precision)
 
 
+def _check_outdir(comm, outdir, overwrite):
+    """Check OUTDIR on rank 0 before the work starts (creating nothing); every rank raises
+    the same one-line error if it is unusable."""
+    from .errors import UserInputError
+    from .outputs import prepare_outdir
+
+    error = None
+    if comm.Get_rank() == 0:
+        try:
+            prepare_outdir(outdir, overwrite=overwrite, create=False)
+        except UserInputError as exc:
+            error = str(exc)
+    error = comm.bcast(error)
+    if error:
+        raise UserInputError(error)
+
+
 def _cmd_register(args):
     import logging
 
     from .api import register
     from .errors import UserInputError
-    from .outputs import prepare_outdir
 
     comm = _comm()
     config = _register_config(args)
@@ -114,15 +130,7 @@ def _cmd_register(args):
         raise UserInputError("give an output directory with -o OUTDIR")
     if args.quiet:
         logging.getLogger("claire_py").setLevel(logging.WARNING)
-    error = None
-    if comm.Get_rank() == 0:  # refuse a bad OUTDIR before spending the solve
-        try:
-            prepare_outdir(args.output, overwrite=args.overwrite, create=False)
-        except UserInputError as exc:
-            error = str(exc)
-    error = comm.bcast(error)
-    if error:
-        raise UserInputError(error)
+    _check_outdir(comm, args.output, args.overwrite)
     result = register(args.fixed, args.moving, config=config, comm=comm)
     if comm.Get_rank() == 0:
         result.save(args.output, overwrite=True,
@@ -177,20 +185,11 @@ def _cmd_jacobian(args):
 
 def _cmd_invert(args):
     from .api import invert
-    from .errors import UserInputError
     from .outputs import load_registration, prepare_outdir, write_inverse
 
     comm = _comm()
     velocity, config, affine = load_registration(args.outdir, comm)
-    error = None
-    if comm.Get_rank() == 0:
-        try:
-            prepare_outdir(args.output, overwrite=args.overwrite, create=False)
-        except UserInputError as exc:
-            error = str(exc)
-    error = comm.bcast(error)
-    if error:
-        raise UserInputError(error)
+    _check_outdir(comm, args.output, args.overwrite)
     v_inv, u_inv, det = invert(velocity, nt=config.transport.nt, interpolation=config.transport.interpolation,
                                precision=config.precision, comm=comm)
     if comm.Get_rank() == 0:
