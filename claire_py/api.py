@@ -21,14 +21,15 @@ __all__ = ["smooth", "register", "RegistrationResult", "transport", "jacobian", 
 log = logging.getLogger(__name__)
 
 
-def _global_input(array, decomp, name):
-    """Scatter a global array given on rank 0 (or on every rank) to local blocks."""
-    if decomp.rank == 0 and array is None:
-        raise UserInputError(f"{name}: rank 0 must pass the image array")
+def _global_input(array, decomp):
+    """Scatter a global array given on rank 0 (or on every rank) to local blocks; its shape
+    was checked by :func:`_image_shape` on every rank before."""
     return decomp.scatter(None if decomp.rank != 0 else np.asarray(array, dtype=decomp.dtype))
 
 
-def _image_shape(array, comm, name):
+def _image_shape(array, comm, name, components=None):
+    """Grid shape of a global array held by rank 0, shared with every rank; every rank raises
+    alike when it is not 3-D (or ``(components, n1, n2, n3)`` when ``components`` is given)."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm
@@ -36,9 +37,13 @@ def _image_shape(array, comm, name):
     if comm.Get_rank() == 0:
         shape = None if array is None else np.shape(array)
     shape = comm.bcast(shape, root=0)
-    if shape is None or len(shape) != 3:
-        raise UserInputError(f"{name}: a 3-D array is needed, got shape {shape}")
-    return shape
+    if components is None:
+        if shape is None or len(shape) != 3:
+            raise UserInputError(f"{name}: a 3-D array is needed, got shape {shape}")
+        return shape
+    if shape is None or len(shape) != 4 or shape[0] != components:
+        raise UserInputError(f"{name} must have shape ({components}, n1, n2, n3), got {shape}")
+    return shape[1:]
 
 
 def smooth(image, sigma, *, comm=None, dtype=np.float32):
@@ -73,7 +78,7 @@ def smooth(image, sigma, *, comm=None, dtype=np.float32):
     t0 = time.perf_counter()
     decomp = Decomposition(shape, comm=comm, dtype=dtype)
     ops = SpectralOperators(decomp)
-    local = _global_input(image, decomp, "image")
+    local = _global_input(image, decomp)
     result = decomp.gather(ops.smooth(local, sigma))
     log.info("smoothed %s with sigma=%s voxels on %s in %.3f s", "x".join(map(str, shape)), sigma,
              decomp, time.perf_counter() - t0)
@@ -183,16 +188,17 @@ def _check_memory(shape, comm, precision):
         node.Free()
     per_rank, root = estimate_memory(shape, comm.Get_size(), precision)
     need = node_ranks * per_rank + (root if holds_root else 0)
-    available = None
+    available = float("inf")  # unknown (not Linux): no refusal
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
                     available = int(line.split()[1]) * 1024
     except OSError:  # pragma: no cover - not Linux
-        return
-    too_big = comm.allreduce(available is not None and need > available, op=MPI.LOR)
-    if too_big:
+        pass
+    # every rank takes part (no early return inside the collective) and reports alike
+    need, available = comm.allreduce(need, op=MPI.MAX), comm.allreduce(available, op=MPI.MIN)
+    if need > available:
         gib = 2.0 ** 30
         raise UserInputError(f"a {'x'.join(map(str, shape))} registration needs about {need / gib:.1f} GiB on a "
                              f"node ({node_ranks} rank(s), {precision}) but {available / gib:.1f} GiB is "
@@ -239,8 +245,8 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
     decomp = Decomposition(shape, comm=comm, dtype=np.dtype(config.precision))
     ops = SpectralOperators(decomp)
     transport = SemiLagrangianTransport(decomp, ops, config.transport, workload)
-    fixed_local = _global_input(fixed, decomp, "fixed")
-    moving_local = _global_input(moving, decomp, "moving")
+    fixed_local = _global_input(fixed, decomp)
+    moving_local = _global_input(moving, decomp)
     images = []
     for name, img in (("fixed", fixed_local), ("moving", moving_local)):
         if not decomp.allreduce(bool(np.all(np.isfinite(img))), "min"):
@@ -278,20 +284,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
 
 def _velocity_setup(velocity, comm, precision, nt, interpolation):
     """Decomposition, transport with ``velocity`` set (global ``(3, n1, n2, n3)`` on rank 0)."""
-    from mpi4py import MPI
-
     from .solvers.transport import TransportOptions
 
-    comm = MPI.COMM_WORLD if comm is None else comm
-    shape, error = None, None
-    if comm.Get_rank() == 0:  # checked on rank 0, the verdict shared so that every rank raises
-        velocity = np.asarray(velocity)
-        if velocity.ndim != 4 or velocity.shape[0] != 3:
-            error = f"velocity must have shape (3, n1, n2, n3), got {velocity.shape}"
-        shape = velocity.shape[1:]
-    shape, error = comm.bcast((shape, error))
-    if error:
-        raise UserInputError(error)
+    shape = _image_shape(velocity, comm, "velocity", components=3)
     decomp = Decomposition(shape, comm=comm, dtype=np.dtype(precision))
     ops = SpectralOperators(decomp)
     transport = SemiLagrangianTransport(decomp, ops, TransportOptions(nt=nt, interpolation=interpolation))
@@ -321,7 +316,7 @@ def transport(image, velocity, *, labels=None, nt=4, interpolation="lagrange", p
     if _image_shape(image, comm, "image") != decomp.shape:
         raise UserInputError(f"image is not on the velocity's grid {decomp.shape}")
     if labels is None:
-        out = tr.transport_image(_global_input(image, decomp, "image"))
+        out = tr.transport_image(_global_input(image, decomp))
     else:
         dtype = decomp.comm.bcast(np.asarray(image).dtype if decomp.rank == 0 else None)
         if not np.issubdtype(dtype, np.integer):

@@ -78,18 +78,17 @@ class InterpolationPlan:
         if decomp.size > 1:
             self._recv_counts = decomp.alltoall_counts(self._send_counts)
             x = decomp.alltoallv(x.ravel(), 3 * self._send_counts, 3 * self._recv_counts).reshape(-1, 3)
-        received = x
-        self.num_owned = received.shape[0]
+        self.num_owned = x.shape[0]
 
         lo = [s.start for s in decomp.real_slice]
         origin = (lo[0] - GHOST, lo[1] - GHOST, -GHOST)
         self._padded_shape = tuple(n_ + 2 * GHOST for n_ in decomp.local_shape)
         scheme = "bspline" if kind == "bspline" else "lagrange"
-        self._base, self._weights = _interp.stencil_plan(received, origin, self._padded_shape, kind=scheme,
+        self._base, self._weights = _interp.stencil_plan(x, origin, self._padded_shape, kind=scheme,
                                                          dtype=decomp.dtype)
         if kind == "nearest":
             self._weights[...] = 0
-            frac = received - np.floor(received)
+            frac = x - np.floor(x)
             for a in range(3):
                 self._weights[np.arange(self.num_owned), 4 * a + 1 + (frac[:, a] >= 0.5)] = 1
         self._padded = {}
