@@ -299,25 +299,59 @@ def _build_parser():
 
 
 def main(argv=None):
-    """Entry point of the ``claire`` console script; returns the exit status."""
+    """Entry point of the ``claire`` console script; returns the exit status.
+
+    Under MPI every rank ends with the same status and an error is printed once. After the
+    command the ranks agree on the worst status through a non-blocking reduction on a private
+    communicator: when every rank failed alike (user errors are raised collectively), or the
+    others finished, the lowest failing rank prints its error and every rank returns the
+    status. A rank that fails alone while the others wait in a collective it will never join
+    prints its error and aborts the job after 10 s, so no rank ever hangs.
+    """
     args = _build_parser().parse_args(argv)
+    from mpi4py import MPI
+
     from .errors import UserInputError
     from .log import setup_logging
 
     comm = _comm()
     setup_logging(comm)
-    try:
-        return args.run(args)
-    except (UserInputError, ValueError, OSError) as exc:
-        # our user errors are raised on every rank alike (inputs are checked collectively)
-        if comm.Get_rank() == 0:
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size == 1:
+        try:
+            return args.run(args)
+        except (UserInputError, ValueError, OSError) as exc:
             print(f"claire: error: {exc}", file=sys.stderr)
-        return 2
-    except BaseException:
-        if comm.Get_size() == 1:
-            raise
+            return 2
+    agreement = comm.Dup()  # never mixes with the command's own collectives
+    prefix = f"[rank {rank}/{size}] " if rank else ""
+    status, report = 0, ""
+    try:
+        status = args.run(args) or 0
+    except (UserInputError, ValueError, OSError) as exc:
+        status, report = 2, f"claire: error: {prefix}{exc}"
+    except Exception:
+        import traceback
+
+        status, report = 1, prefix + traceback.format_exc().rstrip()
+    except BaseException:  # KeyboardInterrupt, SystemExit: stop the whole job now
         import traceback
 
         traceback.print_exc()
         sys.stderr.flush()
         comm.Abort(1)
+    mine = np.array([status, size - rank if status else 0], dtype=np.int64)
+    worst = np.zeros_like(mine)
+    request = agreement.Iallreduce(mine, worst, op=MPI.MAX)
+    deadline = time.monotonic() + 10.0
+    while not request.Test():
+        if status and time.monotonic() > deadline:  # failed alone: the others will never join
+            print(report, file=sys.stderr)
+            sys.stderr.flush()
+            comm.Abort(int(status))
+        time.sleep(0.01)
+    agreement.Free()
+    if worst[0] and rank == size - worst[1]:  # the lowest failing rank reports, once
+        print(report, file=sys.stderr)
+        sys.stderr.flush()
+    return int(worst[0])
