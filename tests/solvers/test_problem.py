@@ -16,21 +16,23 @@ from claire_py.solvers.transport import SemiLagrangianTransport, TransportOption
 COMM = MPI.COMM_WORLD
 
 
-def synthetic(n, *, incompressible=False, dtype=np.float64, comm=None, nt=4, reg=None):
-    """CLAIRE's synthetic problem: template (sin^2 x1 + sin^2 x2 + sin^2 x3)/3, reference =
-    template transported by a known smooth velocity."""
+def synthetic(n, *, incompressible=False, dtype=np.float64, comm=None, nt=4, reg=None, frequency=1,
+              amplitude=0.5):
+    """CLAIRE's synthetic problem: template (sin^2 k x1 + sin^2 k x2 + sin^2 k x3)/3 (k the
+    ``frequency``), reference = template transported by a known smooth velocity."""
     d = Decomposition((n, n, n), dtype=dtype, comm=comm)
     ops = SpectralOperators(d)
     tr = SemiLagrangianTransport(d, ops, TransportOptions(nt=nt))
     x = d.local_coordinates()
-    moving = ((np.sin(x[0]) ** 2 + np.sin(x[1]) ** 2 + np.sin(x[2]) ** 2) / 3).astype(dtype)
+    k = frequency
+    moving = ((np.sin(k * x[0]) ** 2 + np.sin(k * x[1]) ** 2 + np.sin(k * x[2]) ** 2) / 3).astype(dtype)
     if incompressible:
         v = np.stack(np.broadcast_arrays(np.sin(x[1]) * np.cos(x[2]), np.sin(x[2]) * np.cos(x[0]),
                                          np.sin(x[0]) * np.cos(x[1])))
     else:
         v = np.stack(np.broadcast_arrays(np.sin(x[0]) * np.cos(x[1]), np.cos(x[1]) * np.sin(x[2]),
                                          np.cos(x[0]) * np.sin(x[2])))
-    v = (0.5 * v).astype(dtype)
+    v = (amplitude * v).astype(dtype)
     tr.set_velocity(v)
     fixed = tr.solve_state(moving)[-1].copy()
     options = reg or RegularizationOptions(beta=1e-2, incompressible=incompressible)
