@@ -1,5 +1,13 @@
-"""β continuation and β training by the det(∇y) bound (DESIGN.md section 3).
+"""Continuation: grid, scale and β; β training by the det(∇y) bound (DESIGN.md section 3).
 
+Levels run coarse to fine; every level warm-starts from the previous level's velocity and is
+solved inexactly (``presolve_tolerance``) except the last, solved to the requested tolerance.
+
+* **Grid continuation**: the problem restricted spectrally to grids coarser by 2, 4, ... (the
+  coarsest with at least ``coarsest_grid`` points along its shortest axis), the velocity
+  prolonged spectrally from level to level.
+* **Scale continuation**: on the input grid, images smoothed by σ = 32, 16, 8, 4, 2, 1 voxels
+  (those above the configured σ and at most 1/8 of the shortest axis), down to the configured σ.
 * **β continuation**: solve at β = 1, 1e-1, ... (each an inexact presolve to
   ``presolve_tolerance``) down to the target β, warm-starting every level from the previous
   velocity; the target level is solved to the requested tolerance.
@@ -30,6 +38,12 @@ class ContinuationOptions:
 
     Attributes
     ----------
+    grid_continuation : bool
+        Solve on coarser grids first (multi-resolution), prolonging the velocity.
+    coarsest_grid : int
+        Points along the shortest axis of the coarsest grid (at least 8).
+    scale_continuation : bool
+        Solve with more strongly smoothed images first (σ = 32, 16, ... voxels).
     beta_continuation : bool
         Reach the target β through β = 1, 1e-1, ... with inexact presolves.
     train : {None, "reduce", "binary"}
@@ -42,6 +56,9 @@ class ContinuationOptions:
         Smallest β training may reach.
     """
 
+    grid_continuation: bool = False
+    coarsest_grid: int = 16
+    scale_continuation: bool = False
     beta_continuation: bool = False
     train: str | None = None
     det_bound: float = 0.25
@@ -55,6 +72,8 @@ class ContinuationOptions:
             raise ValueError(f"det_bound={self.det_bound} must lie in (0, 1)")
         if not 0 < self.presolve_tolerance < 1:
             raise ValueError(f"presolve_tolerance={self.presolve_tolerance} must lie in (0, 1)")
+        if not (isinstance(self.coarsest_grid, int) and self.coarsest_grid >= 8):
+            raise ValueError(f"coarsest_grid={self.coarsest_grid!r} must be an integer >= 8")
         if not self.min_beta > 0:
             raise ValueError(f"min_beta={self.min_beta} must be > 0")
 
@@ -67,7 +86,8 @@ class ContinuationResult:
     stop_reason: str
     matvecs: int
     beta: float
-    levels: list  # (beta, min det, max det, feasible) per training / continuation solve
+    levels: list  # (beta, min det, max det, feasible) per training / beta-continuation solve
+    stages: list  # one dict per solve: level, grid, sigma, beta, iterations, matvecs, converged
 
 
 def _set_beta(problem, beta):
@@ -80,42 +100,78 @@ def _det_range(problem):
     return decomp.allreduce(float(det.min()), "min"), decomp.allreduce(float(det.max()), "max")
 
 
+SCALES = (32.0, 16.0, 8.0, 4.0, 2.0, 1.0)
+
+
+def grid_levels(shape, coarsest):
+    """Grids coarser by 2, 4, ... than ``shape`` (coarsest first) whose shortest axis keeps at
+    least ``coarsest`` points."""
+    levels, factor = [], 2
+    while min(-(-n // factor) for n in shape) >= coarsest:
+        levels.append(tuple(-(-n // factor) for n in shape))
+        factor *= 2
+    return levels[::-1]
+
+
+def scale_levels(shape, sigma):
+    """Smoothing widths (voxels) of scale continuation above the target ``sigma``."""
+    return [s for s in SCALES if s > sigma and s <= min(shape) / 8]
+
+
 def solve(problem, v0, newton, options, *, callback=None):
     """Gauss-Newton-Krylov with the continuation/training of ``options``.
 
     Returns a :class:`ContinuationResult` whose ``history`` concatenates every level's
-    iterations (each :class:`IterationInfo` carries its β).
+    iterations (each :class:`IterationInfo` carries its β and level); ``problem`` is left
+    at the final velocity.
     """
     target = problem.options.beta
     presolve = dataclasses.replace(newton, gradient_tolerance=max(options.presolve_tolerance,
                                                                    newton.gradient_tolerance))
-    history, matvecs, levels = [], 0, []
+    history, matvecs, levels, stages = [], 0, [], []
     v = v0
 
-    def run(beta, opts):
-        nonlocal v, matvecs
-        _set_beta(problem, beta)
-        res = gauss_newton_krylov(problem, v, opts, callback=callback)
+    reference = None  # ||g(v = 0)|| on the input grid, once a warm start needs it
+
+    def run_on(p, v_start, beta, opts, what):
+        nonlocal matvecs
+        _set_beta(p, beta)
+        log.info("level %d: %s, grid %s, sigma %g, beta %.3g", len(stages), what,
+                 "x".join(map(str, p.decomp.shape)), p.sigma, beta)
+        res = gauss_newton_krylov(p, v_start, opts, callback=callback, level=len(stages),
+                                  reference_gradient=reference if p is problem else None)
         history.extend(res.history)
         matvecs += res.matvecs
+        stages.append({"level": len(stages), "kind": what, "grid": list(p.decomp.shape), "sigma": p.sigma,
+                       "beta": beta, "iterations": len(res.history) - 1, "matvecs": res.matvecs,
+                       "converged": res.converged})
+        return res
+
+    def run(beta, opts, what="solve"):
+        nonlocal v
+        res = run_on(problem, v, beta, opts, what)
         v = res.velocity
         return res
+
+    v = _coarse_to_fine(problem, v, target, newton, presolve, options, run_on)
+    if stages or options.beta_continuation or options.train:
+        problem.set_velocity(problem.decomp.new_vector())  # g(0) = K b(0) does not depend on beta
+        reference = problem.norm(problem.gradient())
 
     if options.train is None:
         if options.beta_continuation:
             beta = 1.0
             while beta > target * 1.0000001:
-                log.info("beta continuation: presolve at beta = %.3g", beta)
-                run(beta, presolve)
+                run(beta, presolve, "beta continuation")
                 levels.append((beta, None, None, None))
                 beta /= 10
         res = run(target, newton)
-        return ContinuationResult(v, history, res.converged, res.stop_reason, matvecs, target, levels)
+        return ContinuationResult(v, history, res.converged, res.stop_reason, matvecs, target, levels, stages)
 
     bound = options.det_bound
 
     def feasible_at(beta):
-        run(beta, presolve)
+        run(beta, presolve, "beta training")
         lo, hi = _det_range(problem)
         ok = lo >= bound and hi <= 1.0 / bound
         levels.append((beta, lo, hi, ok))
@@ -150,4 +206,23 @@ def solve(problem, v0, newton, options, *, callback=None):
     lo, hi = _det_range(problem)
     levels.append((best, lo, hi, lo >= bound and hi <= 1.0 / bound))
     log.info("beta training chose beta = %.3g", best)
-    return ContinuationResult(v, history, res.converged, res.stop_reason, matvecs, best, levels)
+    return ContinuationResult(v, history, res.converged, res.stop_reason, matvecs, best, levels, stages)
+
+
+def _coarse_to_fine(problem, v, beta, newton, presolve, options, run_on):
+    """Presolve the grid levels, then the scale levels, at ``beta``; return the velocity on
+    ``problem``'s grid to start its own solve from."""
+    if options.grid_continuation:
+        grids = grid_levels(problem.decomp.shape, options.coarsest_grid)
+        prolong = None
+        for shape in grids:
+            coarse, restrict, next_prolong = problem.restricted(shape)
+            v_start = restrict(v if prolong is None else prolong(v))
+            v = run_on(coarse, v_start, beta, newton, "grid continuation").velocity
+            prolong = next_prolong
+        if prolong is not None:
+            v = problem.project(prolong(v))
+    if options.scale_continuation:
+        for sigma in scale_levels(problem.decomp.shape, problem.sigma):
+            v = run_on(problem.with_smoothing(sigma), v, beta, presolve, "scale continuation").velocity
+    return v

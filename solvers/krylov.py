@@ -43,7 +43,7 @@ class KrylovResult:
     negative_curvature: bool
 
 
-def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50):
+def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, flexible=False):
     """Solve ``H x = rhs`` for symmetric positive (semi)definite ``H``.
 
     Parameters
@@ -57,6 +57,11 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50):
     rtol : float
         Stop when ``||r|| <= rtol ||rhs||``.
     max_iterations : int
+    flexible : bool
+        Use the Polak-Ribiere update ``<r_new, z_new - z_old> / <r_old, z_old>`` (flexible CG),
+        which tolerates a preconditioner that varies between iterations (an inner Krylov
+        solve, as in the two-level preconditioner); equal to the standard update for a fixed
+        linear preconditioner, at the cost of one more inner product.
 
     Returns
     -------
@@ -87,9 +92,11 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50):
         res = math.sqrt(inner(r, r)) / norm_rhs
         if res <= rtol:
             return KrylovResult(x, it, res, True, False)
+        z_old = z
         z = precondition(r)
         rz_new = inner(r, z)
-        p *= rz_new / rz
+        beta = (rz_new - inner(r, z_old)) / rz if flexible else rz_new / rz
+        p *= beta
         p += z
         rz = rz_new
     return KrylovResult(x, max_iterations, res, False, False)

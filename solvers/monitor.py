@@ -33,6 +33,8 @@ class IterationInfo:
         Wall time since the solve started.
     beta : float
         Regularisation weight of this solve (changes under continuation and training).
+    level : int
+        Continuation level (grid, scale, β) this iteration belongs to, from 0.
     """
 
     iteration: int
@@ -44,6 +46,7 @@ class IterationInfo:
     step: float
     seconds: float
     beta: float = float("nan")
+    level: int = 0
 
 
 class Workload:
@@ -60,9 +63,27 @@ class Workload:
     def timer(self, name):
         return _Timer(self, name)
 
+    def prefixed(self, prefix):
+        """A view adding to this workload under ``prefix + name`` (e.g. ``coarse_``)."""
+        return _Prefixed(self, prefix)
+
     def as_dict(self):
         return {name: {"count": self.counts[name], "seconds": round(self.seconds[name], 6)}
                 for name in sorted(set(self.counts) | set(self.seconds))}
+
+
+class _Prefixed:
+    def __init__(self, parent, prefix):
+        self.parent, self.prefix = parent, prefix
+
+    def add(self, name, count=1, seconds=0.0):
+        self.parent.add(self.prefix + name, count, seconds)
+
+    def timer(self, name):
+        return _Timer(self, name)
+
+    def prefixed(self, prefix):
+        return _Prefixed(self.parent, self.prefix + prefix)
 
 
 class _Timer:

@@ -34,7 +34,8 @@ class NewtonOptions:
     armijo : float
         Sufficient-decrease constant ``c`` in ``J(v + a s) <= J(v) + c a <g, s>``.
     preconditioner : str
-        ``invreg``: the spectral ``(beta A)^{-1}``.
+        ``invreg``: the spectral ``(beta A)^{-1}``; ``2level``: coarse-grid Hessian solve on
+        the low frequencies plus ``(beta A)^{-1}`` on the high ones (for small β).
     krylov : KrylovOptions
     """
 
@@ -64,7 +65,7 @@ class NewtonResult:
     matvecs: int
 
 
-def gauss_newton_krylov(problem, v0, options=None, *, callback=None):
+def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, reference_gradient=None):
     """Minimise the problem's objective from ``v0``.
 
     Parameters
@@ -76,6 +77,12 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None):
     options : NewtonOptions
     callback : callable, optional
         Called with an :class:`IterationInfo` after every iteration (rank-collective).
+    level : int
+        Continuation level recorded in every :class:`IterationInfo`.
+    reference_gradient : float, optional
+        ``||g0||`` of the relative stopping test and forcing term; default: the gradient
+        norm at ``v0``. Continuation passes the norm at ``v = 0`` (as CLAIRE does), so that a
+        warm start is not asked to reduce an already small gradient by the same factor.
 
     Returns
     -------
@@ -88,14 +95,15 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None):
     objective, mismatch = problem.objective()
     history, matvecs = [], 0
     g = problem.gradient()
-    g0 = gnorm = problem.norm(g)
+    gnorm = problem.norm(g)
+    g0 = gnorm if reference_gradient is None else reference_gradient
     krylov_its, step = 0, 0.0
     precondition = make_preconditioner(problem, options.preconditioner)
     stop_reason, converged = None, False
     for it in range(options.max_iterations + 1):
         grad_rel = gnorm / g0 if g0 > 0 else 0.0
         info = IterationInfo(it, objective, mismatch, grad_rel, gnorm, krylov_its, step, time.perf_counter() - t0,
-                             problem.options.beta)
+                             problem.options.beta, level)
         history.append(info)
         log.info("%4d  %12.6e  %9.3e  %9.3e  %4d  %6.3f  %8.2f", it, objective, mismatch, grad_rel,
                  krylov_its, step, info.seconds)
@@ -104,7 +112,7 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None):
         if gnorm <= options.absolute_gradient_tolerance:
             stop_reason, converged = f"||g|| = {gnorm:.2e} <= {options.absolute_gradient_tolerance:g}", True
             break
-        if it > 0 and grad_rel <= options.gradient_tolerance:
+        if (it > 0 or reference_gradient is not None) and grad_rel <= options.gradient_tolerance:
             stop_reason, converged = f"||g||/||g0|| = {grad_rel:.2e} <= {options.gradient_tolerance:g}", True
             break
         if it == options.max_iterations:
@@ -113,7 +121,8 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None):
         eta = options.krylov.relative_tolerance(grad_rel)
         krylov = pcg(problem.hessian_matvec, -g, inner=problem.inner,
                      precondition=precondition, rtol=eta,
-                     max_iterations=options.krylov.max_iterations)
+                     max_iterations=options.krylov.max_iterations,
+                     flexible=getattr(precondition, "flexible", False))
         matvecs += krylov.iterations
         krylov_its = krylov.iterations
         s = krylov.solution

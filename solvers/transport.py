@@ -83,6 +83,7 @@ class SemiLagrangianTransport:
         self._axes = np.ix_(*[np.arange(s.start, s.stop, dtype=np.float64) for s in decomp.real_slice])
         self.velocity = None
         self.div_v = None
+        self.resolved = True
         self.backward_plan = self.forward_plan = None
         self._backward_step = None  # X- - x in grid units
         self.workload = Workload() if workload is None else workload
@@ -125,6 +126,10 @@ class SemiLagrangianTransport:
         self.div_v = self.spectral.divergence(v)
         # trapezoidal rule of the adjoint's div v source along a characteristic (see Notes)
         half = 0.5 * self.dt
+        #: False when dt/2 |div v| >= 1/2 somewhere: the map compresses or expands a cell by
+        #: more than a factor ~3 within one time step and the adjoint's trapezoidal rule
+        #: breaks down (the optimiser treats such a velocity as infeasible).
+        self.resolved = self.decomp.allreduce(float(np.abs(half * self.div_v).max()), "max") < 0.5
         self._adjoint_source = (1.0 + half * self.div_v).astype(self.decomp.dtype)
         self._adjoint_damping = (1.0 / (1.0 - half * self.div_v)).astype(self.decomp.dtype)
 
