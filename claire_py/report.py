@@ -780,10 +780,9 @@ def _cmd_report(args):
 
 def add_report_command(subparsers):
     """Register ``claire report OUTDIR [--slices I J K]`` on the ``claire`` subparsers."""
-    import argparse
-
     p = subparsers.add_parser("report", help="draw OUTDIR/report.html for a finished registration",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description="Draw OUTDIR/report.html and its PNGs from the files of a finished "
+                                          "claire register (FIXED and MOVING are read from the paths it recorded).")
     p.add_argument("outdir", help="the -o directory of a finished claire register")
     _add_slices(p)
     p.set_defaults(run=_cmd_report)
