@@ -573,11 +573,12 @@ def _workload_section(outdir, workload):
     total = workload.get("total", {}).get("seconds")
     rows = [(name, f"{item.get('count', '?')} calls, {float(item.get('seconds', 0.0)):.3f} s")
             for name, item in sorted(workload.items())]
+    total = f" ({float(total):.2f} s)" if total is not None else ""
     return _section("Workload", _figure_html(
         entry, "workload",
-        "Seconds in FFTs (fft), interpolation (every entry named *interp*), communication (halo_exchange, "
-        "alltoallv, allreduce) and the rest of the total" + (f" ({float(total):.2f} s)" if total is not None else "")
-        + ", as timed on rank 0. Per operation (nested timers overlap):") + _table(rows))
+        "Seconds in FFTs (fft, which includes the pencil transposes' communication), interpolation (every "
+        "entry named *interp*), other communication (halo_exchange, alltoallv, allreduce) and the rest of the "
+        f"total{total}, as timed on rank 0. Per operation (nested timers overlap):") + _table(rows))
 
 
 def write_report(outdir, *, fixed=None, moving=None, slices=None):
