@@ -16,7 +16,7 @@ from .solvers import continuation
 from .solvers.problem import RegistrationProblem
 from .solvers.transport import SemiLagrangianTransport
 
-__all__ = ["smooth", "register", "RegistrationResult", "transport", "jacobian", "invert"]
+__all__ = ["smooth", "register", "RegistrationResult", "transport", "jacobian", "invert", "dice_overlap"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,12 @@ class RegistrationResult:
     stop_reason : str
     beta : float
         The regularisation weight of the final solve (the trained one with β training).
+    stages : list of dict
+        One entry per continuation level (grid, sigma, beta, iterations, matvecs).
+    dice : dict, optional
+        ``{"labels": [...], "before": [...], "after": [...]}`` when label maps were given.
+
+    With ``C`` image components, ``warped`` is ``(C, n1, n2, n3)``.
     """
 
     velocity: np.ndarray | None
@@ -126,6 +132,8 @@ class RegistrationResult:
     affine: np.ndarray | None = None
     seconds: float = 0.0
     ranks: int = 1
+    stages: list = None
+    dice: dict = None
 
     def save(self, outdir, *, overwrite=False, inputs=None):
         """Write the files of ``claire register`` into ``outdir`` (see
@@ -149,17 +157,26 @@ def _normalized(local, decomp, name):
     return (local - lo) / (hi - lo)
 
 
-def _as_array(image, comm, name):
-    """``(array or None, affine or None)`` from an array, a NIfTI path or a nibabel image."""
+def _as_array(image, comm, name, channels=False):
+    """``(array or None, affine or None)`` from an array, a NIfTI path or a nibabel image.
+    With ``channels``, a 4-D NIfTI ``(n1, n2, n3, C)`` becomes ``(C, n1, n2, n3)``."""
     import os
 
     if isinstance(image, (str, os.PathLike)):
         from .io import read_image
 
-        img = read_image(os.fspath(image), comm)
-        return img.data, img.affine
+        img = read_image(os.fspath(image), comm, channels=channels)
+        data = img.data
+        if data is not None and data.ndim == 4:
+            data = np.moveaxis(data, -1, 0)
+        return data, img.affine
     if hasattr(image, "dataobj") and hasattr(image, "affine"):
-        return np.asanyarray(image.dataobj), np.asarray(image.affine, float)
+        data = np.asanyarray(image.dataobj)
+        if data.ndim == 4 and data.shape[-1] == 1:
+            data = data[..., 0]
+        elif data.ndim == 4 and channels:
+            data = np.moveaxis(data, -1, 0)
+        return data, np.asarray(image.affine, float)
     return image, None
 
 
@@ -170,13 +187,17 @@ _BYTES_PER_POINT = {"float32": 600, "float64": 1000}
 _ROOT_BYTES_PER_POINT = 80
 
 
-def estimate_memory(shape, ranks, precision="float32"):
-    """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``."""
+def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):
+    """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``;
+    every image component beyond the first adds its state and gradients (``4 (nt + 1)``
+    fields)."""
     points = float(np.prod(shape))
-    return points / ranks * _BYTES_PER_POINT[precision], points * _ROOT_BYTES_PER_POINT
+    itemsize = 4 if precision == "float32" else 8
+    per_point = _BYTES_PER_POINT[precision] + (components - 1) * 4 * (nt + 1) * itemsize
+    return points / ranks * per_point, points * _ROOT_BYTES_PER_POINT * components
 
 
-def _check_memory(shape, comm, precision):
+def _check_memory(shape, comm, precision, components=1):
     """Refuse, before allocating, a grid whose predicted peak exceeds this node's memory."""
     from mpi4py import MPI
 
@@ -186,7 +207,7 @@ def _check_memory(shape, comm, precision):
         node_ranks, holds_root = node.Get_size(), node.allreduce(comm.Get_rank() == 0, op=MPI.LOR)
     finally:
         node.Free()
-    per_rank, root = estimate_memory(shape, comm.Get_size(), precision)
+    per_rank, root = estimate_memory(shape, comm.Get_size(), precision, components)
     need = node_ranks * per_rank + (root if holds_root else 0)
     available = float("inf")  # unknown (not Linux): no refusal
     try:
@@ -205,30 +226,97 @@ def _check_memory(shape, comm, precision):
                              "available; use more nodes (mpiexec -n P across nodes) or a smaller/cropped grid")
 
 
-def register(fixed, moving, *, config=None, comm=None, callback=None):
+def _image_geometry(array, comm, name):
+    """``(components, grid shape)`` of a global image held by rank 0, shared with every rank:
+    ``(None, shape)`` for a 3-D array, ``(C, shape[1:])`` for ``(C, n1, n2, n3)``; every rank
+    raises alike otherwise."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    shape = comm.bcast(None if comm.Get_rank() != 0 or array is None else np.shape(array), root=0)
+    if shape is not None and len(shape) == 3:
+        return None, tuple(shape)
+    if shape is not None and len(shape) == 4 and 1 <= shape[0] <= 16:
+        return shape[0], tuple(shape[1:])
+    raise UserInputError(f"{name}: a 3-D image (or (C, n1, n2, n3) with C <= 16 components) is needed, got shape "
+                         f"{shape}")
+
+
+def comm_bcast(comm, value):
+    """``value`` of rank 0 on every rank of ``comm`` (``COMM_WORLD`` when ``None``)."""
+    from mpi4py import MPI
+
+    return (MPI.COMM_WORLD if comm is None else comm).bcast(value, root=0)
+
+
+def _pad(array, pad):
+    """Pad the three grid axes of a (C, n1, n2, n3) array by ``pad`` voxels of its minimum."""
+    if not pad:
+        return array
+    return np.stack([np.pad(c, pad, mode="constant", constant_values=float(c.min())) for c in array])
+
+
+def _crop(array, pad, grid_axes=3):
+    if array is None or not pad:
+        return array
+    inner = (slice(pad, -pad),) * grid_axes
+    return array[(Ellipsis,) + inner]
+
+
+def dice_overlap(fixed_labels, moving_labels, warped_labels):
+    """Dice ``2 |A & B| / (|A| + |B|)`` per label (labels > 0 present in either map), before
+    (fixed vs moving) and after (fixed vs warped): ``{"labels", "before", "after"}``."""
+    fixed_labels, moving_labels = np.asarray(fixed_labels), np.asarray(moving_labels)
+    labels = np.union1d(np.unique(fixed_labels), np.unique(moving_labels))
+    labels = [int(v) for v in labels if v > 0]
+
+    def dice(a, b, label):
+        a, b = a == label, b == label
+        total = int(a.sum()) + int(b.sum())
+        return 2.0 * int(np.logical_and(a, b).sum()) / total if total else 1.0
+
+    return {"labels": labels, "before": [dice(fixed_labels, moving_labels, k) for k in labels],
+            "after": [dice(fixed_labels, warped_labels, k) for k in labels]}
+
+
+def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None, labels=None):
     """Register ``moving`` onto ``fixed`` with CLAIRE's Gauss-Newton-Krylov solver.
 
     Parameters
     ----------
-    fixed, moving : ndarray ``(n1, n2, n3)``, NIfTI path, nibabel image, or None
+    fixed, moving : ndarray, NIfTI path, nibabel image, or None
         The reference ``m_R`` and the template ``m_T`` (the ANTs/DIPY/ITK order): global
-        arrays on rank 0 (other ranks may pass ``None``, or the same arrays), or files / images
-        (read on rank 0).
+        arrays ``(n1, n2, n3)``, or ``(C, n1, n2, n3)`` for ``C`` components (channels, e.g.
+        tissue probability maps; NIfTI files store them as ``(n1, n2, n3, C)``), on rank 0
+        (other ranks may pass ``None``, or the same arrays), or files / images (read on
+        rank 0).
     config : RegistrationConfig, optional
     comm : mpi4py.MPI.Comm, optional
     callback : callable, optional
         ``callback(info)`` with an :class:`~claire_py.solvers.monitor.IterationInfo` after each
         Gauss-Newton iteration, on every rank.
+    mask : ndarray ``(n1, n2, n3)``, NIfTI path or nibabel image, optional
+        Weight in ``[0, 1]`` on FIXED's grid restricting the distance (e.g. a brain mask).
+    labels : pair of (ndarray, NIfTI path or nibabel image), optional
+        Integer label maps ``(fixed_labels, moving_labels)`` on the two images' grids: the
+        moving labels are transported (probability-map transport) and
+        ``RegistrationResult.dice`` holds the Dice overlap per label before and after.
 
     Returns
     -------
     RegistrationResult
     """
     config = RegistrationConfig() if config is None else config
-    fixed, affine = _as_array(fixed, comm, "fixed")
-    moving, moving_affine = _as_array(moving, comm, "moving")
-    shape = _image_shape(fixed, comm, "fixed")
-    moving_shape = _image_shape(moving, comm, "moving")
+    fixed, affine = _as_array(fixed, comm, "fixed", channels=True)
+    moving, moving_affine = _as_array(moving, comm, "moving", channels=True)
+    components, shape = _image_geometry(fixed, comm, "fixed")
+    moving_components, moving_shape = _image_geometry(moving, comm, "moving")
+    if moving_components != components:
+        raise UserInputError(f"fixed has {components or 1} component(s) and moving {moving_components or 1}; "
+                             "give both the same channels")
+    weights = config.distance.weights
+    if weights is not None and len(weights) != (components or 1):
+        raise UserInputError(f"{len(weights)} distance weights for {components or 1} image component(s)")
     same_affine = affine is None or moving_affine is None or np.allclose(affine, moving_affine, atol=1e-3)
     if moving_shape != shape or not same_affine:
         if not (config.preprocess.resample and affine is not None and moving_affine is not None):
@@ -237,49 +325,92 @@ def register(fixed, moving, *, config=None, comm=None, callback=None):
         if moving is not None:
             from .io import resample_to_grid
 
-            moving = resample_to_grid(moving, moving_affine, affine, shape)
+            channels = moving if components else [moving]
+            moving = np.stack([resample_to_grid(c, moving_affine, affine, shape) for c in channels])
+            moving = moving if components else moving[0]
             log.info("resampled moving %s onto fixed's grid %s", moving_shape, shape)
-    _check_memory(shape, comm, config.precision)
+    has_labels = comm_bcast(comm, labels is not None)
+    if has_labels:
+        labels = [_as_array(lab, comm, name)[0]
+                  for lab, name in zip(labels or (None, None), ("fixed labels", "moving labels"))]
+        for lab, name in zip(labels, ("fixed labels", "moving labels")):
+            if _image_geometry(lab, comm, name) != (None, shape):
+                raise UserInputError(f"{name} must be a 3-D label map on FIXED's grid {shape}")
+            kind = comm_bcast(comm, None if lab is None else np.asarray(lab).dtype.kind)
+            if kind not in ("i", "u"):
+                raise UserInputError(f"{name}: a label map needs an integer voxel type, not kind {kind!r}")
+    has_mask = comm_bcast(comm, mask is not None)  # rank 0 decides: other ranks may pass None
+    if has_mask:
+        mask, _ = _as_array(mask, comm, "mask")
+        if _image_geometry(mask, comm, "mask") != (None, shape):
+            raise UserInputError(f"the mask must be a 3-D image on FIXED's grid {shape}")
+    pad = config.preprocess.pad
+    grid = tuple(n + 2 * pad for n in shape)
+    _check_memory(grid, comm, config.precision, components or 1)
     t0 = time.perf_counter()
     workload = Workload()
-    decomp = Decomposition(shape, comm=comm, dtype=np.dtype(config.precision))
+    decomp = Decomposition(grid, comm=comm, dtype=np.dtype(config.precision))
     ops = SpectralOperators(decomp)
     transport = SemiLagrangianTransport(decomp, ops, config.transport, workload)
-    fixed_local = _global_input(fixed, decomp)
-    moving_local = _global_input(moving, decomp)
-    images = []
-    for name, img in (("fixed", fixed_local), ("moving", moving_local)):
-        if not decomp.allreduce(bool(np.all(np.isfinite(img))), "min"):
+    root = decomp.rank == 0
+    stacked = {}
+    for name, img in (("fixed", fixed), ("moving", moving)):
+        img = _pad(np.asarray(img, np.float64).reshape((-1,) + shape), pad) if root else None
+        local = np.stack([_global_input(None if img is None else img[c], decomp) for c in range(components or 1)])
+        if not decomp.allreduce(bool(np.all(np.isfinite(local))), "min"):
             raise UserInputError(f"{name} image contains NaN or infinite values; replace them first")
-        img = _normalized(img, decomp, name) if config.preprocess.normalize else img
-        if config.preprocess.sigma > 0:
-            img = ops.smooth(img, config.preprocess.sigma)
-        images.append(img)
-    problem = RegistrationProblem(transport, images[0], images[1], config.regularization, workload)
-    log.info("registering %s on %s (%s)", "x".join(map(str, shape)), decomp, config.precision)
+        if config.preprocess.normalize:
+            local = np.stack([_normalized(c, decomp, name) for c in local])
+        stacked[name] = local
+    mask_local = None
+    if has_mask:
+        mask_local = _global_input(_pad(np.asarray(mask, np.float64)[None], pad)[0] if root else None, decomp)
+        lo, hi = decomp.allreduce(float(mask_local.min()), "min"), decomp.allreduce(float(mask_local.max()), "max")
+        if lo < 0 or hi > 1 or hi == 0:
+            raise UserInputError(f"mask values lie in [{lo:g}, {hi:g}]; a mask must lie in [0, 1] and not be all 0")
+    problem = RegistrationProblem(transport, stacked["fixed"], stacked["moving"], config.regularization, workload,
+                                  distance=config.distance, mask=mask_local, sigma=config.preprocess.sigma)
+    log.info("registering %s%s on %s (%s, distance %s)", "x".join(map(str, shape)),
+             f" padded to {'x'.join(map(str, grid))}" if pad else "", decomp, config.precision, config.distance.name)
     log.info("iter     objective   mismatch  |g|/|g0|  krylov  step      time")
     result = continuation.solve(problem, decomp.new_vector(), config.newton, config.continuation, callback=callback)
     log.info("stopped: %s (beta = %.3g)", result.stop_reason, result.beta)
     if problem.velocity is not result.velocity:
         problem.set_velocity(result.velocity)
-    warped = transport.transport_image(moving_local)
+    raw_moving = stacked["moving"] if not config.preprocess.normalize else None
+    if raw_moving is None:  # warp the moving image in its own intensities
+        raw = _pad(np.asarray(moving, np.float64).reshape((-1,) + shape), pad) if root else None
+        raw_moving = [_global_input(None if raw is None else raw[c], decomp) for c in range(components or 1)]
+    warped = np.stack([transport.transport_image(c) for c in raw_moving])
     displacement = transport.displacement()
     det = transport.det_grad_y(displacement)
+    dice = None
+    if has_labels:
+        moving_labels = _pad(np.asarray(labels[1])[None], pad)[0] if root else None
+        warped_labels = transport.transport_labels(decomp.scatter(moving_labels), method="probability")
+        warped_labels = _crop(decomp.gather(np.ascontiguousarray(warped_labels)), pad)
+        if root:
+            dice = dice_overlap(labels[0], labels[1], warped_labels)
+            log.info("Dice (mean over %d labels): %.3f -> %.3f", len(dice["labels"]),
+                     np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
     workload.add("total", 1, time.perf_counter() - t0)
     for name, (count, seconds) in decomp.stats.items():
         workload.add(name, count, seconds)
     work = workload.as_dict()
     work.setdefault("hessian_matvec", {"count": 0, "seconds": 0.0})["pcg_iterations"] = result.matvecs
     log.info("workload (count, seconds):\n%s", "\n".join(
-        f"  {name:20s} {entry['count']:>8} {entry['seconds']:>10.3f}" for name, entry in work.items()))
-    root = decomp.rank == 0
+        f"  {name:26s} {entry['count']:>8} {entry['seconds']:>10.3f}" for name, entry in work.items()))
+    velocity = _crop(decomp.gather(result.velocity), pad)
+    if velocity is not None and pad:  # radians of the padded box -> radians of the cropped one
+        velocity *= np.array([n / m for n, m in zip(grid, shape)])[:, None, None, None]
+    warped = _crop(decomp.gather(warped), pad)
     return RegistrationResult(
-        velocity=decomp.gather(result.velocity), warped=decomp.gather(warped), det_grad_y=decomp.gather(det),
-        displacement=decomp.gather(displacement),
+        velocity=velocity, warped=None if warped is None else (warped if components else warped[0]),
+        det_grad_y=_crop(decomp.gather(det), pad), displacement=_crop(decomp.gather(displacement), pad),
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
         beta=result.beta, config=config,
         fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
-        affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size)
+        affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size, stages=result.stages, dice=dice)
 
 
 def _velocity_setup(velocity, comm, precision, nt, interpolation):

@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from .report import add_report_command, add_report_options, report_wanted, write_report
+
 __all__ = ["main"]
 
 
@@ -77,22 +79,33 @@ def _register_config(args):
 
     from .config import RegistrationConfig
 
-    cfg = RegistrationConfig.from_file(args.config) if args.config else RegistrationConfig()
+    if args.config:
+        cfg = RegistrationConfig.from_file(args.config)
+        if args.preset:  # the file's settings refine the preset
+            cfg = RegistrationConfig.preset(args.preset, RegistrationConfig.from_file(args.config, raw=True))
+    else:
+        cfg = RegistrationConfig.preset(args.preset) if args.preset else RegistrationConfig()
     reg = {k: v for k, v in (("norm", args.regnorm), ("beta", args.beta)) if v is not None}
     if args.incompressible:
         reg["incompressible"] = True
-    newton = {k: v for k, v in (("gradient_tolerance", args.gtol), ("max_iterations", args.max_iter)) if v is not None}
-    cont = {k: v for k, v in (("train", args.train), ("det_bound", args.jbound)) if v is not None}
-    if args.beta_continuation:
-        cont["beta_continuation"] = True
+    newton = {k: v for k, v in (("gradient_tolerance", args.gtol), ("max_iterations", args.max_iter),
+                                 ("preconditioner", args.precond)) if v is not None}
+    cont = {k: v for k, v in (("train", args.train), ("det_bound", args.jbound),
+                               ("coarsest_grid", args.coarsest_grid)) if v is not None}
+    for flag in ("beta_continuation", "grid_continuation", "scale_continuation"):
+        if getattr(args, flag):
+            cont[flag] = True
+    distance = {k: v for k, v in (("name", args.distance), ("weights", args.weights)) if v is not None}
     krylov = {k: v for k, v in (("max_iterations", args.krylov_max_iter), ("forcing", args.forcing)) if v is not None}
     return dataclasses.replace(
         cfg,
         regularization=dataclasses.replace(cfg.regularization, **reg),
+        distance=dataclasses.replace(cfg.distance, **distance),
         transport=dataclasses.replace(cfg.transport, **({"nt": args.nt} if args.nt is not None else {})),
         newton=dataclasses.replace(cfg.newton, krylov=dataclasses.replace(cfg.newton.krylov, **krylov), **newton),
         continuation=dataclasses.replace(cfg.continuation, **cont),
         preprocess=dataclasses.replace(cfg.preprocess, **({"sigma": args.sigma} if args.sigma is not None else {}),
+                                       **({"pad": args.pad} if args.pad is not None else {}),
                                        **({"resample": True} if args.resample else {})),
         precision=args.precision or cfg.precision)
 
@@ -131,10 +144,16 @@ def _cmd_register(args):
     if args.quiet:
         logging.getLogger("claire_py").setLevel(logging.WARNING)
     _check_outdir(comm, args.output, args.overwrite)
-    result = register(args.fixed, args.moving, config=config, comm=comm)
+    if (args.labels_fixed is None) != (args.labels_moving is None):
+        raise UserInputError("give both --labels-fixed and --labels-moving (or neither)")
+    labels = None if args.labels_fixed is None else (args.labels_fixed, args.labels_moving)
+    result = register(args.fixed, args.moving, config=config, comm=comm, mask=args.mask, labels=labels)
     if comm.Get_rank() == 0:
-        result.save(args.output, overwrite=True,
-                    inputs={"fixed": os.path.abspath(args.fixed), "moving": os.path.abspath(args.moving)})
+        inputs = {"fixed": os.path.abspath(args.fixed), "moving": os.path.abspath(args.moving)}
+        for name in ("mask", "labels_fixed", "labels_moving"):
+            if getattr(args, name):
+                inputs[name] = os.path.abspath(getattr(args, name))
+        result.save(args.output, overwrite=True, inputs=inputs)
         det, first, last = result.det_grad_y, result.history[0], result.history[-1]
         rows = [("time", f"{result.seconds:.1f} s on {result.ranks} rank(s), {config.precision}"),
                 ("Gauss-Newton iterations", f"{sum(1 for h in result.history if h.iteration > 0)} "
@@ -143,9 +162,14 @@ def _cmd_register(args):
                 ("Hessian matvecs", f"{result.workload['hessian_matvec']['pcg_iterations']}"),
                 ("mismatch", f"{first.mismatch:.3f} -> {last.mismatch:.3f} (relative, smoothed images)"),
                 ("det(grad y)", f"min {det.min():.3f}, max {det.max():.3f}"),
+                *([("Dice (mean)", f"{np.mean(result.dice['before']):.3f} -> {np.mean(result.dice['after']):.3f} "
+                                   f"over {len(result.dice['labels'])} labels")] if result.dice else []),
                 ("outputs", f"{args.output}/ (warped, velocity, deformation_map, displacement, det_grad_y, "
                             "residuals, registration.json)")]
         print("\n".join(f"{name:24s} {value}" for name, value in rows))
+        if report_wanted(args):
+            page = write_report(args.output, fixed=result.fixed, moving=result.moving, slices=args.slices)
+            print(f"{'report':24s} {page}")
         if det.min() <= 0:
             logging.getLogger("claire_py").warning(
                 "warning: det(grad y) <= 0 somewhere: the map folds; increase --beta (or smooth more)")
@@ -211,6 +235,13 @@ def _positive_float(text):
     return value
 
 
+def _weights(text):
+    try:
+        return tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, e.g. 1,0.5") from None
+
+
 def _build_parser():
     parser = argparse.ArgumentParser(
         prog="claire",
@@ -234,7 +265,9 @@ def _build_parser():
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="working precision")
     p.set_defaults(run=_cmd_smooth)
 
-    from .config import RegistrationConfig
+    from .config import PRESETS, RegistrationConfig
+    from .solvers.distance import DISTANCES
+    from .solvers.preconditioner import PRECONDITIONERS
 
     d = RegistrationConfig()  # the defaults shown below are the config's own
     p = sub.add_parser("register", help="register MOVING onto FIXED (NIfTI files)",
@@ -245,6 +278,9 @@ def _build_parser():
     p.add_argument("moving", help="template image m_T, deformed onto FIXED")
     p.add_argument("-o", "--output", help="output directory (created); see claire_py/outputs.py for its files")
     p.add_argument("--config", help="JSON or YAML file with a RegistrationConfig")
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="start from a named configuration: fast (||g||/||g0|| 5e-2, <= 10 PCG iterations per "
+                        "step), accurate (1e-2, grid continuation); -smooth: H2 seminorm, beta 1e-3")
     p.add_argument("--dump-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--beta", type=float, help=f"regularisation weight (default {d.regularization.beta:g})")
     p.add_argument("--regnorm", choices=("h1s", "h2s", "h3s", "h1", "h2", "h3", "l2", "h1s-div"),
@@ -257,6 +293,25 @@ def _build_parser():
                    help=f"lower det(grad y) bound for --train, upper = 1/JBOUND (default {d.continuation.det_bound:g})")
     p.add_argument("--beta-continuation", action="store_true",
                    help="reach --beta through beta = 1, 0.1, ... with inexact presolves")
+    p.add_argument("--grid-continuation", action="store_true",
+                   help="solve on grids coarser by 2, 4, ... first (multi-resolution)")
+    p.add_argument("--coarsest-grid", type=int,
+                   help=f"points on the shortest axis of the coarsest grid (default {d.continuation.coarsest_grid})")
+    p.add_argument("--scale-continuation", action="store_true",
+                   help="solve with images smoothed by sigma = 32, 16, ... voxels first")
+    p.add_argument("--precond", choices=PRECONDITIONERS,
+                   help=f"Krylov preconditioner: invreg = (beta A)^-1, 2level = coarse-grid Hessian solve for the "
+                        f"low frequencies (small beta) (default {d.newton.preconditioner})")
+    p.add_argument("--distance", choices=DISTANCES,
+                   help=f"l2 = squared L2, ncc = normalised cross-correlation (intensity-affine invariant) "
+                        f"(default {d.distance.name})")
+    p.add_argument("--weights", type=_weights,
+                   help="comma-separated weights of the components of 4-D (multi-channel) images (default: all 1)")
+    p.add_argument("--mask", help="weight image in [0, 1] on FIXED's grid restricting the distance")
+    p.add_argument("--pad", type=int, help=f"voxels of background padding per side against the periodic "
+                                           f"wrap-around, cropped on output (default {d.preprocess.pad})")
+    p.add_argument("--labels-fixed", help="integer label map on FIXED's grid: print Dice per label before/after")
+    p.add_argument("--labels-moving", help="integer label map on MOVING's grid (with --labels-fixed)")
     p.add_argument("--nt", type=int, help=f"time steps of the transport (default {d.transport.nt})")
     p.add_argument("--gtol", type=float,
                    help=f"stop at ||g||/||g0|| <= GTOL (default {d.newton.gradient_tolerance:g})")
@@ -271,6 +326,7 @@ def _build_parser():
                    help="resample MOVING onto FIXED's grid through their affines when the grids differ")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
     p.add_argument("--quiet", action="store_true", help="no per-iteration log, only the summary and warnings")
+    add_report_options(p)
     p.set_defaults(run=_cmd_register)
 
     p = sub.add_parser("transport", help="deform another image (or label map) with a finished registration",
@@ -295,6 +351,7 @@ def _build_parser():
     p.add_argument("-o", "--output", required=True, help="directory for the inverse registration")
     p.add_argument("--overwrite", action="store_true", help="replace an inverse already in OUTPUT")
     p.set_defaults(run=_cmd_invert)
+    add_report_command(sub)
     return parser
 
 

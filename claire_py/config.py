@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from .solvers.continuation import ContinuationOptions
 from .solvers.krylov import KrylovOptions
 from .solvers.newton import NewtonOptions
-from .solvers.problem import RegularizationOptions
+from .solvers.problem import DistanceOptions, RegularizationOptions
 from .solvers.transport import TransportOptions
 
-__all__ = ["PreprocessOptions", "RegistrationConfig"]
+__all__ = ["PreprocessOptions", "RegistrationConfig", "PRESETS"]
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,22 @@ class PreprocessOptions:
     resample : bool
         When MOVING's grid (shape or affine) differs from FIXED's, resample MOVING onto
         FIXED's grid through the two affines (trilinear, zero outside) instead of refusing.
+    pad : int
+        Voxels of background added on every side before the solve and cropped from every
+        output: the spectral domain is periodic, so structures near one face otherwise see
+        the opposite face. 0 (default) suits images with a background border.
     """
 
     normalize: bool = True
     sigma: float = 1.0
     resample: bool = False
+    pad: int = 0
 
     def __post_init__(self):
-        if not (math.isfinite(self.sigma) and self.sigma >= 0):
+        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma >= 0):
             raise ValueError(f"sigma={self.sigma!r} must be a finite number >= 0 (voxels)")
+        if not (isinstance(self.pad, int) and 0 <= self.pad <= 256):
+            raise ValueError(f"pad={self.pad!r} must be an integer number of voxels in [0, 256]")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class RegistrationConfig:
     """
 
     regularization: RegularizationOptions = field(default_factory=RegularizationOptions)
+    distance: DistanceOptions = field(default_factory=DistanceOptions)
     transport: TransportOptions = field(default_factory=TransportOptions)
     newton: NewtonOptions = field(default_factory=NewtonOptions)
     continuation: ContinuationOptions = field(default_factory=ContinuationOptions)
@@ -62,6 +70,14 @@ class RegistrationConfig:
     def __post_init__(self):
         if self.precision not in ("float32", "float64"):
             raise ValueError(f"precision={self.precision!r}: use 'float32' or 'float64'")
+
+    @classmethod
+    def preset(cls, name, overrides=None):
+        """The configuration of preset ``name`` (see :data:`PRESETS`), with ``overrides`` (a
+        nested dict) applied on top."""
+        if name not in PRESETS:
+            raise ValueError(f"preset {name!r} is unknown; use one of {', '.join(PRESETS)}")
+        return cls.from_dict(_merged(PRESETS[name], overrides or {}))
 
     def to_dict(self):
         """Plain nested dict (JSON-serialisable)."""
@@ -87,22 +103,46 @@ class RegistrationConfig:
         return build(cls, dict(data), "config")
 
     @classmethod
-    def from_file(cls, path):
-        """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``, needs PyYAML) file."""
+    def from_file(cls, path, *, raw=False):
+        """Read a JSON (``.json``) or YAML (``.yaml``/``.yml``, needs PyYAML) file; with
+        ``raw`` return its nested dict instead."""
         with open(path) as fh:
             text = fh.read()
         if str(path).endswith((".yaml", ".yml")):
             import yaml
 
-            return cls.from_dict(yaml.safe_load(text) or {})
-        return cls.from_dict(json.loads(text))
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        return data if raw else cls.from_dict(data)
 
     def to_json(self):
         return json.dumps(self.to_dict(), indent=2)
 
 
+def _merged(base, top):
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+#: Named starting points in the spirit of CLAIRE's: ``fast`` stops at ||g||/||g0|| = 5e-2 with
+#: at most 10 PCG iterations per step; ``accurate`` at 1e-2 with grid continuation (coarse
+#: grids take the first, cheap iterations). Each with the H1 seminorm (CLAIRE's default,
+#: beta = 1e-2) and a ``-smooth`` variant with the H2 seminorm (smoother maps).
+PRESETS = {
+    "fast": {"newton": {"gradient_tolerance": 5e-2, "krylov": {"max_iterations": 10}}},
+    "fast-smooth": {"regularization": {"norm": "h2s", "beta": 1e-3},
+                    "newton": {"gradient_tolerance": 5e-2, "krylov": {"max_iterations": 10}}},
+    "accurate": {"newton": {"gradient_tolerance": 1e-2}, "continuation": {"grid_continuation": True}},
+    "accurate-smooth": {"regularization": {"norm": "h2s", "beta": 1e-3},
+                        "newton": {"gradient_tolerance": 1e-2}, "continuation": {"grid_continuation": True}},
+}
+
 _NESTED = {
     (RegistrationConfig, "regularization"): RegularizationOptions,
+    (RegistrationConfig, "distance"): DistanceOptions,
     (RegistrationConfig, "transport"): TransportOptions,
     (RegistrationConfig, "newton"): NewtonOptions,
     (RegistrationConfig, "continuation"): ContinuationOptions,

@@ -110,7 +110,7 @@ def _as_volume(image):
             return None
         image = loaded[0]
     image = np.asarray(image)
-    if image.ndim == 4 and image.shape[3] == 1:
+    if image.ndim == 4:  # a trailing singleton axis, or the channels of a multi-channel image: the first
         image = image[..., 0]
     return image if image.ndim == 3 else None
 
@@ -623,8 +623,16 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
     outdir = os.fspath(outdir)
     meta = _load_meta(outdir)
     images = _load_images(outdir, _IMAGE_FILES)
+    channels = images["warped"] is not None and images["warped"][0].ndim == 4
+    for name in ("warped", "residual_before", "residual_after"):  # multi-channel runs: show channel 0
+        if channels and images[name] is not None and images[name][0].ndim == 4:
+            images[name] = (images[name][0][..., 0], images[name][1])
+    if channels:
+        fixed, moving = (a[0] if isinstance(a, np.ndarray) and a.ndim == 4 else a for a in (fixed, moving))
     on_grid = next((images[n] for n in ("warped", "det_grad_y", "residual_before") if images[n] is not None), None)
     notes, sections = [], []
+    if channels:
+        notes.append("Multi-channel images: the panels show channel 0.")
     fixed, moving = _inputs(meta, fixed, moving, notes)
     if on_grid is not None:
         shape, affine = on_grid[0].shape, on_grid[1]
