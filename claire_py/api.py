@@ -279,7 +279,7 @@ def dice_overlap(fixed_labels, moving_labels, warped_labels):
             "after": [dice(fixed_labels, warped_labels, k) for k in labels]}
 
 
-def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None, labels=None):
+def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None, labels=None, checkpoint=None):
     """Register ``moving`` onto ``fixed`` with CLAIRE's Gauss-Newton-Krylov solver.
 
     Parameters
@@ -301,6 +301,8 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         Integer label maps ``(fixed_labels, moving_labels)`` on the two images' grids: the
         moving labels are transported (probability-map transport) and
         ``RegistrationResult.dice`` holds the Dice overlap per label before and after.
+    checkpoint : claire_py.checkpoint.FileCheckpoint, optional
+        Save progress (and restore it when the checkpoint was opened with ``resume=True``).
 
     Returns
     -------
@@ -373,7 +375,8 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     log.info("registering %s%s on %s (%s, distance %s)", "x".join(map(str, shape)),
              f" padded to {'x'.join(map(str, grid))}" if pad else "", decomp, config.precision, config.distance.name)
     log.info("iter     objective   mismatch  |g|/|g0|  krylov  step      time")
-    result = continuation.solve(problem, decomp.new_vector(), config.newton, config.continuation, callback=callback)
+    result = continuation.solve(problem, decomp.new_vector(), config.newton, config.continuation, callback=callback,
+                                checkpoint=checkpoint)
     log.info("stopped: %s (beta = %.3g)", result.stop_reason, result.beta)
     if problem.velocity is not result.velocity:
         problem.set_velocity(result.velocity)

@@ -110,6 +110,22 @@ def _register_config(args):
         precision=args.precision or cfg.precision)
 
 
+def _rank0(comm, func):
+    """``func()`` on rank 0; a UserInputError there is raised on every rank alike."""
+    from .errors import UserInputError
+
+    value, error = None, None
+    if comm.Get_rank() == 0:
+        try:
+            value = func()
+        except UserInputError as exc:
+            error = str(exc)
+    error = comm.bcast(error)
+    if error:
+        raise UserInputError(error)
+    return value
+
+
 def _check_outdir(comm, outdir, overwrite):
     """Check OUTDIR on rank 0 before the work starts (creating nothing); every rank raises
     the same one-line error if it is unusable."""
@@ -131,29 +147,49 @@ def _cmd_register(args):
     import logging
 
     from .api import register
+    from .checkpoint import FileCheckpoint, read_checkpoint
+    from .config import RegistrationConfig
     from .errors import UserInputError
 
     comm = _comm()
-    config = _register_config(args)
+    if args.resume:  # inputs, options and OUTDIR come from the checkpoint
+        meta = comm.bcast(_rank0(comm, lambda: read_checkpoint(args.resume)["meta"]))
+        for name in ("fixed", "moving", "mask", "labels_fixed", "labels_moving"):
+            setattr(args, name, meta["inputs"].get(name))
+        args.output, args.overwrite = args.resume, True
+        config = RegistrationConfig.from_dict(meta["config"])
+    else:
+        config = _register_config(args)
     if args.dump_config:
         if comm.Get_rank() == 0:
             print(config.to_json())
         return 0
+    if not (args.fixed and args.moving):
+        raise UserInputError("give FIXED and MOVING images (or --resume OUTDIR)")
     if not args.output:
         raise UserInputError("give an output directory with -o OUTDIR")
     if args.quiet:
         logging.getLogger("claire_py").setLevel(logging.WARNING)
     _check_outdir(comm, args.output, args.overwrite)
+    inputs = {"fixed": os.path.abspath(args.fixed), "moving": os.path.abspath(args.moving)}
+    for name in ("mask", "labels_fixed", "labels_moving"):
+        if getattr(args, name):
+            inputs[name] = os.path.abspath(getattr(args, name))
+    checkpoint = None
+    if args.resume or args.checkpoint_every:
+        if comm.Get_rank() == 0:
+            os.makedirs(args.output, exist_ok=True)
+        checkpoint = FileCheckpoint(args.output, comm, every=args.checkpoint_every or 1, resume=bool(args.resume),
+                                    meta={"inputs": inputs, "config": config.to_dict()})
     if (args.labels_fixed is None) != (args.labels_moving is None):
         raise UserInputError("give both --labels-fixed and --labels-moving (or neither)")
     labels = None if args.labels_fixed is None else (args.labels_fixed, args.labels_moving)
-    result = register(args.fixed, args.moving, config=config, comm=comm, mask=args.mask, labels=labels)
+    result = register(args.fixed, args.moving, config=config, comm=comm, mask=args.mask, labels=labels,
+                      checkpoint=checkpoint)
     if comm.Get_rank() == 0:
-        inputs = {"fixed": os.path.abspath(args.fixed), "moving": os.path.abspath(args.moving)}
-        for name in ("mask", "labels_fixed", "labels_moving"):
-            if getattr(args, name):
-                inputs[name] = os.path.abspath(getattr(args, name))
         result.save(args.output, overwrite=True, inputs=inputs)
+        if checkpoint is not None:
+            checkpoint.remove()  # the outputs are complete
         det, first, last = result.det_grad_y, result.history[0], result.history[-1]
         rows = [("time", f"{result.seconds:.1f} s on {result.ranks} rank(s), {config.precision}"),
                 ("Gauss-Newton iterations", f"{sum(1 for h in result.history if h.iteration > 0)} "
@@ -274,8 +310,8 @@ def _build_parser():
                        description="Register MOVING onto FIXED with CLAIRE's Gauss-Newton-Krylov solver. Options "
                                    "left unset take the value of --config FILE, else the defaults shown here "
                                    "(--dump-config prints the resolved configuration).")
-    p.add_argument("fixed", help="reference image m_R (.nii/.nii.gz)")
-    p.add_argument("moving", help="template image m_T, deformed onto FIXED")
+    p.add_argument("fixed", nargs="?", help="reference image m_R (.nii/.nii.gz)")
+    p.add_argument("moving", nargs="?", help="template image m_T, deformed onto FIXED")
     p.add_argument("-o", "--output", help="output directory (created); see claire_py/outputs.py for its files")
     p.add_argument("--config", help="JSON or YAML file with a RegistrationConfig")
     p.add_argument("--preset", choices=tuple(PRESETS),
@@ -326,6 +362,12 @@ def _build_parser():
                    help="resample MOVING onto FIXED's grid through their affines when the grids differ")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
     p.add_argument("--quiet", action="store_true", help="no per-iteration log, only the summary and warnings")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="save the solver's progress in OUTDIR/checkpoint every N Gauss-Newton iterations and at "
+                        "every continuation level (removed when the run completes)")
+    p.add_argument("--resume", metavar="OUTDIR",
+                   help="continue the interrupted run whose checkpoint is in OUTDIR (its inputs and options); "
+                        "the result equals an uninterrupted run")
     add_report_options(p)
     p.set_defaults(run=_cmd_register)
 

@@ -64,6 +64,50 @@ def _is_smooth(n):
     return n == 1
 
 
+class _FFTWWisdom:
+    """FFTW wisdom kept in a per-user cache, one file per precision and world rank/size.
+
+    Measured plans (``FFTW_MEASURE``) depend on timings, and two plans of one transform may
+    round differently; reusing the wisdom of the first run makes later runs on this machine
+    choose the same plans, so the same inputs on the same ranks give bitwise-identical
+    results (and skip the measuring). The directory is ``$CLAIRE_PY_CACHE`` or
+    ``$XDG_CACHE_HOME/claire_py`` (``~/.cache/claire_py``); ``CLAIRE_PY_CACHE=off`` disables
+    it. Unreadable or unwritable caches are ignored.
+    """
+
+    def __init__(self):
+        from mpi4py_fft.fftw.factory import fftlib
+
+        self.libs = fftlib
+        root = os.environ.get("CLAIRE_PY_CACHE") or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "claire_py")
+        world = MPI.COMM_WORLD
+        self.directory = None if root == "off" else os.path.join(root, "fftw-wisdom")
+        self.suffix = f"rank{world.Get_rank()}of{world.Get_size()}.wisdom"
+        if self.directory is not None:
+            for key, lib in self.libs.items():
+                path = self._path(key)
+                if os.path.isfile(path):
+                    lib.import_wisdom(bytearray(path, "utf-8"))  # returns 0 for a damaged file: ignored
+
+    def _path(self, key):
+        return os.path.join(self.directory, f"{key}{self.suffix}")
+
+    def save(self):
+        if self.directory is None:
+            return
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            for key, lib in self.libs.items():
+                tmp = f"{self._path(key)}.{os.getpid()}.partial"
+                if lib.export_wisdom(bytearray(tmp, "utf-8")) == 1:
+                    os.replace(tmp, self._path(key))
+                elif os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError:
+            pass
+
+
 def choose_proc_grid(shape, nranks, layout="auto", proc_grid=None):
     """Process grid ``(P1, P2)`` of the real layout (axis 0 over P1, axis 1 over P2).
 
@@ -182,9 +226,12 @@ class Decomposition:
         # axes as lists of lists: mpi4py-fft 2.0.6's collapse=True mutates the groups and fails on
         # tuples when the first axis is not split (proc_grid (1, P)); collapse=True merges the
         # serial transforms over the unsplit axes into one FFTW plan (1.6x faster at P = 1).
+        wisdom = _FFTWWisdom() if planner_effort in ("FFTW_MEASURE", "FFTW_PATIENT", "FFTW_EXHAUSTIVE") else None
         self.fft = PFFT(self.comm, self.shape, axes=[[0], [1], [2]], dtype=self.dtype,
                         grid=self.proc_grid, backend="fftw", collapse=True, threads=self.threads,
                         planner_effort=planner_effort, overwrite_input="FFTW_PRESERVE_INPUT")
+        if wisdom is not None:
+            wisdom.save()
         self.spectral_shape = (self.shape[0], self.shape[1], self.shape[2] // 2 + 1)
         self.real_slice = tuple(self.fft.local_slice(False))
         self.spectral_slice = tuple(self.fft.local_slice(True))

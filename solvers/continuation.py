@@ -25,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from .newton import gauss_newton_krylov
+from .newton import NewtonResult, gauss_newton_krylov
 
 __all__ = ["ContinuationOptions", "solve"]
 
@@ -118,12 +118,25 @@ def scale_levels(shape, sigma):
     return [s for s in SCALES if s > sigma and s <= min(shape) / 8]
 
 
-def solve(problem, v0, newton, options, *, callback=None):
+def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
     """Gauss-Newton-Krylov with the continuation/training of ``options``.
 
     Returns a :class:`ContinuationResult` whose ``history`` concatenates every level's
     iterations (each :class:`IterationInfo` carries its β and level); ``problem`` is left
     at the final velocity.
+
+    ``checkpoint`` (optional) saves and restores progress; the solve calls, with ``level``
+    the running level number and ``decomp`` that level's decomposition:
+
+    * ``checkpoint.restore(level, decomp)``: ``None``, or a dict ``{"done": True,
+      "velocity", "history", "matvecs", "converged", "stop_reason"}`` for a finished level
+      (it is not solved again), or ``{"done": False, "velocity", "resume"}`` for an
+      interrupted one (continued through ``gauss_newton_krylov(resume=...)``);
+    * ``checkpoint.iterate(level, decomp, velocity, resume)`` at every Gauss-Newton iterate;
+    * ``checkpoint.level_done(level, decomp, result)`` with the level's ``NewtonResult``.
+
+    Levels are deterministic, so replaying finished levels from their saved velocities and
+    continuing the interrupted one repeats the uninterrupted solve.
     """
     target = problem.options.beta
     presolve = dataclasses.replace(newton, gradient_tolerance=max(options.presolve_tolerance,
@@ -138,8 +151,22 @@ def solve(problem, v0, newton, options, *, callback=None):
         _set_beta(p, beta)
         log.info("level %d: %s, grid %s, sigma %g, beta %.3g", len(stages), what,
                  "x".join(map(str, p.decomp.shape)), p.sigma, beta)
-        res = gauss_newton_krylov(p, v_start, opts, callback=callback, level=len(stages),
-                                  reference_gradient=reference if p is problem else None)
+        level = len(stages)
+        saved = None if checkpoint is None else checkpoint.restore(level, p.decomp)
+        if saved is not None and saved["done"]:
+            res = NewtonResult(saved["velocity"], saved["history"], saved["converged"], saved["stop_reason"],
+                               saved["matvecs"])
+            p.set_velocity(res.velocity)
+            log.info("level %d restored from the checkpoint", level)
+        else:
+            resume = None if saved is None else saved["resume"]
+            on_iterate = None if checkpoint is None else (
+                lambda vk, state: checkpoint.iterate(level, p.decomp, vk, state))
+            res = gauss_newton_krylov(p, v_start if saved is None else saved["velocity"], opts, callback=callback,
+                                      level=level, reference_gradient=reference if p is problem else None,
+                                      resume=resume, on_iterate=on_iterate)
+            if checkpoint is not None:
+                checkpoint.level_done(level, p.decomp, res)
         history.extend(res.history)
         matvecs += res.matvecs
         stages.append({"level": len(stages), "kind": what, "grid": list(p.decomp.shape), "sigma": p.sigma,

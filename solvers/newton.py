@@ -65,7 +65,8 @@ class NewtonResult:
     matvecs: int
 
 
-def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, reference_gradient=None):
+def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, reference_gradient=None,
+                        resume=None, on_iterate=None):
     """Minimise the problem's objective from ``v0``.
 
     Parameters
@@ -83,6 +84,14 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
         ``||g0||`` of the relative stopping test and forcing term; default: the gradient
         norm at ``v0``. Continuation passes the norm at ``v = 0`` (as CLAIRE does), so that a
         warm start is not asked to reduce an already small gradient by the same factor.
+    resume : dict, optional
+        Continue an interrupted solve whose iterate ``v0`` was reached at iteration
+        ``resume["iteration"]``: also ``g0``, ``history`` (the iterations before it),
+        ``matvecs``, ``krylov_iterations`` and ``step`` as passed to ``on_iterate``. The
+        iterations then repeat those of the uninterrupted solve.
+    on_iterate : callable, optional
+        ``on_iterate(v, resume)`` at every iterate before its step is computed, with the
+        ``resume`` dict that would continue from ``v`` (checkpointing).
 
     Returns
     -------
@@ -93,14 +102,18 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
     v = problem.project(np.array(v0, dtype=problem.decomp.dtype, copy=True))
     problem.set_velocity(v)
     objective, mismatch = problem.objective()
-    history, matvecs = [], 0
+    history, matvecs, first = [], 0, 0
     g = problem.gradient()
     gnorm = problem.norm(g)
     g0 = gnorm if reference_gradient is None else reference_gradient
     krylov_its, step = 0, 0.0
+    if resume is not None:
+        first, g0, matvecs = resume["iteration"], resume["g0"], resume["matvecs"]
+        history, krylov_its, step = list(resume["history"]), resume["krylov_iterations"], resume["step"]
+        reference_gradient = g0
     precondition = make_preconditioner(problem, options.preconditioner)
     stop_reason, converged = None, False
-    for it in range(options.max_iterations + 1):
+    for it in range(first, options.max_iterations + 1):
         grad_rel = gnorm / g0 if g0 > 0 else 0.0
         info = IterationInfo(it, objective, mismatch, grad_rel, gnorm, krylov_its, step, time.perf_counter() - t0,
                              problem.options.beta, level)
@@ -118,6 +131,9 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
         if it == options.max_iterations:
             stop_reason = f"reached the maximum of {options.max_iterations} Gauss-Newton iterations"
             break
+        if on_iterate is not None:
+            on_iterate(v, {"iteration": it, "g0": g0, "history": history[:-1], "matvecs": matvecs,
+                           "krylov_iterations": krylov_its, "step": step})
         eta = options.krylov.relative_tolerance(grad_rel)
         krylov = pcg(problem.hessian_matvec, -g, inner=problem.inner,
                      precondition=precondition, rtol=eta,
