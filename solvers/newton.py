@@ -33,6 +33,10 @@ class NewtonOptions:
         Armijo backtracking halvings before giving up.
     armijo : float
         Sufficient-decrease constant ``c`` in ``J(v + a s) <= J(v) + c a <g, s>``.
+    stagnation_tolerance : float
+        Stop (keeping the current, best, iterate) when two successive iterations each lower
+        ``J`` by less than this fraction of ``J``: the solve is stagnating (e.g. β far too
+        small for the images).
     preconditioner : str
         ``invreg``: the spectral ``(beta A)^{-1}``; ``2level``: coarse-grid Hessian solve on
         the low frequencies plus ``(beta A)^{-1}`` on the high ones (for small β).
@@ -44,12 +48,15 @@ class NewtonOptions:
     max_iterations: int = 50
     max_line_search: int = 10
     armijo: float = 1e-4
+    stagnation_tolerance: float = 1e-6
     preconditioner: str = "invreg"
     krylov: KrylovOptions = field(default_factory=KrylovOptions)
 
     def __post_init__(self):
         if not 0 < self.gradient_tolerance < 1:
             raise ValueError(f"gradient_tolerance={self.gradient_tolerance} must lie in (0, 1)")
+        if not 0 <= self.stagnation_tolerance < 1:
+            raise ValueError(f"stagnation_tolerance={self.stagnation_tolerance} must lie in [0, 1)")
         if self.max_iterations < 0:
             raise ValueError(f"max_iterations={self.max_iterations} must be >= 0")
         if self.preconditioner not in PRECONDITIONERS:
@@ -131,6 +138,11 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
         if it == options.max_iterations:
             stop_reason = f"reached the maximum of {options.max_iterations} Gauss-Newton iterations"
             break
+        if len(history) >= 3 and all(a.objective - b.objective <= options.stagnation_tolerance * abs(a.objective)
+                                     for a, b in zip(history[-3:-1], history[-2:])):
+            stop_reason = (f"stagnated: the last two iterations lowered J by less than {options.stagnation_tolerance:g} "
+                           "of J (beta too small for these images?)")
+            break
         if on_iterate is not None:
             on_iterate(v, {"iteration": it, "g0": g0, "history": history[:-1], "matvecs": matvecs,
                            "krylov_iterations": krylov_its, "step": step})
@@ -143,7 +155,7 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
         krylov_its = krylov.iterations
         s = krylov.solution
         slope = problem.inner(g, s)
-        if slope >= 0:  # not a descent direction (should not happen with SPD H): use -g
+        if slope >= 0 or not np.isfinite(slope):  # not a descent direction (should not happen): use -g
             s, slope = -g, -gnorm ** 2
         step = 1.0
         for _ in range(options.max_line_search):
@@ -155,9 +167,15 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
             step *= 0.5
         else:
             problem.set_velocity(v)
-            stop_reason = f"line search failed after {options.max_line_search} halvings"
+            stop_reason = (f"line search failed after {options.max_line_search} halvings (no step lowers J); "
+                           "keeping the best iterate")
             break
         v, objective, mismatch = trial, trial_objective, trial_mismatch
         g = problem.gradient()
         gnorm = problem.norm(g)
+        if not np.isfinite(gnorm):
+            history.append(IterationInfo(it + 1, objective, mismatch, float("nan"), gnorm, krylov_its, step,
+                                         time.perf_counter() - t0, problem.options.beta, level))
+            stop_reason = "the gradient is not finite (diverging solve; increase beta or nt); keeping this iterate"
+            break
     return NewtonResult(velocity=v, history=history, converged=converged, stop_reason=stop_reason, matvecs=matvecs)

@@ -119,3 +119,22 @@ def test_serial_and_parallel_objective_histories_agree():
         serial = run(MPI.COMM_SELF)
         assert len(serial) == len(parallel)
         np.testing.assert_allclose(parallel, serial, rtol=1e-8)
+
+
+def test_a_far_too_small_beta_stops_with_a_reason_and_keeps_the_best_iterate():
+    base, _ = synthetic(24, reg=RegularizationOptions(beta=1e-9))
+    noise = np.random.default_rng(base.decomp.rank).standard_normal(base.decomp.local_shape)
+    # a reference no smooth map reaches (noise) and a beta that lets the velocity chase it
+    problem = RegistrationProblem(base.transport, base.fixed[0] + 0.3 * noise, base.moving, base.options)
+    newton = NewtonOptions(max_iterations=40, gradient_tolerance=1e-9, absolute_gradient_tolerance=1e-30,
+                           stagnation_tolerance=1e-3)
+    res = gauss_newton_krylov(problem, problem.decomp.new_vector(), newton)
+    objectives = [h.objective for h in res.history]
+    assert not res.converged and res.stop_reason, res.stop_reason
+    assert res.stop_reason.startswith(("stagnated", "line search failed", "the gradient is not finite")), \
+        res.stop_reason
+    assert all(np.isfinite(objectives)) and objectives == sorted(objectives, reverse=True)  # monotone
+    problem.set_velocity(res.velocity)  # the velocity returned is the best (last accepted) iterate
+    assert problem.objective()[0] == pytest.approx(objectives[-1], rel=1e-12)
+    with pytest.raises(ValueError, match="stagnation_tolerance"):
+        NewtonOptions(stagnation_tolerance=2.0)
