@@ -43,7 +43,7 @@ class KrylovResult:
     negative_curvature: bool
 
 
-def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, flexible=False):
+def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, flexible=False, progress=None):
     """Solve ``H x = rhs`` for symmetric positive (semi)definite ``H``.
 
     Parameters
@@ -62,6 +62,8 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, 
         which tolerates a preconditioner that varies between iterations (an inner Krylov
         solve, as in the two-level preconditioner); equal to the standard update for a fixed
         linear preconditioner, at the cost of one more inner product.
+    progress : callable, optional
+        ``progress(iteration, relative_residual)`` after every iteration.
 
     Returns
     -------
@@ -90,6 +92,8 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, 
         x += alpha * p
         r -= alpha * hp
         res = math.sqrt(inner(r, r)) / norm_rhs
+        if progress is not None:
+            progress(it, res)
         if res <= rtol:
             return KrylovResult(x, it, res, True, False)
         z_old = z

@@ -63,6 +63,21 @@ class NewtonOptions:
             raise ValueError(f"preconditioner={self.preconditioner!r}: use one of {', '.join(PRECONDITIONERS)}")
 
 
+class _Progress:
+    """Logs PCG's progress when a Newton step takes long (a line every ~10 s), so that a
+    large run shows it is alive between the per-iteration lines."""
+
+    def __init__(self, target, every=10.0):
+        self.target, self.every, self.last = target, every, time.perf_counter()
+
+    def __call__(self, iteration, residual):
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info("      pcg iteration %d: relative residual %.2e (target %.2e)", iteration, residual,
+                     self.target)
+
+
 @dataclass
 class NewtonResult:
     velocity: np.ndarray
@@ -150,7 +165,7 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
         krylov = pcg(problem.hessian_matvec, -g, inner=problem.inner,
                      precondition=precondition, rtol=eta,
                      max_iterations=options.krylov.max_iterations,
-                     flexible=getattr(precondition, "flexible", False))
+                     flexible=getattr(precondition, "flexible", False), progress=_Progress(eta))
         matvecs += krylov.iterations
         krylov_its = krylov.iterations
         s = krylov.solution
