@@ -6,8 +6,10 @@ scanner millimetres and is carried unchanged from input to output.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +19,8 @@ from .errors import UserInputError
 __all__ = ["Image", "read_image", "write_image", "atomic_path", "resample_to_grid"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,52 +40,197 @@ def _suffix(path):
     return None
 
 
-def _load(path, vector=False):
+#: Voxel values beyond this magnitude are refused: spectral sums over up to ~2^31 points of
+#: such values stay finite in float32 (3.4e38), and no imaging modality comes near it.
+MAX_ABS_VALUE = 1e20
+#: deflate cannot expand data by more than ~1032:1; a .nii.gz whose header claims more voxel
+#: bytes than this times its size is certainly truncated or lies about its dims.
+_DEFLATE_MAX_RATIO = 1100
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _available_memory():
+    """Bytes of memory available for new allocations on this node (inf when unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        pass
+    return float("inf")
+
+
+def _nifti_class(path, fh):
+    """Nifti1Image or Nifti2Image from ``sizeof_hdr`` (either byte order) of the open stream."""
     import nibabel as nib
+
+    head = fh.read(4)
+    fh.seek(0)
+    if len(head) < 4:
+        raise UserInputError(f"{path}: file too short for a NIfTI header; check the file is complete")
+    sizes = {int(np.frombuffer(head, "<i4")[0]), int(np.frombuffer(head, ">i4")[0])}
+    if 348 in sizes:
+        return nib.Nifti1Image
+    if 540 in sizes:
+        return nib.Nifti2Image
+    raise UserInputError(f"{path}: not a NIfTI-1/2 file (header size field {min(sizes)}, expected 348 or 540)")
+
+
+def _check_header(path, hdr, file_size, gz):
+    """Refuse, before any voxel is read (or memory allocated for it), a header whose
+    geometry, voxel type, size or scaling cannot describe a readable 3-D image."""
+    dims = hdr["dim"]
+    if not 1 <= int(dims[0]) <= 7:
+        raise UserInputError(f"{path}: header dim[0] = {int(dims[0])} is not a number of axes (1..7); the header "
+                             "is damaged")
+    shape = tuple(int(d) for d in hdr.get_data_shape())
+    if any(n <= 0 for n in shape):
+        raise UserInputError(f"{path}: header dims {shape} have an axis of length <= 0; the header is damaged")
+    dtype = hdr.get_data_dtype()
+    if dtype.names is not None:
+        raise UserInputError(f"{path}: RGB/RGBA voxels ({dtype.names}); convert to a single-channel (grey) image")
+    if dtype.kind not in "uif" or dtype.itemsize == 0:
+        kind = "complex" if dtype.kind == "c" else f"NIfTI datatype code {int(hdr['datatype'])}"
+        raise UserInputError(f"{path}: voxel type {kind} is not a supported real number type (use int/uint 8-64 "
+                             "bits, float32 or float64)")
+    offset = float(hdr["vox_offset"])
+    minimum = hdr.single_vox_offset  # header + extension flag: 352 (NIfTI-1) or 544 (NIfTI-2)
+    if not (np.isfinite(offset) and minimum <= offset < 2.0 ** 62):
+        raise UserInputError(f"{path}: header vox_offset = {offset:g} does not point past the header (>= {minimum}); "
+                             "the header is damaged")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    end = int(offset) + nbytes
+    if not gz and end > file_size:
+        raise UserInputError(f"{path}: the header claims {'x'.join(map(str, shape))} {dtype} voxels ({nbytes} bytes "
+                             f"from byte {int(offset)}) but the file has {file_size} bytes: truncated, or wrong "
+                             "dims/datatype in the header")
+    if gz and end > _DEFLATE_MAX_RATIO * file_size + 4096:
+        raise UserInputError(f"{path}: the header claims {'x'.join(map(str, shape))} {dtype} voxels ({nbytes} bytes) "
+                             f"but {file_size} compressed bytes cannot hold them: truncated, or wrong "
+                             "dims/datatype in the header")
+    available = _available_memory()
+    if nbytes > available:
+        gib = 2.0 ** 30
+        raise UserInputError(f"{path}: reading {'x'.join(map(str, shape))} {dtype} voxels needs {nbytes / gib:.1f} "
+                             f"GiB but {available / gib:.1f} GiB is available on this node")
+    slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
+    if np.isinf(slope) or (slope != 0 and np.isfinite(slope) and not np.isfinite(inter)):
+        raise UserInputError(f"{path}: header scaling scl_slope = {slope:g}, scl_inter = {inter:g} is not finite; "
+                             "fix the header (scl_slope = 0 or NaN means no scaling)")
+
+
+def _check_affine(path, affine):
+    if not np.all(np.isfinite(affine)):
+        raise UserInputError(f"{path}: the header's affine is not finite; fix the qform/sform")
+    linear = affine[:3, :3]
+    norms = np.linalg.norm(linear, axis=0)
+    if not np.all(norms > 0) or abs(np.linalg.det(linear)) <= 1e-9 * float(np.prod(norms)):
+        raise UserInputError(f"{path}: the header's voxel-to-world affine is singular (voxel sizes "
+                             f"{np.round(norms, 6).tolist()}); fix pixdim or the qform/sform")
+
+
+class _HeaderFixes:
+    """Collects nibabel's header check reports (``logger.log(level, message)``)."""
+
+    def __init__(self):
+        self.messages = []
+
+    def log(self, level, message):
+        message = " ".join(str(message).split())
+        if level >= logging.WARNING and message and not message.endswith("leaving at current value"):
+            self.messages.append(message)  # a problem nibabel fixed (a fix changes what is read)
+
+
+def _load(path, vector=False, channels=False):
+    import gzip
 
     if _suffix(path) is None:
         raise UserInputError(f"{path}: not a NIfTI file name; give a .nii or .nii.gz file")
     if not os.path.isfile(path):
         raise UserInputError(f"{path}: no such file")
+    gz = str(path).endswith(".gz")
     try:
-        img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises many types for damaged files
-        raise UserInputError(f"{path}: cannot be read as NIfTI ({exc}); check the file is complete") from exc
+        with open(path, "rb") as raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw) as fh:
+            klass = _nifti_class(path, fh)
+            fixes = _HeaderFixes()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    header = klass.header_class.from_fileobj(fh, check=False)
+                except Exception as exc:  # extensions are read here, up to vox_offset
+                    raise UserInputError(f"{path}: cannot be read as NIfTI, damaged header or header extensions "
+                                         f"({_one_line(exc)}); check the file is complete") from exc
+                header.check_fix(logger=fixes, error_level=40)  # nibabel's checks: raise or fix
+            for message in fixes.messages + [" ".join(str(w.message).split()) for w in caught]:
+                log.warning("warning: %s: header: %s", path, message)
+            # refuse before any voxel memory is allocated
+            _check_header(path, header, os.fstat(raw.fileno()).st_size, gz)
+            affine = np.asarray(header.get_best_affine(), float)
+            _check_affine(path, affine)
+            data = np.asanyarray(klass.ImageArrayProxy(fh, header.copy(), mmap=False))
+            if gz:  # read to the end: the gzip trailer's CRC and length check the whole stream
+                while fh.read(1 << 24):
+                    pass
+    except UserInputError:
+        raise
+    except MemoryError as exc:
+        raise UserInputError(f"{path}: not enough memory to read the image") from exc
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for damaged files
+        raise UserInputError(f"{path}: cannot be read as NIfTI ({_one_line(exc)}); check the file is complete") from exc
     if vector:
         if data.ndim != 4 or data.shape[3] != 3:
             raise UserInputError(f"{path}: shape {data.shape}; a 3-D field of 3-vectors (n1, n2, n3, 3) is needed")
     else:
-        if data.ndim == 4 and data.shape[3] == 1:
+        while data.ndim > 3 and data.shape[-1] == 1:  # trailing singleton axes (time, vector) of a volume
             data = data[..., 0]
-        if data.ndim != 3:
-            raise UserInputError(f"{path}: image has shape {data.shape}; a 3-D volume is needed")
+        multichannel = channels and data.ndim == 4 and 1 < data.shape[3] <= 16
+        if data.ndim != 3 and not multichannel:
+            raise UserInputError(f"{path}: image has shape {data.shape}; a 3-D volume is needed"
+                                 + (" (or (n1, n2, n3, C) with C <= 16 channels)" if channels else ""))
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise UserInputError(f"{path}: voxel type {data.dtype} is not a real number type")
-    affine = np.asarray(img.affine, float)
-    if not np.all(np.isfinite(affine)):
-        raise UserInputError(f"{path}: the header's affine is not finite; fix the qform/sform")
-    if not np.all(np.isfinite(data)):
-        raise UserInputError(f"{path}: image contains NaN or infinite voxels; replace them first")
-    return Image(np.ascontiguousarray(data), affine, data.shape, img.header)
+    if data.dtype.byteorder not in "=|":
+        data = data.astype(data.dtype.newbyteorder("="))
+    if data.dtype.kind == "f":
+        if not np.all(np.isfinite(data)):
+            raise UserInputError(f"{path}: image contains NaN or infinite voxels; replace them first")
+        peak = max(abs(float(data.min())), abs(float(data.max())))
+        if peak > MAX_ABS_VALUE:
+            raise UserInputError(f"{path}: voxel values reach {peak:.3g}; values beyond +-{MAX_ABS_VALUE:g} overflow "
+                                 "the spectral arithmetic: rescale the image")
+    return Image(np.ascontiguousarray(data), affine, data.shape, header)
 
 
-def read_image(path, comm=None, *, vector=False):
+def read_image(path, comm=None, *, vector=False, channels=False):
     """Read a 3-D NIfTI image on rank 0 of ``comm`` and share its geometry with every rank.
 
     A trailing singleton 4th axis is dropped; ``vector=True`` reads a field ``(n1, n2, n3,
-    3)`` instead. Errors are raised on every rank (as :class:`UserInputError`) so that all
+    3)`` instead, ``channels=True`` also accepts ``(n1, n2, n3, C)`` images of ``C <= 16``
+    components. Errors are raised on every rank (as :class:`UserInputError`) so that all
     ranks exit together.
     """
     rank = 0 if comm is None else comm.Get_rank()
-    result, error = None, None
+    result, error, unexpected = None, None, None
     if rank == 0:
         try:
-            result = _load(path, vector)
+            result = _load(path, vector, channels)
         except UserInputError as exc:
             error = str(exc)
+        except BaseException as exc:  # a bug: raise it, but never leave the other ranks in bcast
+            if comm is None or comm.Get_size() == 1:
+                raise
+            unexpected, error = exc, f"{path}: reading failed on rank 0 ({_one_line(exc)})"
     if comm is not None:
-        error = comm.bcast(error, root=0)
+        error, kind = comm.bcast((error, unexpected is not None), root=0)
+        if kind:
+            if unexpected is not None:
+                raise unexpected
+            raise RuntimeError(error)
         geometry = comm.bcast(None if result is None else (result.affine, result.shape), root=0)
     if error is not None:
         raise UserInputError(error)
@@ -118,6 +267,11 @@ def write_image(path, data, affine, header=None, intent=None):
     tmp = atomic_path(path)
     try:
         nib.save(img, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:  # on disk before the rename: a crash of the node cannot leave a renamed empty file
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
