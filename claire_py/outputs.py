@@ -62,24 +62,57 @@ def load_registration(outdir, comm):
     return velocity, RegistrationConfig.from_dict(meta["config"]), img.affine
 
 
-def prepare_outdir(outdir, *, overwrite=False, create=True):
+def prepare_outdir(outdir, *, overwrite=False, create=True, shape=None, bytes_needed=None):
     """Check ``outdir`` (and create it when ``create``): refuse one that holds a registration
-    unless ``overwrite``, a non-directory, and a place that is not writable. Raises
-    :class:`UserInputError` naming the fix. With ``create=False`` nothing is written, so a
-    check before the solve leaves no trace when the solve then fails."""
+    unless ``overwrite``, a non-directory, a place that is not writable, and a file system
+    without room for the outputs. Raises :class:`UserInputError` naming the fix. With
+    ``create=False`` nothing is left behind, so a check before the solve leaves no trace when
+    the solve then fails.
+
+    The free space asked for is ``bytes_needed``, else the uncompressed size of the files of
+    ``claire register`` on the grid ``shape`` (13 float32 values per point: 4 images, 3
+    vector fields), and at least 1 MiB (a full disk is refused whatever the grid). With ``create``
+    and ``overwrite``, a previous ``registration.json`` is removed first: the directory is
+    marked incomplete until the new one is written last, so a run killed while replacing the
+    files never leaves a mix of old and new files under a "complete" record."""
+    import tempfile
+
     from .errors import UserInputError
 
-    if os.path.exists(os.path.join(outdir, "registration.json")) and not overwrite:
+    record = os.path.join(outdir, "registration.json")
+    if os.path.exists(record) and not overwrite:
         raise UserInputError(f"{outdir} already holds a registration; choose another -o or pass --overwrite")
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise UserInputError(f"{outdir} exists and is not a directory")
     existing = os.path.abspath(outdir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserInputError(f"{existing} is not a directory; choose another -o")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserInputError(f"{existing} is not writable; choose another -o")
+    try:  # os.access trusts permission bits: root, read-only mounts, /proc and quotas need a real file
+        fd, probe = tempfile.mkstemp(prefix=".claire-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserInputError(f"{existing} is not writable ({exc.strerror or exc}); choose another -o") from exc
+    if bytes_needed is None:
+        bytes_needed = 0 if shape is None else int(np.prod(shape, dtype=np.float64)) * (4 + 3 * 3) * 4
+    bytes_needed = max(int(bytes_needed), 1 << 20)
+    try:
+        fs = os.statvfs(existing)
+        free = fs.f_bavail * fs.f_frsize
+    except (OSError, AttributeError):  # pragma: no cover - no statvfs: no check
+        free = None
+    if free is not None and free < bytes_needed:
+        mib = 2.0 ** 20
+        raise UserInputError(f"{existing}: {free / mib:.1f} MiB free on its file system but the outputs need up to "
+                             f"{bytes_needed / mib:.1f} MiB; free space or choose another -o")
     if create:
         os.makedirs(outdir, exist_ok=True)
+        if overwrite and os.path.exists(record):
+            os.remove(record)
 
 
 def _normalized(a, like=None):
