@@ -447,6 +447,7 @@ def main(argv=None):
         if status and time.monotonic() > deadline:  # failed alone: the others will never join
             print(report, file=sys.stderr)
             sys.stderr.flush()
+            time.sleep(1.0)  # let the launcher forward the message before the abort tears the job down
             comm.Abort(int(status))
         time.sleep(0.01)
     agreement.Free()
