@@ -1,0 +1,815 @@
+"""``claire batch``: many registrations as one MPI job (pair lists and parameter sweeps).
+
+A job list (CSV, YAML or JSON file, or a list of dicts) names, per job, ``fixed`` and ``moving``
+(NIfTI paths), optionally ``name``, ``labels_fixed`` + ``labels_moving`` (integer label maps:
+Dice before/after), ``mask``, and per-job options by the flat names of ``claire register``'s
+flags (see :data:`OPTIONS`; ``max-iter`` and ``max_iter`` are the same key; an empty CSV
+cell leaves the option unset). A sweep multiplies the list by every combination of the given
+option values; a swept job is named ``NAME__beta=1e-2__regnorm=h1s``.
+
+Scheduling. The ``P`` ranks of ``comm`` run the jobs in groups of ``K = ranks_per_job``:
+
+* ``P == K``: one group, every rank, the jobs in list order.
+* ``P == 1 + G K``: rank 0 only hands out jobs, one at a time, to whichever of the ``G``
+  groups (ranks ``1 .. P-1``) asks next, so that groups finishing short jobs take more of them.
+  Between requests rank 0 sleeps (no busy polling): launch one rank more than the cores
+  that should work (``mpiexec -n 3`` runs two 1-rank groups on a 2-core machine).
+
+Every job is an ordinary registration (:func:`claire_py.register` on its group's
+communicator) written to ``OUTDIR/NAME/`` by :meth:`RegistrationResult.save`. A rerun skips
+the jobs whose ``registration.json`` says complete (a complete one with other inputs or
+options is an error unless ``overwrite``) and redoes the others. A failing job is recorded
+with its one-line error and does not stop the others. ``OUTDIR/results.csv`` holds one row
+per job (rewritten atomically as jobs finish: ``pending``, ``running``, ``complete``,
+``failed``).
+
+Relative paths in a jobs file are relative to the file's directory; in a list of dicts, to
+the working directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+from .api import register
+from .config import PRESETS, RegistrationConfig
+from .errors import UserInputError
+
+__all__ = ["batch", "OPTIONS", "read_jobs", "parse_sweep", "summary_table", "add_batch_command"]
+
+log = logging.getLogger(__name__)
+
+
+def _bool(text):
+    if isinstance(text, (bool, np.bool_)):
+        return bool(text)
+    value = {"true": True, "yes": True, "on": True, "1": True,
+             "false": False, "no": False, "off": False, "0": False}.get(str(text).strip().lower())
+    if value is None:
+        raise ValueError(f"{text!r} is not true/false")
+    return value
+
+
+def _int(text):
+    if isinstance(text, (bool, np.bool_)) or isinstance(text, float):
+        raise ValueError(f"{text!r} is not an integer")
+    return int(text)  # int("2.5") and int("x") raise
+
+
+def _float(text):
+    if isinstance(text, (bool, np.bool_)):
+        raise ValueError(f"{text!r} is not a number")
+    return float(text)
+
+
+def _floats(text):
+    if isinstance(text, str):
+        return tuple(float(w) for w in re.split(r"[,;\s]+", text.strip()))
+    return tuple(_float(w) for w in text)
+
+
+def _text(text):
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a name")
+    return text.strip()
+
+
+def _optional_text(text):
+    return None if text is None or str(text).strip().lower() in ("", "none", "off") else _text(text)
+
+
+#: The per-job options: flat name -> (place in the nested RegistrationConfig, parser). The
+#: names are those of ``claire register``'s flags (``--max-iter`` -> ``max_iter``).
+OPTIONS = {
+    "beta": (("regularization", "beta"), _float),
+    "regnorm": (("regularization", "norm"), _text),
+    "incompressible": (("regularization", "incompressible"), _bool),
+    "distance": (("distance", "name"), _text),
+    "weights": (("distance", "weights"), _floats),
+    "nt": (("transport", "nt"), _int),
+    "interpolation": (("transport", "interpolation"), _text),
+    "gtol": (("newton", "gradient_tolerance"), _float),
+    "max_iter": (("newton", "max_iterations"), _int),
+    "precond": (("newton", "preconditioner"), _text),
+    "krylov_max_iter": (("newton", "krylov", "max_iterations"), _int),
+    "forcing": (("newton", "krylov", "forcing"), _text),
+    "train": (("continuation", "train"), _optional_text),
+    "jbound": (("continuation", "det_bound"), _float),
+    "beta_continuation": (("continuation", "beta_continuation"), _bool),
+    "grid_continuation": (("continuation", "grid_continuation"), _bool),
+    "scale_continuation": (("continuation", "scale_continuation"), _bool),
+    "coarsest_grid": (("continuation", "coarsest_grid"), _int),
+    "sigma": (("preprocess", "sigma"), _float),
+    "pad": (("preprocess", "pad"), _int),
+    "resample": (("preprocess", "resample"), _bool),
+    "normalize": (("preprocess", "normalize"), _bool),
+    "precision": (("precision",), _text),
+}
+_PATHS = ("fixed", "moving", "labels_fixed", "labels_moving", "mask")
+_KEYS = ("name",) + _PATHS + ("preset",) + tuple(OPTIONS)
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]*$")
+_TAG_REQUEST, _TAG_JOB = 71, 72
+_POLL_MIN, _POLL_MAX = 0.001, 0.05  # seconds between the dispatcher's looks for requests
+_ALONE_TIMEOUT = 30.0  # seconds a rank that failed alone waits for its group before aborting
+
+
+@dataclasses.dataclass
+class _Job:
+    name: str
+    inputs: dict  # absolute paths: fixed, moving and, when given, labels_*, mask
+    options: dict  # flat option name -> value (the job's own and the sweep's)
+    config: RegistrationConfig
+    directory: str
+    record: dict | None = None  # the row of an earlier complete run: nothing to do
+
+
+def _key(key):
+    return str(key).strip().lower().replace("-", "_")
+
+
+def _parse_option(key, value, where):
+    if key == "preset":
+        if value not in PRESETS:
+            raise UserInputError(f"{where}: preset {value!r} is unknown; use one of {', '.join(PRESETS)}")
+        return value
+    try:
+        return OPTIONS[key][1](value)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"{where}: {key}={value!r}: {exc}") from None
+
+
+def _value_text(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(_value_text(v) for v in value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def parse_sweep(texts):
+    """``{NAME: [values]}`` from ``--sweep NAME=V1,V2,...`` arguments (values kept as text).
+
+    Raises
+    ------
+    UserInputError
+        On a malformed argument, an unknown option name or a name given twice.
+    """
+    sweep = {}
+    for text in texts or ():
+        name, sep, values = str(text).partition("=")
+        name = _key(name)
+        if not sep or not name or not values.strip():
+            raise UserInputError(f"--sweep {text!r}: write NAME=V1,V2,... (e.g. --sweep beta=1e-2,1e-3)")
+        if name in sweep:
+            raise UserInputError(f"--sweep {name} is given twice; list all its values in one --sweep")
+        sweep[name] = [v.strip() for v in values.split(",") if v.strip()]
+    return sweep
+
+
+def _checked_sweep(sweep):
+    """``[(name, [(text, value), ...]), ...]`` of a sweep dict, each value parsed."""
+    items = []
+    for name, values in (sweep or {}).items():
+        key = _key(name)
+        if key not in OPTIONS and key != "preset":
+            raise UserInputError(f"sweep over {name!r}: not an option; valid: preset, {', '.join(OPTIONS)}")
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            values = [values]
+        values = list(values)
+        if not values:
+            raise UserInputError(f"sweep over {name!r}: no values given")
+        texts = [_value_text(v) for v in values]
+        if len(set(texts)) != len(texts):
+            raise UserInputError(f"sweep over {name!r}: a value is given twice ({', '.join(texts)})")
+        items.append((key, [(t, _parse_option(key, v, f"sweep over {name}")) for t, v in zip(texts, values)]))
+    return items
+
+
+def read_jobs(jobs):
+    """The entries of a job list: ``(list of (where, dict), base directory)``.
+
+    Parameters
+    ----------
+    jobs : str, os.PathLike or sequence of dict
+        A ``.csv`` file (a header row naming the columns; lines starting with ``#`` are
+        comments), a ``.yaml``/``.yml`` (needs PyYAML) or ``.json`` file holding a list of
+        mappings, or a list of dicts.
+    """
+    if isinstance(jobs, (str, os.PathLike)):
+        path = os.fspath(jobs)
+        if not os.path.isfile(path):
+            raise UserInputError(f"{path}: no such jobs file")
+        lower = path.lower()
+        try:
+            with open(path, newline="") as fh:
+                if lower.endswith(".csv"):
+                    entries = _read_csv(path, fh)
+                elif lower.endswith((".yaml", ".yml", ".json")):
+                    entries = _read_structured(path, fh)
+                else:
+                    raise UserInputError(f"{path}: give the jobs as a .csv, .yaml/.yml or .json file")
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise UserInputError(f"{path}: cannot be read as a job list ({exc})") from None
+        return entries, os.path.dirname(os.path.abspath(path))
+    if isinstance(jobs, dict) or not hasattr(jobs, "__iter__"):
+        raise UserInputError("jobs: give a .csv/.yaml/.json file or a list of dicts, one per job")
+    return [(f"job {i + 1}", entry) for i, entry in enumerate(jobs)], os.getcwd()
+
+
+def _read_csv(path, fh):
+    lines = [(i + 1, line) for i, line in enumerate(fh) if line.strip() and not line.lstrip().startswith("#")]
+    if not lines:
+        raise UserInputError(f"{path}: no header row; the first line names the columns (fixed,moving,...)")
+    reader = csv.DictReader([line for _, line in lines], skipinitialspace=True)
+    entries = []
+    for row in reader:
+        line = lines[reader.line_num - 1][0]
+        if None in row:
+            raise UserInputError(f"{path}, line {line}: more cells than the header has columns")
+        entries.append((f"{path}, line {line}", {k: v.strip() for k, v in row.items() if v is not None}))
+    return entries
+
+
+def _read_structured(path, fh):
+    text = fh.read()
+    if path.lower().endswith(".json"):
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UserInputError(f"{path}: not valid JSON ({exc})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise UserInputError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or give the jobs "
+                                 "as .csv or .json") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UserInputError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, list):
+        raise UserInputError(f"{path}: expected a list of jobs (mappings with fixed, moving, ...), got "
+                             f"{type(data).__name__}")
+    return [(f"{path}, job {i + 1}", entry) for i, entry in enumerate(data)]
+
+
+def _stem(path):
+    name = os.path.basename(path)
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+def _safe(text):
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+
+
+def _expand(entries, base, sweep):
+    """``[(name, inputs, options, where), ...]``: every entry times every sweep combination."""
+    items = _checked_sweep(sweep)
+    swept = {key for key, _ in items}
+    expanded = []
+    for where, entry in entries:
+        if not isinstance(entry, dict):
+            raise UserInputError(f"{where}: a job is a mapping with fixed, moving, ...; got {entry!r}")
+        entry = {_key(k): v for k, v in entry.items() if v is not None and not (isinstance(v, str) and not v.strip())}
+        unknown = sorted(set(entry) - set(_KEYS))
+        if unknown:
+            raise UserInputError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(_KEYS)}")
+        for key in ("fixed", "moving"):
+            if key not in entry:
+                raise UserInputError(f"{where}: no {key} image given")
+        if ("labels_fixed" in entry) != ("labels_moving" in entry):
+            raise UserInputError(f"{where}: give both labels_fixed and labels_moving (or neither)")
+        inputs = {}
+        for key in _PATHS:
+            if key in entry:
+                if not isinstance(entry[key], (str, os.PathLike)):
+                    raise UserInputError(f"{where}: {key} must be a file path, got {type(entry[key]).__name__}")
+                inputs[key] = os.path.abspath(os.path.join(base, os.path.expanduser(os.fspath(entry[key]))))
+        options = {k: _parse_option(k, v, where) for k, v in entry.items() if k not in _PATHS and k != "name"}
+        clash = sorted(set(options) & swept)
+        if clash:
+            raise UserInputError(f"{where}: sets {', '.join(clash)}, which the sweep also sets; drop one of them")
+        name = str(entry["name"]).strip() if "name" in entry else \
+            _safe(f"{_stem(inputs['moving'])}_to_{_stem(inputs['fixed'])}")
+        if not _NAME.match(name) or name in (".", ".."):
+            raise UserInputError(f"{where}: job name {name!r} is not a safe directory name (letters, digits, "
+                                 "._=+- ; not starting with . or -)")
+        for combo in itertools.product(*(values for _, values in items)):
+            suffix = "".join(f"__{key}={_safe(text)}" for (key, _), (text, _) in zip(items, combo))
+            opts = dict(options, **{key: value for (key, _), (_, value) in zip(items, combo)})
+            expanded.append((name + suffix, inputs, opts, where))
+    return expanded
+
+
+def _merge(base, top):
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _base_config(config):
+    """The batch-wide settings as a nested dict (or the RegistrationConfig itself)."""
+    if config is None or isinstance(config, RegistrationConfig):
+        return config
+    if isinstance(config, dict):
+        nested = config
+    elif isinstance(config, (str, os.PathLike)):
+        try:
+            nested = RegistrationConfig.from_file(os.fspath(config), raw=True)
+        except ImportError:
+            raise UserInputError(f"{config}: reading YAML needs PyYAML (pip install pyyaml)") from None
+        except (OSError, ValueError) as exc:
+            raise UserInputError(f"--config {config}: {exc}") from None
+    else:
+        raise UserInputError(f"config: give a RegistrationConfig, a nested dict or a file, not "
+                             f"{type(config).__name__}")
+    try:
+        RegistrationConfig.from_dict(nested)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"config: {exc}") from None
+    return nested
+
+
+def _job_config(options, base, preset, where):
+    nested = {}
+    for key, value in options.items():
+        if key != "preset":
+            for part in reversed(OPTIONS[key][0]):  # ("newton", "krylov", "forcing") -> {"newton": {"krylov": ...}}
+                value = {part: value}
+            nested = _merge(nested, value)
+    preset = options.get("preset", preset)
+    if isinstance(base, RegistrationConfig):
+        if preset:
+            raise UserInputError(f"{where}: preset {preset!r} cannot refine a RegistrationConfig object; give the "
+                                 "batch config as a nested dict or file instead")
+        base = base.to_dict()
+    try:
+        top = _merge(base or {}, nested)
+        return RegistrationConfig.preset(preset, top) if preset else RegistrationConfig.from_dict(top)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"{where}: {exc}") from None
+
+
+def _flat(nested, prefix=""):
+    out = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _read_record(directory):
+    """The ``registration.json`` of ``directory`` when it says complete, else ``None``."""
+    try:
+        with open(os.path.join(directory, "registration.json")) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
+
+
+def _row(job, **fields):
+    row = {"name": job.name, **job.inputs, **job.options}
+    row.update(fields)
+    return row
+
+
+def _complete_row(job, meta, resumed):
+    history, dice = meta["history"], meta.get("dice")
+    row = _row(job, status="complete", resumed=resumed, seconds=float(meta["seconds"]),
+               iterations=sum(1 for h in history if h["iteration"] > 0),
+               matvecs=int(meta["workload"]["hessian_matvec"]["pcg_iterations"]),
+               mismatch_before=float(history[0]["mismatch"]), mismatch_after=float(history[-1]["mismatch"]),
+               det_min=float(meta["det_grad_y"]["min"]), det_max=float(meta["det_grad_y"]["max"]),
+               beta_final=float(meta["beta"]), converged=bool(meta["converged"]), stop_reason=meta["stop_reason"],
+               ranks=int(meta["ranks"]), error="")
+    if dice:
+        row["dice_mean_before"] = float(np.mean(dice["before"])) if dice["before"] else float("nan")
+        row["dice_mean"] = float(np.mean(dice["after"])) if dice["after"] else float("nan")
+    return row
+
+
+def _plan(jobs, outdir, sweep, config, preset, overwrite):
+    """Every job, resolved and checked, with the rows of those already complete."""
+    from .outputs import prepare_outdir
+
+    if preset is not None and preset not in PRESETS:
+        raise UserInputError(f"preset {preset!r} is unknown; use one of {', '.join(PRESETS)}")
+    base = _base_config(config)
+    entries, where_base = read_jobs(jobs)
+    expanded = _expand(entries, where_base, sweep)
+    if not expanded:
+        raise UserInputError("the job list is empty")
+    seen = {}
+    for name, _, _, where in expanded:
+        if name in seen:
+            raise UserInputError(f"job name {name!r} is used twice ({seen[name]} and {where}); give distinct names")
+        seen[name] = where
+    plan = [_Job(name, inputs, options, _job_config(options, base, preset, where), os.path.join(outdir, name))
+            for name, inputs, options, where in expanded]
+    prepare_outdir(outdir, overwrite=True, create=False)  # a writable place with some room; removes nothing
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"{outdir}: cannot create the output directory ({exc.strerror or exc})") from None
+    for job in plan:
+        meta = None if overwrite else _read_record(job.directory)
+        if meta is not None:
+            wanted = {"inputs": job.inputs, "config": json.loads(json.dumps(job.config.to_dict()))}
+            stored = _flat({"inputs": meta.get("inputs"), "config": meta.get("config")})
+            differ = [k for k, v in _flat(wanted).items() if stored.get(k, "<unset>") != v]
+            if differ:
+                shown = "; ".join(f"{k}: {stored.get(k, '<unset>')!r} there, {_flat(wanted)[k]!r} now"
+                                  for k in differ[:3])
+                raise UserInputError(f"{job.directory} holds a complete registration with other inputs or options "
+                                     f"than job {job.name} ({shown}); pass --overwrite to redo it, or choose another "
+                                     "-o")
+            try:
+                job.record = _complete_row(job, meta, resumed=True)
+            except (KeyError, TypeError, IndexError, ValueError):
+                job.record = None  # an unreadable record: run the job again
+    return plan
+
+
+def _one_line(exc):
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, UserInputError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text[:500]
+
+
+def _agree(agreement, error, name):
+    """The first error of any rank of the group (``None`` when none failed), on every rank.
+    A rank that failed while the others wait in a collective it will never join aborts the
+    whole job after :data:`_ALONE_TIMEOUT` s, so nothing hangs."""
+    from mpi4py import MPI
+
+    mine = np.array([1 if error else 0], dtype=np.int64)
+    worst = np.zeros_like(mine)
+    request = agreement.Iallreduce(mine, worst, op=MPI.MAX)
+    deadline = time.monotonic() + _ALONE_TIMEOUT
+    while not request.Test():
+        if error and time.monotonic() > deadline:
+            sys.stderr.write(f"claire batch: job {name} failed on world rank {MPI.COMM_WORLD.Get_rank()} alone "
+                             f"({error}); the rest of its group cannot go on: aborting (rerun to resume)\n")
+            sys.stderr.flush()
+            MPI.COMM_WORLD.Abort(1)
+        time.sleep(0.005)
+    if not worst[0]:
+        return None
+    return next(e for e in agreement.allgather(error) if e)
+
+
+def _run_job(job, group, agreement):
+    """Register one job on ``group`` and save it; its row on the group's rank 0 (a failure
+    is a row too), ``None`` on the other ranks."""
+    t0 = time.perf_counter()
+    leader = group.Get_rank() == 0
+    error, row = None, None
+    try:
+        labels = (job.inputs["labels_fixed"], job.inputs["labels_moving"]) if "labels_fixed" in job.inputs else None
+        result = register(job.inputs["fixed"], job.inputs["moving"], config=job.config, comm=group,
+                          mask=job.inputs.get("mask"), labels=labels)
+        if leader:
+            result.save(job.directory, overwrite=True, inputs=job.inputs)
+            del result
+            row = _complete_row(job, _read_record(job.directory), resumed=False)
+    except Exception as exc:  # noqa: BLE001 - a failing job is recorded, the batch goes on
+        error = _one_line(exc)
+        if not isinstance(exc, UserInputError):
+            log.warning("job %s failed", job.name, exc_info=True)
+    if agreement is not None:
+        error = _agree(agreement, error, job.name)
+    if error and leader:
+        row = _row(job, status="failed", resumed=False, seconds=time.perf_counter() - t0, error=error)
+    return row
+
+
+def _columns(plan):
+    inputs = [k for k in _PATHS if any(k in job.inputs for job in plan)]
+    options = list(dict.fromkeys(k for job in plan for k in job.options))
+    results = ["status", "resumed", "seconds", "iterations", "matvecs", "mismatch_before", "mismatch_after",
+               "det_min", "det_max"]
+    if "labels_fixed" in inputs:
+        results += ["dice_mean_before", "dice_mean"]
+    return ["name"] + inputs + options + results + ["beta_final", "converged", "stop_reason", "ranks", "error"]
+
+
+def _write_csv(path, columns, rows):
+    """Write ``rows`` to ``path`` atomically (a temporary file renamed onto it)."""
+    tmp = f"{path}.partial-{os.getpid()}"
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else _value_text(row[k]) if k in OPTIONS else row[k]
+                             for k in columns})
+    os.replace(tmp, path)
+
+
+class _Results:
+    """The rows, kept on world rank 0 and rewritten to ``results.csv`` after each change."""
+
+    def __init__(self, plan, outdir):
+        self.plan, self.path = plan, os.path.join(outdir, "results.csv")
+        self.rows = [job.record or _row(job, status="pending") for job in plan]
+        self.columns = _columns(plan)
+        self.done = sum(job.record is not None for job in plan)
+
+    def set(self, index, row, final=True):
+        self.rows[index] = row
+        if final:
+            self.done += 1
+            if row["status"] == "complete":
+                log.info("[%d/%d] %s: complete in %.1f s (%d iterations, mismatch %.3f, det(grad y) in [%.3f, %.3f])",
+                         self.done, len(self.rows), row["name"], row["seconds"], row["iterations"],
+                         row["mismatch_after"], row["det_min"], row["det_max"])
+            else:
+                log.info("[%d/%d] %s: failed: %s", self.done, len(self.rows), row["name"], row["error"])
+        self.write(quiet=True)
+
+    def write(self, quiet=False):
+        """Rewrite the CSV; returns the error text instead of raising (``quiet``: log it)."""
+        try:
+            _write_csv(self.path, self.columns, self.rows)
+        except OSError as exc:
+            error = f"{self.path}: cannot write the results ({exc.strerror or exc})"
+            if quiet:
+                log.warning("warning: %s", error)
+            return error
+        return None
+
+    def final(self):
+        return [{k: row.get(k) for k in self.columns} for row in self.rows]
+
+
+def _run_in_order(plan, comm, results):
+    """One group (every rank of ``comm``): the jobs in list order."""
+    group = comm.Dup()
+    agreement = group.Dup() if group.Get_size() > 1 else None
+    try:
+        for index, job in enumerate(plan):
+            if job.record is not None:
+                continue
+            if results is not None:
+                results.set(index, _row(job, status="running"), final=False)
+            row = _run_job(job, group, agreement)
+            if results is not None:
+                results.set(index, row)
+    finally:
+        if agreement is not None:
+            agreement.Free()
+        group.Free()
+
+
+def _dispatch(plan, work, groups, results):
+    """World rank 0 with several groups: hand out the next job to whichever group asks."""
+    from mpi4py import MPI
+
+    todo = deque(i for i, job in enumerate(plan) if job.record is None)
+    status, delay = MPI.Status(), _POLL_MIN
+    while groups:
+        if not work.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_REQUEST, status=status):
+            time.sleep(delay)  # no busy polling: the core is the workers'
+            delay = min(2 * delay, _POLL_MAX)
+            continue
+        delay = _POLL_MIN
+        source = status.Get_source()
+        finished = work.recv(source=source, tag=_TAG_REQUEST)
+        if finished is not None:
+            results.set(*finished)
+        if todo:
+            index = todo.popleft()
+            work.send(index, dest=source, tag=_TAG_JOB)
+            results.set(index, _row(plan[index], status="running"), final=False)
+        else:
+            work.send(-1, dest=source, tag=_TAG_JOB)
+            groups -= 1
+
+
+def _work(plan, work, group):
+    """A group of ranks 1..P-1: ask world rank 0 for a job, run it, report it, ask again."""
+    agreement = group.Dup() if group.Get_size() > 1 else None
+    finished = None
+    try:
+        while True:
+            index = None
+            if group.Get_rank() == 0:
+                work.send(finished, dest=0, tag=_TAG_REQUEST)
+                index = work.recv(source=0, tag=_TAG_JOB)
+            index = group.bcast(index, root=0)
+            if index < 0:
+                return
+            row = _run_job(plan[index], group, agreement)
+            finished = (index, row)
+    finally:
+        if agreement is not None:
+            agreement.Free()
+
+
+def _check_layout(size, ranks_per_job):
+    if isinstance(ranks_per_job, (bool, np.bool_)) or not isinstance(ranks_per_job, (int, np.integer)) \
+            or ranks_per_job < 1:
+        raise UserInputError(f"ranks per job {ranks_per_job!r} must be an integer >= 1")
+    k = int(ranks_per_job)
+    if size != k and (size < k or (size - 1) % k):
+        raise UserInputError(
+            f"{size} rank(s) cannot run groups of {k}: launch P = {k} ranks (one group, the jobs in order) or "
+            f"P = 1 + G*{k} (rank 0 hands out the jobs to G groups), e.g. mpiexec -n {1 + k} or -n {1 + 2 * k}")
+    return k
+
+
+def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, preset=None, overwrite=False):
+    """Run many registrations as one MPI job: a list of pairs, times a parameter sweep.
+
+    Parameters
+    ----------
+    jobs : str, os.PathLike or sequence of dict
+        A ``.csv``, ``.yaml``/``.yml`` or ``.json`` job list, or a list of dicts (as given
+        on rank 0 of ``comm``), each with ``fixed`` and ``moving`` (NIfTI paths) and
+        optionally ``name``, ``labels_fixed`` and ``labels_moving`` (integer label maps: Dice
+        before/after), ``mask`` and per-job options (``preset`` and the keys of
+        :data:`OPTIONS`: ``beta``, ``regnorm``, ``gtol``, ``max_iter``, ``sigma``, ...). The
+        default name is ``MOVING_to_FIXED`` (file stems).
+    outdir : str
+        Where job ``NAME`` writes ``OUTDIR/NAME/`` (the files of ``claire register``) and the
+        batch ``OUTDIR/results.csv``.
+    comm : mpi4py.MPI.Comm, optional
+        Default ``COMM_WORLD``; its size ``P`` must be ``ranks_per_job`` (one group) or
+        ``1 + G * ranks_per_job`` (rank 0 dispatches jobs to ``G`` groups).
+    ranks_per_job : int
+        Ranks ``K`` of each registration.
+    sweep : dict, optional
+        ``{option: [values]}``: every job is run for every combination, named
+        ``NAME__beta=0.01__regnorm=h1s`` (values as given; strings are parsed like a CSV's).
+    config : RegistrationConfig, dict or path, optional
+        Settings of every job (a nested dict or JSON/YAML file as for
+        :meth:`RegistrationConfig.from_dict`); the jobs' own options and the sweep's refine it.
+    preset : str, optional
+        A preset (see :data:`claire_py.config.PRESETS`) that ``config`` and the options
+        refine, unless a job names its own.
+    overwrite : bool
+        Redo every job, even those already complete in ``outdir``.
+
+    Returns
+    -------
+    list of dict
+        One row per job in list order, on every rank: ``name``, the input paths, the
+        options, ``status`` (``complete`` or ``failed``), ``resumed`` (complete from an
+        earlier run), ``seconds`` (the registration's), ``iterations``, ``matvecs``,
+        ``mismatch_before``/``after`` (relative, as in the ``claire register`` summary),
+        ``det_min``/``det_max`` of det(grad y), ``dice_mean_before``/``dice_mean`` with
+        labels, ``beta_final``, ``converged``, ``stop_reason``, ``ranks`` and ``error``.
+        The same rows are in ``OUTDIR/results.csv``.
+
+    Raises
+    ------
+    UserInputError
+        On every rank alike, before any job runs: an unreadable job list, an unknown key or
+        a bad option value (naming the job), duplicate names, a rank count that does not
+        split into groups, an unusable ``outdir``. Failures of single jobs are not raised:
+        they are rows with ``status == "failed"`` and the one-line ``error``.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    rank, size = comm.Get_rank(), comm.Get_size()
+    k = _check_layout(size, ranks_per_job)
+    plan, error, cause = None, None, None
+    if rank == 0:
+        try:
+            plan = _plan(jobs, os.fspath(outdir), sweep, config, preset, overwrite)
+        except Exception as exc:  # noqa: BLE001 - the other ranks must not wait for a plan that never comes
+            error, cause = _one_line(exc), exc
+    plan, error = comm.bcast((plan, error), root=0)
+    if error:
+        raise UserInputError(error) from cause
+    results = _Results(plan, os.fspath(outdir)) if rank == 0 else None
+    error = comm.bcast(results.write() if rank == 0 else None, root=0)
+    if error:
+        raise UserInputError(error)
+    skipped = sum(job.record is not None for job in plan)
+    if rank == 0:
+        log.info("batch: %d job(s), %d already complete, on %d rank(s) in %s of %d", len(plan), skipped, size,
+                 "one group" if size == k else f"{(size - 1) // k} group(s)", k)
+    if size == k:
+        _run_in_order(plan, comm, results)
+    else:
+        work = comm.Dup()  # private: never matches the jobs' own messages
+        try:
+            group = comm.Split(MPI.UNDEFINED if rank == 0 else (rank - 1) // k, key=rank)
+            if rank == 0:
+                _dispatch(plan, work, (size - 1) // k, results)
+            else:
+                try:
+                    _work(plan, work, group)
+                finally:
+                    group.Free()
+            request = work.Ibarrier()  # idle ranks sleep instead of spinning in a collective
+            while not request.Test():
+                time.sleep(0.01)
+        finally:
+            work.Free()
+    rows = None
+    if rank == 0:
+        error = results.write()
+        rows = results.final()
+    rows, error = comm.bcast((rows, error), root=0)
+    if error:
+        raise UserInputError(error)
+    return rows
+
+
+def _number(value, spec):
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def summary_table(rows, path=None):
+    """A plain-text table of the rows of :func:`batch` (and a closing count line)."""
+    width = max([len("job")] + [len(r["name"]) for r in rows])
+    dice = any(r.get("dice_mean") is not None for r in rows)
+    head = f"{'job':{width}}  {'status':8} {'seconds':>8} {'iter':>5} {'matvecs':>7} {'mismatch':>8} " \
+           f"{'det(grad y)':>17}" + ("  Dice before -> after" if dice else "")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["status"] != "complete":
+            lines.append(f"{r['name']:{width}}  {r['status']:8} {_number(r.get('seconds'), '8.1f')}  "
+                         f"{r.get('error') or ''}")
+            continue
+        line = (f"{r['name']:{width}}  {r['status']:8} {r['seconds']:8.1f} {r['iterations']:5d} {r['matvecs']:7d} "
+                f"{r['mismatch_after']:8.3f} [{r['det_min']:7.3f}, {r['det_max']:7.3f}]")
+        if r.get("dice_mean") is not None:
+            line += f"  {r['dice_mean_before']:.3f} -> {r['dice_mean']:.3f}"
+        lines.append(line)
+    complete = sum(r["status"] == "complete" for r in rows)
+    resumed = sum(bool(r.get("resumed")) for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    lines.append(f"{complete} of {len(rows)} job(s) complete ({resumed} from an earlier run), {failed} failed"
+                 + (f"; rows in {path}" if path else ""))
+    return "\n".join(lines)
+
+
+def _cmd_batch(args):
+    """``claire batch``: returns 0 when every job completed, 1 when some failed."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    logging.getLogger("claire_py").setLevel(logging.WARNING)  # the registrations' own log: warnings only
+    log.setLevel(logging.INFO if comm.Get_rank() == 0 else logging.WARNING)
+    rows = batch(args.jobs, args.output, comm=comm, ranks_per_job=args.ranks_per_job,
+                 sweep=parse_sweep(args.sweep), config=args.config, preset=args.preset, overwrite=args.overwrite)
+    if comm.Get_rank() == 0:
+        print(summary_table(rows, os.path.join(args.output, "results.csv")))
+    return 1 if any(r["status"] != "complete" for r in rows) else 0
+
+
+def add_batch_command(subparsers):
+    """Add ``claire batch`` to the ``claire`` command's subparsers."""
+    import argparse
+    import textwrap
+
+    p = subparsers.add_parser(
+        "batch", help="many registrations as one MPI job: a list of pairs, parameter sweeps",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run every job of JOBS (times every --sweep combination) as an ordinary registration\n"
+                    "writing OUTDIR/NAME/, and OUTDIR/results.csv with one row per job. Launch P = K ranks\n"
+                    "(one group of K = --ranks-per-job, the jobs in order) or P = 1 + G*K (rank 0 hands out the\n"
+                    "jobs to G groups as they finish, sleeping in between). A rerun skips the complete jobs and\n"
+                    "redoes the others; a failing job is recorded and the others go on (exit status 1 when any\n"
+                    "failed).",
+        epilog="JOBS columns (CSV header) or keys (YAML/JSON list of mappings): fixed, moving (required),\n"
+               "name, labels_fixed, labels_moving, mask (paths relative to JOBS' directory), preset, and the\n"
+               "options (as claire register's flags; an empty cell leaves one unset):\n  "
+               + textwrap.fill(", ".join(OPTIONS), 88, subsequent_indent="  ") + "\n\n"
+               "Example jobs.csv:\n  fixed,moving,beta\n  template.nii.gz,subj01.nii.gz,\n"
+               "  template.nii.gz,subj02.nii.gz,1e-3\n"
+               "run as: mpiexec -n 5 claire batch jobs.csv -o out --sweep regnorm=h1s,h2s")
+    p.add_argument("jobs", help="job list: .csv, .yaml/.yml (PyYAML) or .json")
+    p.add_argument("-o", "--output", required=True, help="output directory: OUTDIR/NAME/ per job, OUTDIR/results.csv")
+    p.add_argument("--ranks-per-job", type=int, default=1, metavar="K", help="ranks of each registration (default 1)")
+    p.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2,...",
+                   help="run every job for each value of option NAME (repeat for a grid of combinations)")
+    p.add_argument("--config", help="JSON or YAML RegistrationConfig file: settings of every job")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="start every job from this preset (a job's own wins)")
+    p.add_argument("--overwrite", action="store_true", help="redo every job, even those already complete")
+    p.set_defaults(run=_cmd_batch)
+    return p
