@@ -81,7 +81,7 @@ MUTATIONS = {
 FILE_DAMAGE = {
     "truncate": st.floats(0.0, 0.999),
     "flip": st.tuples(st.floats(0.0, 0.999), st.integers(1, 255)),
-    "append": st.sampled_from([b"\0" * 7, b"garbage!", b"\x1f", os.urandom(0) + b"\x1f\x8b\x08\0" + b"\0" * 12]),
+    "append": st.sampled_from([b"\0" * 7, b"garbage!", b"\x1f", b"\x1f\x8b\x08\0" + b"\0" * 12]),
     "extension": st.sampled_from([16, 32, 48]),  # garbage extension bytes before the data
 }
 
@@ -262,7 +262,6 @@ def _category(message):
     return " ".join(re.sub(r"[-+]?\d[\d.e+-]*", "N", text).split()[:7])
 
 
-COUNTS = Counter()
 SERIAL = itertools.count()  # unique file names across hypothesis' examples and shrinks
 
 
@@ -366,7 +365,6 @@ def test_fuzz_hostile_nifti_reads(fuzz_dir):
 
     _collective(drive, lambda job: _read_outcome(job[1]))
     if COMM.rank == 0:
-        COUNTS.update({f"read {k}": v for k, v in counts.items()})
         total = sum(counts.values())
         print(f"\nfuzz read_image: {total} cases in {time.perf_counter() - t0:.1f} s on {COMM.size} rank(s)")
         for outcome, n in counts.most_common():
@@ -382,7 +380,7 @@ def test_particular_files(shared_tmp, variant):
     bytes as voxels) and a flipped bit inside a .nii.gz's deflate stream (the gzip CRC)."""
     rng = np.random.default_rng(1)
     data = rng.integers(-1000, 1000, (5, 6, 7)).astype(np.int16)
-    path, want, message = os.path.join(shared_tmp, f"{variant}.nii" + (".gz" if "gz" in variant else "")), data, None
+    path, want = os.path.join(shared_tmp, f"{variant}.nii" + (".gz" if "gz" in variant else "")), data
     if COMM.rank == 0:
         klass = nib.Nifti2Image if variant.startswith("nifti2") else nib.Nifti1Image
         img = klass(data, AFFINE)
@@ -457,7 +455,8 @@ def test_fuzz_hostile_nifti_through_the_cli(fuzz_dir):
         def run(case, command):
             index = next(SERIAL)
             path, values, expect = _write_case(fuzz_dir, case, index)
-            if command == "register" and expect[0] == "error" and expect[1] == "ndim" and expect[2].ndim == 4 and expect[2].shape[3] <= 16:
+            channels = expect[0] == "error" and expect[1] == "ndim" and expect[2].ndim == 4
+            if command == "register" and channels and expect[2].shape[3] <= 16:
                 expect = ("either", expect[2], expect[3])  # channels of a multi-component registration
             if COMM.size > 1 and expect[0] != "error":
                 assume(2 not in expect[1].shape)
@@ -499,9 +498,9 @@ def test_fuzz_hostile_nifti_through_the_cli(fuzz_dir):
 
     _collective(drive, _cli_outcome)
     if COMM.rank == 0:
-        COUNTS.update({f"cli {k}": v for k, v in counts.items()})
         total = sum(counts.values())
-        print(f"\nfuzz claire smooth/register: {total} cases in {time.perf_counter() - t0:.1f} s on {COMM.size} rank(s)")
+        print(f"\nfuzz claire smooth/register: {total} cases in {time.perf_counter() - t0:.1f} s "
+              f"on {COMM.size} rank(s)")
         for outcome, n in counts.most_common():
             print(f"  {n:5d}  {outcome}")
         assert total >= 30
