@@ -175,24 +175,38 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
     ``fixed`` and ``moving`` are the global input arrays; ``affine`` is FIXED's.
     """
     images = _map_images(result.velocity, result.displacement, result.det_grad_y, affine)
-    images.update({
-        "warped.nii.gz": result.warped.astype(np.float32),
-        "residual_before.nii.gz": np.abs(_normalized(fixed) - _normalized(moving)).astype(np.float32),
-        # warped in MOVING's normalisation: cubic overshoot must not shift its background
-        "residual_after.nii.gz": np.abs(_normalized(fixed) - _normalized(result.warped, moving)).astype(np.float32),
-    })
+    channels = np.ndim(result.warped) == 4  # (C, n1, n2, n3): NIfTI keeps channels last
+
+    def residual(a, b, like):
+        return np.abs(_normalized(a) - _normalized(b, like))
+
+    if channels:
+        before = [residual(f, m, m) for f, m in zip(fixed, moving)]
+        after = [residual(f, w, m) for f, w, m in zip(fixed, result.warped, moving)]
+        images.update({"warped.nii.gz": np.moveaxis(result.warped, 0, -1).astype(np.float32),
+                       "residual_before.nii.gz": np.stack(before, -1).astype(np.float32),
+                       "residual_after.nii.gz": np.stack(after, -1).astype(np.float32)})
+    else:
+        images.update({
+            "warped.nii.gz": result.warped.astype(np.float32),
+            "residual_before.nii.gz": residual(fixed, moving, moving).astype(np.float32),
+            # warped in MOVING's normalisation: cubic overshoot must not shift its background
+            "residual_after.nii.gz": residual(fixed, result.warped, moving).astype(np.float32),
+        })
     _write_images(outdir, images, affine)
     payload = {
         "inputs": inputs,
-        "grid": list(fixed.shape),
+        "grid": list(np.shape(result.det_grad_y)),
         "ranks": ranks,
         "config": config.to_dict(),
         "converged": result.converged,
         "stop_reason": result.stop_reason,
         "beta": result.beta,
         "history": [dataclasses.asdict(h) for h in result.history],
+        "stages": result.stages or [],
         "det_grad_y": {"min": float(result.det_grad_y.min()), "max": float(result.det_grad_y.max())},
         "workload": result.workload,
+        **({"dice": result.dice} if result.dice else {}),
         "seconds": seconds,
         "versions": _versions(),
         "files": sorted(images),
