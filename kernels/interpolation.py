@@ -12,6 +12,8 @@ sits at ``x = i``.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from ._numba import interp as _interp
@@ -27,6 +29,46 @@ INTERPOLATION_KINDS = ("lagrange", "bspline", "nearest")
 #: Ghost width of the padded block: the cubic stencil of a point owned by node ``i`` spans
 #: ``i - 1 .. i + 2``.
 GHOST = 2
+
+
+class _PlanArrays:
+    """Base and weight arrays of dead plans, handed to the next plan of the same size.
+
+    A solver builds four plans per velocity (two Euler, two RK2) and drops the previous
+    velocity's; at 256^3 float32 one plan is 16.7 M points x 56 bytes = 0.9 GiB. Page-faulting
+    that much fresh memory for every plan cost 0.1-1.3 s per plan on the 2-core machine of
+    DESIGN.md section 5 — up to 7x the stencil computation itself (0.19 s) — so the arrays of
+    a plan that is garbage-collected are kept for the next one. At most ``keep`` sets of one
+    size are kept, a set of another size empties the pool, and a plan takes from the pool
+    before allocating: the peak of a velocity update (old plans + the new ones) is unchanged,
+    only the memory the allocator would have returned between updates stays resident.
+    """
+
+    def __init__(self, keep=1):
+        self.keep = keep
+        self._key, self._free = None, []
+
+    def take(self, npts, dtype):
+        """``(base, weights)`` arrays for ``npts`` points (contents undefined)."""
+        if self._key == (npts, np.dtype(dtype)) and self._free:
+            return self._free.pop()
+        return np.empty(npts, np.uint64), np.empty((npts, 12), dtype)
+
+    def give(self, base, weights):
+        key = (base.shape[0], weights.dtype)
+        if key != self._key:
+            self._key, self._free = key, []
+        if len(self._free) < self.keep:
+            self._free.append((base, weights))
+
+    def clear(self):
+        """Release the kept arrays (e.g. when a solve is over)."""
+        self._key, self._free = None, []
+
+
+#: The process's pool of plan arrays (see :class:`_PlanArrays`); ``_PLAN_ARRAYS.clear()``
+#: hands its memory back.
+_PLAN_ARRAYS = _PlanArrays()
 
 
 class InterpolationPlan:
@@ -72,9 +114,9 @@ class InterpolationPlan:
             raise ValueError("interpolation points must be finite (is the velocity field finite?)")
         self.num_points = x.shape[1]
         starts0, starts1, table = self._block_table()
-        self._send_counts, x, order = _routing.route_points(x, decomp.shape, starts0, starts1, table)
         # with one rank the routing is the identity: no exchange, no un-sorting
-        self._order = None if decomp.size == 1 else order
+        self._send_counts, x, self._order = _routing.route_points(x, decomp.shape, starts0, starts1, table,
+                                                                  with_order=decomp.size > 1)
         if decomp.size > 1:
             self._recv_counts = decomp.alltoall_counts(self._send_counts)
             x = decomp.alltoallv(x.ravel(), 3 * self._send_counts, 3 * self._recv_counts).reshape(-1, 3)
@@ -84,8 +126,10 @@ class InterpolationPlan:
         origin = (lo[0] - GHOST, lo[1] - GHOST, -GHOST)
         self._padded_shape = tuple(n_ + 2 * GHOST for n_ in decomp.local_shape)
         scheme = "bspline" if kind == "bspline" else "lagrange"
+        base, weights = _PLAN_ARRAYS.take(self.num_owned, decomp.dtype)
         self._base, self._weights = _interp.stencil_plan(x, origin, self._padded_shape, kind=scheme,
-                                                         dtype=decomp.dtype)
+                                                         base_out=base, weights_out=weights, dtype=decomp.dtype)
+        weakref.finalize(self, _PLAN_ARRAYS.give, self._base, self._weights).atexit = False
         if kind == "nearest":
             self._weights[...] = 0
             frac = x - np.floor(x)

@@ -3,10 +3,15 @@
 import math
 
 import numpy as np
+from numba import prange
 
-from ._jit import jit
+from ._jit import jit, jit_parallel
 
 __all__ = ["route_points"]
+
+#: Points per parallel work item: each thread owns whole chunks, so that the counting sort
+#: stays stable (chunks keep their order within every destination).
+_CHUNK = 65536
 
 
 @jit
@@ -19,36 +24,58 @@ def _wrap(x, n):
 
 
 @jit
+def _block(x, starts):
+    b = 0
+    while b + 1 < starts.size and starts[b + 1] <= x:
+        b += 1
+    return b
+
+
+@jit_parallel
 def _route_points(points, n0, n1, n2, starts0, starts1, table, counts, wrapped, order):
+    """Parallel stable counting sort by owner: pass 1 counts per (chunk, owner), a serial
+    prefix sum gives every chunk its slice of every destination, pass 2 scatters."""
     npts = points.shape[1]
-    nblocks0, nblocks1 = starts0.size, starts1.size
-    owner = np.empty(npts, np.int64)
-    for p in range(npts):
-        x0 = _wrap(points[0, p], n0)
-        x1 = _wrap(points[1, p], n1)
-        b0 = 0
-        while b0 + 1 < nblocks0 and starts0[b0 + 1] <= x0:
-            b0 += 1
-        b1 = 0
-        while b1 + 1 < nblocks1 and starts1[b1 + 1] <= x1:
-            b1 += 1
-        r = table[b0, b1]
-        owner[p] = r
-        counts[r] += 1
-    offsets = np.zeros(counts.size, np.int64)
-    for r in range(1, counts.size):
-        offsets[r] = offsets[r - 1] + counts[r - 1]
-    for p in range(npts):
-        r = owner[p]
-        k = offsets[r]
-        offsets[r] = k + 1
-        order[k] = p
-        wrapped[k, 0] = _wrap(points[0, p], n0)
-        wrapped[k, 1] = _wrap(points[1, p], n1)
-        wrapped[k, 2] = _wrap(points[2, p], n2)
+    nranks = counts.size
+    nchunks = (npts + _CHUNK - 1) // _CHUNK
+    chunk_counts = np.zeros((nchunks, nranks), np.int64)
+    owner = np.empty(npts, np.int32)
+    for ch in prange(nchunks):
+        for p in range(ch * _CHUNK, min(npts, (ch + 1) * _CHUNK)):
+            r = table[_block(_wrap(points[0, p], n0), starts0), _block(_wrap(points[1, p], n1), starts1)]
+            owner[p] = r
+            chunk_counts[ch, r] += 1
+    running = 0
+    for r in range(nranks):
+        for ch in range(nchunks):
+            k = chunk_counts[ch, r]
+            chunk_counts[ch, r] = running
+            running += k
+            counts[r] += k
+    for ch in prange(nchunks):
+        for p in range(ch * _CHUNK, min(npts, (ch + 1) * _CHUNK)):
+            r = owner[p]
+            k = chunk_counts[ch, r]
+            chunk_counts[ch, r] = k + 1
+            order[k] = p
+            wrapped[k, 0] = _wrap(points[0, p], n0)
+            wrapped[k, 1] = _wrap(points[1, p], n1)
+            wrapped[k, 2] = _wrap(points[2, p], n2)
 
 
-def route_points(points, shape, starts0, starts1, table):
+@jit_parallel
+def _wrap_all(points, n0, n1, n2, wrapped):
+    """One owner: the counting sort is the identity, only wrap (and transpose)."""
+    npts = points.shape[1]
+    nchunks = (npts + _CHUNK - 1) // _CHUNK
+    for ch in prange(nchunks):
+        for p in range(ch * _CHUNK, min(npts, (ch + 1) * _CHUNK)):
+            wrapped[p, 0] = _wrap(points[0, p], n0)
+            wrapped[p, 1] = _wrap(points[1, p], n1)
+            wrapped[p, 2] = _wrap(points[2, p], n2)
+
+
+def route_points(points, shape, starts0, starts1, table, *, with_order=True):
     """Wrap points into ``[0, N_a)`` and sort them by owner rank (stable counting sort).
 
     Parameters
@@ -61,6 +88,9 @@ def route_points(points, shape, starts0, starts1, table):
         Sorted first indices of the process-grid blocks along axes 0 and 1.
     table : int64 array ``(len(starts0), len(starts1))``
         Rank owning each block.
+    with_order : bool
+        With a single owner the sort is the identity; ``False`` then returns ``order = None``
+        instead of ``arange(npts)``.
 
     Returns
     -------
@@ -75,10 +105,15 @@ def route_points(points, shape, starts0, starts1, table):
     if points.ndim != 2 or points.shape[0] != 3:
         raise ValueError(f"points must have shape (3, npts), got {points.shape}")
     npts = points.shape[1]
+    table = np.ascontiguousarray(table, dtype=np.int64)
     counts = np.zeros(int(table.max()) + 1, np.int64)
     wrapped = np.empty((npts, 3), np.float64)
+    n0, n1, n2 = (float(s) for s in shape)
+    if table.size == 1:
+        counts[table.flat[0]] = npts
+        _wrap_all(points, n0, n1, n2, wrapped)
+        return counts, wrapped, (np.arange(npts, dtype=np.int64) if with_order else None)
     order = np.empty(npts, np.int64)
-    _route_points(points, float(shape[0]), float(shape[1]), float(shape[2]),
-                  np.ascontiguousarray(starts0, dtype=np.int64), np.ascontiguousarray(starts1, dtype=np.int64),
-                  np.ascontiguousarray(table, dtype=np.int64), counts, wrapped, order)
+    _route_points(points, n0, n1, n2, np.ascontiguousarray(starts0, dtype=np.int64),
+                  np.ascontiguousarray(starts1, dtype=np.int64), table, counts, wrapped, order)
     return counts, wrapped, order

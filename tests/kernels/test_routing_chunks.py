@@ -1,0 +1,59 @@
+"""The parallel counting sort of ``route_points`` across many chunks, and the plan-array pool."""
+
+import gc
+
+import numpy as np
+
+from claire_py.kernels._numba import routing
+
+
+def test_route_points_many_chunks_is_stable_and_matches_numpy():
+    shape = (16, 12, 10)
+    rng = np.random.default_rng(11)
+    npts = 3 * routing._CHUNK + 123  # several chunks and a ragged last one
+    pts = rng.uniform(-40, 40, (3, npts))
+    starts0, starts1 = np.array([0, 5, 11]), np.array([0, 6])
+    table = np.arange(6).reshape(3, 2)[:, ::-1].copy()  # ranks not in block order
+    counts, wrapped, order = routing.route_points(pts, shape, starts0, starts1, table)
+    ref = np.mod(pts, np.array(shape, float)[:, None])
+    ref[ref >= np.array(shape)[:, None]] = 0.0
+    owner = table[np.searchsorted(starts0, ref[0], "right") - 1, np.searchsorted(starts1, ref[1], "right") - 1]
+    ref_order = np.argsort(owner, kind="stable")
+    np.testing.assert_array_equal(order, ref_order)
+    np.testing.assert_array_equal(counts, np.bincount(owner, minlength=6))
+    np.testing.assert_allclose(wrapped, ref[:, ref_order].T, rtol=0, atol=1e-12)
+
+
+def test_route_points_single_owner_is_the_identity():
+    rng = np.random.default_rng(3)
+    pts = rng.uniform(-20, 20, (3, 2 * routing._CHUNK + 7))
+    shape = (8, 9, 10)
+    table = np.zeros((1, 1), np.int64)
+    counts, wrapped, order = routing.route_points(pts, shape, np.array([0]), np.array([0]), table)
+    ref = np.mod(pts, np.array(shape, float)[:, None])
+    ref[ref >= np.array(shape)[:, None]] = 0.0
+    np.testing.assert_array_equal(counts, [pts.shape[1]])
+    np.testing.assert_array_equal(order, np.arange(pts.shape[1]))
+    np.testing.assert_allclose(wrapped, ref.T, rtol=0, atol=1e-12)
+    assert routing.route_points(pts, shape, np.array([0]), np.array([0]), table, with_order=False)[2] is None
+
+
+def test_plan_arrays_are_reused_and_plans_stay_independent():
+    from claire_py.kernels import Decomposition
+    from claire_py.kernels.interpolation import _PLAN_ARRAYS, InterpolationPlan
+
+    d = Decomposition((16, 16, 16), dtype=np.float64)
+    x = np.stack(np.broadcast_arrays(*np.ix_(*[np.arange(s.start, s.stop, dtype=float) for s in d.real_slice])))
+    f = np.random.default_rng(0).random(d.local_shape)
+    a = InterpolationPlan(d, x + 0.25)
+    expected = a.interpolate(f)
+    weights = a._weights
+    del a
+    gc.collect()
+    b = InterpolationPlan(d, x + 0.5)  # takes a's arrays
+    assert b._weights is weights
+    c = InterpolationPlan(d, x + 0.25)  # the pool is empty again: fresh arrays
+    assert c._weights is not weights
+    np.testing.assert_allclose(c.interpolate(f), expected, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(b.interpolate(f), InterpolationPlan(d, x + 0.5).interpolate(f), rtol=0, atol=1e-13)
+    _PLAN_ARRAYS.clear()
