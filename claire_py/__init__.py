@@ -8,9 +8,10 @@ spectral operators, numba arithmetic).
 __version__ = "0.1.0.dev0"
 
 from .api import RegistrationResult, invert, jacobian, register, smooth, transport  # noqa: E402
+from .batch import batch  # noqa: E402
 from .config import PreprocessOptions, RegistrationConfig  # noqa: E402
 from .errors import UserInputError  # noqa: E402
 from .solvers.monitor import IterationInfo  # noqa: E402
 
 __all__ = ["__version__", "register", "transport", "jacobian", "invert", "RegistrationConfig", "RegistrationResult",
-           "IterationInfo", "PreprocessOptions", "smooth", "UserInputError"]
+           "IterationInfo", "PreprocessOptions", "smooth", "UserInputError", "batch"]

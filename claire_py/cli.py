@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from .batch import add_batch_command
 from .report import add_report_command, add_report_options, report_wanted, write_report
 
 __all__ = ["main"]
@@ -394,6 +395,7 @@ def _build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace an inverse already in OUTPUT")
     p.set_defaults(run=_cmd_invert)
     add_report_command(sub)
+    add_batch_command(sub)
     return parser
 
 
@@ -451,7 +453,7 @@ def main(argv=None):
             comm.Abort(int(status))
         time.sleep(0.01)
     agreement.Free()
-    if worst[0] and rank == size - worst[1]:  # the lowest failing rank reports, once
+    if worst[0] and report and rank == size - worst[1]:  # the lowest failing rank reports, once
         print(report, file=sys.stderr)
         sys.stderr.flush()
     return int(worst[0])

@@ -35,9 +35,16 @@ _REAL_DTYPES = {np.dtype(np.float32): np.dtype(np.complex64), np.dtype(np.float6
 _LAYOUTS = ("auto", "slab", "pencil")
 
 
+#: Ranks of the whole job on this node, as the launchers announce them (MPICH/Hydra, Open MPI,
+#: MVAPICH, Slurm): a Decomposition on a sub-communicator (a batch group) must count the
+#: other groups' ranks too, without a collective over the whole job.
+_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
+                         "SLURM_NTASKS_PER_NODE")
+
+
 def _default_threads(comm):
-    """Cores per rank on this node: the CPUs this process may use divided by the ranks
-    sharing the node."""
+    """Cores per rank on this node: the CPUs this process may use divided by the job's ranks
+    sharing the node (from the launcher's environment, else ``comm``'s ranks on the node)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -47,6 +54,12 @@ def _default_threads(comm):
         ranks_on_node = node.Get_size()
     finally:
         node.Free()
+    for name in _LOCAL_SIZE_VARIABLES:
+        try:
+            ranks_on_node = max(ranks_on_node, int(os.environ[name]))
+            break
+        except (KeyError, ValueError):
+            continue
     return max(1, cpus // ranks_on_node)
 
 
@@ -227,9 +240,13 @@ class Decomposition:
         # tuples when the first axis is not split (proc_grid (1, P)); collapse=True merges the
         # serial transforms over the unsplit axes into one FFTW plan (1.6x faster at P = 1).
         wisdom = _FFTWWisdom() if planner_effort in ("FFTW_MEASURE", "FFTW_PATIENT", "FFTW_EXHAUSTIVE") else None
-        self.fft = PFFT(self.comm, self.shape, axes=[[0], [1], [2]], dtype=self.dtype,
-                        grid=self.proc_grid, backend="fftw", collapse=True, threads=self.threads,
-                        planner_effort=planner_effort, overwrite_input="FFTW_PRESERVE_INPUT")
+        try:
+            self.fft = PFFT(self.comm, self.shape, axes=[[0], [1], [2]], dtype=self.dtype,
+                            grid=self.proc_grid, backend="fftw", collapse=True, threads=self.threads,
+                            planner_effort=planner_effort, overwrite_input="FFTW_PRESERVE_INPUT")
+        except AssertionError:  # mpi4py-fft asserts on degenerate splits (an axis of 2 points)
+            raise ValueError(f"grid {self.shape} is too thin to split over {self.size} ranks; use fewer ranks "
+                             "or a grid with at least 4 points per axis") from None
         if wisdom is not None:
             wisdom.save()
         self.spectral_shape = (self.shape[0], self.shape[1], self.shape[2] // 2 + 1)
@@ -237,8 +254,10 @@ class Decomposition:
         self.spectral_slice = tuple(self.fft.local_slice(True))
         self.local_shape = tuple(s.stop - s.start for s in self.real_slice)
         self.local_spectral_shape = tuple(s.stop - s.start for s in self.spectral_slice)
-        if self.local_shape[2] != self.shape[2] or self.spectral_slice[0] != slice(0, self.shape[0]):
-            raise RuntimeError("mpi4py-fft returned an unexpected layout")  # pragma: no cover
+        uneven = self.local_shape[2] != self.shape[2] or self.spectral_slice[0] != slice(0, self.shape[0])
+        if self.comm.allreduce(uneven, op=MPI.LOR):  # every rank raises alike
+            raise ValueError(f"grid {self.shape} is too thin to split over {self.size} ranks (mpi4py-fft "
+                             "splits it unevenly); use fewer ranks or at least 4 points per axis")
         self._real_blocks = [self._as_bounds(s) for s in self.comm.allgather(self.real_slice)]
         self._spectral_blocks = [self._as_bounds(s) for s in self.comm.allgather(self.spectral_slice)]
         self._neighbours = self._find_neighbours()

@@ -158,3 +158,24 @@ def test_too_many_ranks_is_refused_on_every_rank():
         return
     with pytest.raises(ValueError, match="use fewer ranks"):
         Decomposition((COMM.size - 1, 16, 16), layout="slab")
+
+
+def test_a_grid_too_thin_for_the_ranks_is_a_clear_error_on_every_rank():
+    """(8, 8, 2) on 2 ranks: mpi4py-fft splits the thin axis; all ranks must refuse alike
+    (on other rank counts it decomposes, and then it must work)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    try:
+        d = Decomposition((8, 8, 2))
+        outcome = "ok"
+    except ValueError as exc:
+        assert "too thin to split" in str(exc) or "cannot be split" in str(exc)
+        outcome = "refused"
+    assert len(set(comm.allgather(outcome))) == 1
+    if comm.size == 2:
+        assert outcome == "refused"
+    else:
+        f = np.arange(128.0).reshape(8, 8, 2)
+        np.testing.assert_array_equal(d.gather(d.scatter(f if comm.rank == 0 else None)) if comm.rank == 0
+                                      else f, f)
