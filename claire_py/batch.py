@@ -775,10 +775,15 @@ def _cmd_batch(args):
     comm = MPI.COMM_WORLD
     logging.getLogger("claire_py").setLevel(logging.WARNING)  # the registrations' own log: warnings only
     log.setLevel(logging.INFO if comm.Get_rank() == 0 else logging.WARNING)
+    sweep = parse_sweep(args.sweep)
     rows = batch(args.jobs, args.output, comm=comm, ranks_per_job=args.ranks_per_job,
-                 sweep=parse_sweep(args.sweep), config=args.config, preset=args.preset, overwrite=args.overwrite)
+                 sweep=sweep, config=args.config, preset=args.preset, overwrite=args.overwrite)
     if comm.Get_rank() == 0:
         print(summary_table(rows, os.path.join(args.output, "results.csv")))
+        if not args.no_report:
+            from .report import write_batch_report
+
+            print(f"report: {write_batch_report(args.output, rows, tuple(sweep or ()))}")
     return 1 if any(r["status"] != "complete" for r in rows) else 0
 
 
@@ -811,5 +816,6 @@ def add_batch_command(subparsers):
     p.add_argument("--config", help="JSON or YAML RegistrationConfig file: settings of every job")
     p.add_argument("--preset", choices=tuple(PRESETS), help="start every job from this preset (a job's own wins)")
     p.add_argument("--overwrite", action="store_true", help="redo every job, even those already complete")
+    p.add_argument("--no-report", action="store_true", help="skip OUTDIR/batch_report.html (table and plot of the results)")
     p.set_defaults(run=_cmd_batch)
     return p

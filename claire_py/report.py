@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import UserInputError
 
-__all__ = ["write_report", "add_report_options", "add_report_command", "report_wanted",
+__all__ = ["write_report", "write_batch_report", "add_report_options", "add_report_command", "report_wanted",
            "FIGURE_SIZES", "DPI"]
 
 DPI = 90
@@ -49,6 +49,7 @@ FIGURE_SIZES = {
     "convergence.png": (9.0, 2.8),
     "workload.png": (6.0, 2.6),
     "dice.png": (8.0, 3.0),
+    "batch.png": (8.0, 3.0),
 }
 """Size in inches of each PNG (width, height); the pixel size is ``round(size * DPI)``."""
 
@@ -731,6 +732,55 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
             f"<title>claire_py registration report: {name}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
             f"<h1>Registration report: {name}</h1>\n{note_html}{''.join(sections)}</body>\n</html>\n")
     path = os.path.join(outdir, "report.html")
+    _write_text(path, page)
+    return path
+
+
+def write_batch_report(outdir, rows, swept=()):
+    """``OUTDIR/batch_report.html`` and ``batch.png`` for the rows of :func:`claire_py.batch`:
+    a table of every job and, against the first swept option's values (job order without a
+    sweep), the relative mismatch after registration and, with labels, the mean Dice — one
+    line per combination of the other swept options. One process; returns the page's path."""
+    import numpy as np
+
+    done = [r for r in rows if r.get("status") == "complete"]
+    key = swept[0] if swept else None
+    others = list(swept[1:])
+    fig = _figure("batch.png")
+    metrics = [("mismatch_after", "relative mismatch after")]
+    if any(r.get("dice_mean") is not None for r in done):
+        metrics.append(("dice_mean", "mean Dice after"))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    values = list(dict.fromkeys(str(r.get(key)) for r in done)) if key else [r["name"] for r in done]
+    groups = {}
+    for r in done:
+        groups.setdefault(tuple(str(r.get(o)) for o in others), []).append(r)
+    for ax, (column, label) in zip(axes, metrics):
+        for group, members in groups.items():
+            xs = [values.index(str(r.get(key)) if key else r["name"]) for r in members]
+            ys = [float(r[column]) if r.get(column) is not None else np.nan for r in members]
+            name = ", ".join(f"{o}={g}" for o, g in zip(others, group)) or None
+            ax.plot(xs, ys, "o-", label=name)
+        ax.set_xticks(range(len(values)))
+        ax.set_xticklabels(values, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel(key or "job")
+        ax.set_ylabel(label)
+        if others:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    entry = _save(fig, outdir, "batch.png")
+    columns = ["name", "status", "seconds", "iterations", "matvecs", "mismatch_after", "det_min", "det_max",
+               "dice_mean", "error"] + list(swept)
+    cell = lambda x: html.escape("" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x))  # noqa: E731
+    table = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows) + "</table>"
+    caption = (f"Relative mismatch{' and mean Dice' if len(metrics) > 1 else ''} of the {len(done)} complete "
+               f"job(s) against {key or 'the job'}" + (f", one line per {', '.join(others)}" if others else "") + ".")
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>claire_py batch report</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+            f"<h1>Batch report: {len(rows)} job(s)</h1>\n" + _section("Results", _figure_html(entry, "batch", caption))
+            + _section("Jobs", table) + "</body>\n</html>\n")
+    path = os.path.join(outdir, "batch_report.html")
     _write_text(path, page)
     return path
 

@@ -175,6 +175,12 @@ def test_sweep_of_two_by_two_values_runs_four_jobs_with_their_options(shared_tmp
     if COMM.rank == 0:
         printed = capsys.readouterr().out
         assert "pair__beta=1e-3__regnorm=h2s  complete" in printed and "4 of 8 job(s) complete" in printed
+        # the batch report: a plot against the swept values and a row per job
+        import matplotlib.image
+
+        page = open(os.path.join(out, "batch_report.html")).read()
+        assert 'src="batch.png"' in page and page.count("<tr>") == 1 + 8 and "one line per regnorm" in page
+        assert matplotlib.image.imread(os.path.join(out, "batch.png")).std() > 0
     COMM.Barrier()
 
 
