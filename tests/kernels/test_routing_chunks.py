@@ -55,5 +55,16 @@ def test_plan_arrays_are_reused_and_plans_stay_independent():
     c = InterpolationPlan(d, x + 0.25)  # the pool is empty again: fresh arrays
     assert c._weights is not weights
     np.testing.assert_allclose(c.interpolate(f), expected, rtol=0, atol=1e-13)
+    del c
+    gc.collect()
+    assert _PLAN_ARRAYS.holding
+    b.interpolate(f)  # an interpolation ends the velocity update: the pool lets go
+    assert not _PLAN_ARRAYS.holding
+    out = np.empty((2,) + d.local_shape)[0]  # contiguous out, and a strided one
+    np.testing.assert_allclose(b.interpolate(f, out=out), b.interpolate(f), rtol=0, atol=0)
+    strided = np.empty(d.local_shape[:2] + (2 * d.local_shape[2],))[..., ::2]
+    np.testing.assert_allclose(b.interpolate(f, out=strided), b.interpolate(f), rtol=0, atol=0)
+    v = np.stack([f, 2 * f])
+    np.testing.assert_allclose(b.interpolate(v, out=v)[1], 2 * b.interpolate(f), rtol=1e-15, atol=1e-15)  # in place
     np.testing.assert_allclose(b.interpolate(f), InterpolationPlan(d, x + 0.5).interpolate(f), rtol=0, atol=1e-13)
     _PLAN_ARRAYS.clear()
