@@ -127,7 +127,8 @@ def choose_proc_grid(shape, nranks, layout="auto", proc_grid=None):
     ``slab`` is ``(P, 1)``; ``pencil`` is ``proc_grid`` or the most square factorisation of
     ``P``; ``auto`` is slab while ``P <= min(N1, N3//2 + 1)`` (one global transpose per
     transform instead of two), pencil beyond. A grid with fewer points than blocks along any
-    split axis of either layout is refused.
+    split axis of either layout is refused, and so is a last axis of 2 points on several ranks
+    (mpi4py-fft's transposes fail on it).
     """
     n1, n2, n3 = shape
     nc = n3 // 2 + 1
@@ -148,6 +149,9 @@ def choose_proc_grid(shape, nranks, layout="auto", proc_grid=None):
         needs = [(0, n1, p1), (1, n2, p2), (2, nc, p1 * p2)]
     else:
         needs = [(0, n1, p1), (1, n2, p2), (1, n2, p1), (2, nc, p2)]
+    if nranks > 1 and n3 < 3:  # mpi4py-fft's transposes assert (or hang) on a last axis of 2 points
+        raise ValueError(f"grid {tuple(shape)} cannot be split over {nranks} ranks: its last axis has {n3} points "
+                         "(3 or more needed); use fewer ranks (1) or transpose the image")
     for axis, n, p in needs:
         if p > n:
             kind = "slab" if p2 == 1 else f"pencil {p1}x{p2}"
