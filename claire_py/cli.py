@@ -130,18 +130,9 @@ def _rank0(comm, func):
 def _check_outdir(comm, outdir, overwrite):
     """Check OUTDIR on rank 0 before the work starts (creating nothing); every rank raises
     the same one-line error if it is unusable."""
-    from .errors import UserInputError
     from .outputs import prepare_outdir
 
-    error = None
-    if comm.Get_rank() == 0:
-        try:
-            prepare_outdir(outdir, overwrite=overwrite, create=False)
-        except UserInputError as exc:
-            error = str(exc)
-    error = comm.bcast(error)
-    if error:
-        raise UserInputError(error)
+    _rank0(comm, lambda: prepare_outdir(outdir, overwrite=overwrite, create=False))
 
 
 def _cmd_register(args):
