@@ -52,18 +52,31 @@ class _PlanArrays:
         self.keep = keep
         self._key, self._free = None, []
 
+    #: With several ranks the points a rank owns vary from plan to plan by a few percent:
+    #: arrays are allocated with this much slack, and a kept set serves any plan it can hold
+    #: that is not smaller than ``1 / SLACK**2`` of it.
+    SLACK = 1.03
+
     def take(self, npts, dtype):
-        """``(base, weights)`` arrays for ``npts`` points (contents undefined)."""
-        if self._key == (npts, np.dtype(dtype)) and self._free:
-            return self._free.pop()
-        return np.empty(npts, np.uint64), np.empty((npts, 12), dtype)
+        """``(base, weights, parents)``: arrays for ``npts`` points (contents undefined), views
+        of ``parents``, the arrays to give back."""
+        dtype = np.dtype(dtype)
+        if self._free and self._key == dtype:
+            base, weights = self._free[-1]
+            if npts <= base.shape[0] <= npts * self.SLACK ** 2:
+                self._free.pop()
+                return base[:npts], weights[:npts], (base, weights)
+        capacity = npts if npts < 65536 else int(npts * self.SLACK)
+        base, weights = np.empty(capacity, np.uint64), np.empty((capacity, 12), dtype)
+        return base[:npts], weights[:npts], (base, weights)
 
     def give(self, base, weights):
-        key = (base.shape[0], weights.dtype)
-        if key != self._key:
-            self._key, self._free = key, []
+        if weights.dtype != self._key:
+            self._key, self._free = weights.dtype, []
         if len(self._free) < self.keep:
             self._free.append((base, weights))
+        elif self._free[-1][0].shape[0] < base.shape[0]:
+            self._free[-1] = (base, weights)
 
     @property
     def holding(self):
@@ -134,10 +147,10 @@ class InterpolationPlan:
         origin = (lo[0] - GHOST, lo[1] - GHOST, -GHOST)
         self._padded_shape = tuple(n_ + 2 * GHOST for n_ in decomp.local_shape)
         scheme = "bspline" if kind == "bspline" else "lagrange"
-        base, weights = _PLAN_ARRAYS.take(self.num_owned, decomp.dtype)
+        base, weights, parents = _PLAN_ARRAYS.take(self.num_owned, decomp.dtype)
         self._base, self._weights = _interp.stencil_plan(x, origin, self._padded_shape, kind=scheme,
                                                          base_out=base, weights_out=weights, dtype=decomp.dtype)
-        weakref.finalize(self, _PLAN_ARRAYS.give, self._base, self._weights).atexit = False
+        weakref.finalize(self, _PLAN_ARRAYS.give, *parents).atexit = False
         if kind == "nearest":
             self._weights[...] = 0
             frac = x - np.floor(x)
