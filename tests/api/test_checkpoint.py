@@ -138,5 +138,6 @@ def _sigkill_then_resume(tmp_path):
     for name in ("velocity.nii.gz", "warped.nii.gz", "det_grad_y.nii.gz"):
         a = nib.load(os.path.join(killed, name)).get_fdata()
         b = nib.load(os.path.join(whole, name)).get_fdata()
-        assert np.abs(a - b).max() <= 1e-8 * np.abs(b).max(), name
+        # the files are float32: the float64 solutions (equal to 1e-8 above) agree to a few ulps
+        assert np.abs(a - b).max() <= 4 * np.finfo(np.float32).eps * np.abs(b).max(), name
     assert not os.path.exists(os.path.join(killed, "checkpoint"))  # removed once complete
