@@ -138,9 +138,9 @@ class SemiLagrangianTransport:
             raise RuntimeError("call set_velocity(v) before solving")
 
     def _quadrature_weights(self):
-        w = np.full(self.nt + 1, self.dt)
-        w[0] = w[-1] = 0.5 * self.dt
-        return w
+        """Trapezoidal weights as Python floats: a float64 numpy scalar would promote the
+        float32 body force (and from it the whole Krylov solve) to float64 (NumPy 2)."""
+        return [0.5 * self.dt] + [self.dt] * (self.nt - 1) + [0.5 * self.dt]
 
     # ------------------------------------------------------------------ solves
     def solve_state(self, m0, out=None):

@@ -191,3 +191,21 @@ def test_options_and_order_of_calls():
         tr.solve_state(np.zeros(d.local_shape))
     with pytest.raises(ValueError, match="NaN"):
         tr.set_velocity(np.full((3,) + d.local_shape, np.nan))
+
+
+def test_float32_solves_stay_float32():
+    """NumPy 2 promotes float32 arrays times float64 scalars: every solve must keep the
+    working precision (a float64 body force made the whole float32 Krylov solve float64)."""
+    from claire_py.kernels import Decomposition, SpectralOperators
+    from claire_py.solvers.transport import SemiLagrangianTransport
+
+    d = Decomposition((16, 16, 16), dtype=np.float32)
+    tr = SemiLagrangianTransport(d, SpectralOperators(d))
+    x = d.local_coordinates()
+    v = (0.3 * np.stack(np.broadcast_arrays(np.sin(x[1]), np.cos(x[2]), np.sin(x[0])))).astype(np.float32)
+    tr.set_velocity(v)
+    m = tr.solve_state(np.sin(x[0]).astype(np.float32) * np.ones(d.local_shape, np.float32))
+    grad_m = tr.state_gradients(m)
+    lam, body = tr.solve_adjoint(m[-1], grad_m)
+    mt = tr.solve_incremental_state(v, grad_m)
+    assert {a.dtype for a in (m, grad_m, lam, body, mt, tr.solve_incremental_adjoint(mt, grad_m))} == {np.dtype(np.float32)}
