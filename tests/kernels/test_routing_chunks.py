@@ -42,6 +42,7 @@ def test_plan_arrays_are_reused_and_plans_stay_independent():
     from claire_py.kernels import Decomposition
     from claire_py.kernels.interpolation import _PLAN_ARRAYS, InterpolationPlan
 
+    _PLAN_ARRAYS.clear()  # earlier tests' plans must not feed this one's pool
     d = Decomposition((16, 16, 16), dtype=np.float64)
     x = np.stack(np.broadcast_arrays(*np.ix_(*[np.arange(s.start, s.stop, dtype=float) for s in d.real_slice])))
     f = np.random.default_rng(0).random(d.local_shape)
@@ -50,15 +51,15 @@ def test_plan_arrays_are_reused_and_plans_stay_independent():
     weights = a._weights
     del a
     gc.collect()
-    b = InterpolationPlan(d, x + 0.5)  # takes a's arrays
+    b = InterpolationPlan(d, x + 0.25)  # as many points per rank as a: takes a's arrays
     assert np.shares_memory(b._weights, weights)
-    c = InterpolationPlan(d, x + 0.25)  # the pool is empty again: fresh arrays
+    c = InterpolationPlan(d, x + 0.5)  # the pool is empty again: fresh arrays
     assert not np.shares_memory(c._weights, weights)
-    np.testing.assert_allclose(c.interpolate(f), expected, rtol=0, atol=1e-13)
     del c
     gc.collect()
     assert _PLAN_ARRAYS.holding
-    b.interpolate(f)  # an interpolation ends the velocity update: the pool lets go
+    np.testing.assert_allclose(b.interpolate(f), expected, rtol=0, atol=1e-13)  # b's own values
+    # an interpolation ends the velocity update: the pool lets go
     assert not _PLAN_ARRAYS.holding
     out = np.empty((2,) + d.local_shape)[0]  # contiguous out, and a strided one
     np.testing.assert_allclose(b.interpolate(f, out=out), b.interpolate(f), rtol=0, atol=0)
@@ -66,7 +67,7 @@ def test_plan_arrays_are_reused_and_plans_stay_independent():
     np.testing.assert_allclose(b.interpolate(f, out=strided), b.interpolate(f), rtol=0, atol=0)
     v = np.stack([f, 2 * f])
     np.testing.assert_allclose(b.interpolate(v, out=v)[1], 2 * b.interpolate(f), rtol=1e-15, atol=1e-15)  # in place
-    np.testing.assert_allclose(b.interpolate(f), InterpolationPlan(d, x + 0.5).interpolate(f), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(b.interpolate(f), InterpolationPlan(d, x + 0.25).interpolate(f), rtol=0, atol=1e-13)
     _PLAN_ARRAYS.clear()
 
 
