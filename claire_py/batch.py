@@ -516,14 +516,17 @@ def _columns(plan):
 
 def _write_csv(path, columns, rows):
     """Write ``rows`` to ``path`` atomically (a temporary file renamed onto it)."""
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else _value_text(row[k]) if k in OPTIONS else row[k]
-                             for k in columns})
-    os.replace(tmp, path)
+    from io import StringIO
+
+    from .io import write_text
+
+    text = StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else _value_text(row[k]) if k in OPTIONS else row[k]
+                         for k in columns})
+    write_text(path, text.getvalue())
 
 
 class _Results:

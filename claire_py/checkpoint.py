@@ -26,6 +26,7 @@ import shutil
 import numpy as np
 
 from .errors import UserInputError
+from .io import write_text
 from .solvers.monitor import IterationInfo
 
 __all__ = ["FileCheckpoint", "read_checkpoint"]
@@ -109,13 +110,7 @@ class FileCheckpoint:
     def _commit(self, obsolete=()):
         """Write ``state.json`` (atomically), then delete the files it no longer names."""
         if self.rank == 0:
-            path = os.path.join(self.directory, _STATE)
-            tmp = path + ".partial"
-            with open(tmp, "w") as fh:
-                json.dump(self.state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            write_text(os.path.join(self.directory, _STATE), json.dumps(self.state))
             for name in obsolete:
                 if name:
                     try:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import UserInputError
 
-__all__ = ["Image", "read_image", "write_image", "atomic_path", "resample_to_grid"]
+__all__ = ["Image", "read_image", "write_image", "write_text", "atomic_path", "resample_to_grid"]
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -247,6 +247,22 @@ def atomic_path(path):
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial" + suffix, dir=directory)
     os.close(fd)
     return tmp
+
+
+def write_text(path, text):
+    """Write ``text`` to ``path`` atomically: a hidden temporary file beside it (see
+    :func:`atomic_path`), synced, then renamed; nothing under the final name until complete."""
+    tmp = atomic_path(path)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def write_image(path, data, affine, header=None, intent=None):

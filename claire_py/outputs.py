@@ -29,7 +29,7 @@ import platform
 
 import numpy as np
 
-from .io import write_image
+from .io import write_image, write_text
 
 __all__ = ["write_outputs", "write_inverse", "prepare_outdir", "load_registration"]
 
@@ -138,12 +138,7 @@ def _versions():
 
 
 def _write_json(path, payload):
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text(path, json.dumps(payload, indent=2))
 
 
 def _map_images(velocity, displacement, det, affine):
