@@ -42,7 +42,8 @@ def test_plan_arrays_are_reused_and_plans_stay_independent():
     from claire_py.kernels import Decomposition
     from claire_py.kernels.interpolation import _PLAN_ARRAYS, InterpolationPlan
 
-    _PLAN_ARRAYS.clear()  # earlier tests' plans must not feed this one's pool
+    gc.collect()  # earlier tests' dead plans give their arrays now, not in the middle of this test
+    _PLAN_ARRAYS.clear()
     d = Decomposition((16, 16, 16), dtype=np.float64)
     x = np.stack(np.broadcast_arrays(*np.ix_(*[np.arange(s.start, s.stop, dtype=float) for s in d.real_slice])))
     f = np.random.default_rng(0).random(d.local_shape)
@@ -75,6 +76,7 @@ def test_plan_arrays_serve_a_slightly_smaller_plan():
     from claire_py.kernels import Decomposition
     from claire_py.kernels.interpolation import _PLAN_ARRAYS, InterpolationPlan
 
+    gc.collect()  # as above: earlier dead plans give their arrays first
     _PLAN_ARRAYS.clear()
     d = Decomposition((16, 16, 16), dtype=np.float32)
     x = np.stack(np.broadcast_arrays(*np.ix_(*[np.arange(s.start, s.stop, dtype=float) for s in d.real_slice])))
