@@ -34,6 +34,7 @@ import os
 import numpy as np
 
 from .errors import UserInputError
+from .io import write_text
 
 __all__ = ["write_report", "write_batch_report", "add_report_options", "add_report_command", "report_wanted",
            "FIGURE_SIZES", "DPI"]
@@ -508,20 +509,6 @@ def _figure_html(entry, alt, caption):
     return f"<figure>{_img(entry, alt)}<figcaption>{caption}</figcaption></figure>"
 
 
-def _write_text(path, text):
-    """Write ``text`` to ``path`` atomically (temporary name beside it, then rename)."""
-    directory, name = os.path.split(path)
-    tmp = os.path.join(directory, f".{name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _inputs(meta, fixed, moving, notes):
     """FIXED and MOVING as 3-D arrays (or ``None``, with a note saying why): the arrays given,
     else the files named in ``registration.json["inputs"]``."""
@@ -732,7 +719,7 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
             f"<title>claire_py registration report: {name}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
             f"<h1>Registration report: {name}</h1>\n{note_html}{''.join(sections)}</body>\n</html>\n")
     path = os.path.join(outdir, "report.html")
-    _write_text(path, page)
+    write_text(path, page)
     return path
 
 
@@ -781,7 +768,7 @@ def write_batch_report(outdir, rows, swept=()):
             f"<h1>Batch report: {len(rows)} job(s)</h1>\n" + _section("Results", _figure_html(entry, "batch", caption))
             + _section("Jobs", table) + "</body>\n</html>\n")
     path = os.path.join(outdir, "batch_report.html")
-    _write_text(path, page)
+    write_text(path, page)
     return path
 
 
