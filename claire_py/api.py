@@ -149,6 +149,22 @@ class RegistrationResult:
                       inputs=inputs or {}, ranks=self.ranks, seconds=self.seconds)
 
 
+def _local_images(image, name, decomp, shape, pad, components, normalize):
+    """This rank's ``(C, *local)`` blocks of a global image on rank 0 (padded, checked,
+    optionally normalised to [0, 1]), in the working precision, one channel at a time."""
+    channels = np.asarray(image).reshape((-1,) + shape) if decomp.rank == 0 else None
+    local = np.empty((components or 1,) + decomp.local_shape, decomp.dtype)
+    for c in range(local.shape[0]):
+        channel = _pad(channels[c][None], pad)[0] if decomp.rank == 0 else None
+        local[c] = _global_input(channel, decomp)
+    if not decomp.allreduce(bool(np.all(np.isfinite(local))), "min"):
+        raise UserInputError(f"{name} image contains NaN or infinite values; replace them first")
+    if normalize:
+        for c in range(local.shape[0]):
+            local[c] = _normalized(local[c], decomp, name)
+    return local
+
+
 def _normalized(local, decomp, name):
     lo = decomp.allreduce(float(local.min()), "min")
     hi = decomp.allreduce(float(local.max()), "max")
@@ -355,32 +371,30 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     ops = SpectralOperators(decomp)
     transport = SemiLagrangianTransport(decomp, ops, config.transport, workload)
     root = decomp.rank == 0
-    stacked = {}
-    for name, img in (("fixed", fixed), ("moving", moving)):
-        img = _pad(np.asarray(img, np.float64).reshape((-1,) + shape), pad) if root else None
-        local = np.stack([_global_input(None if img is None else img[c], decomp) for c in range(components or 1)])
-        if not decomp.allreduce(bool(np.all(np.isfinite(local))), "min"):
-            raise UserInputError(f"{name} image contains NaN or infinite values; replace them first")
-        if config.preprocess.normalize:
-            local = np.stack([_normalized(c, decomp, name) for c in local])
-        stacked[name] = local
+    stacked = {name: _local_images(img, name, decomp, shape, pad, components, config.preprocess.normalize)
+               for name, img in (("fixed", fixed), ("moving", moving))}
     mask_local = None
     if has_mask:
         mask_local = _global_input(_pad(np.asarray(mask, np.float64)[None], pad)[0] if root else None, decomp)
         lo, hi = decomp.allreduce(float(mask_local.min()), "min"), decomp.allreduce(float(mask_local.max()), "max")
         if lo < 0 or hi > 1 or hi == 0:
             raise UserInputError(f"mask values lie in [{lo:g}, {hi:g}]; a mask must lie in [0, 1] and not be all 0")
-    problem = RegistrationProblem(transport, stacked["fixed"], stacked["moving"], config.regularization, workload,
-                                  distance=config.distance, mask=mask_local, sigma=config.preprocess.sigma)
+    problem = RegistrationProblem(transport, stacked.pop("fixed"), stacked["moving"], config.regularization,
+                                  workload, distance=config.distance, mask=mask_local, sigma=config.preprocess.sigma)
+    # the problem keeps its own (smoothed) images; the input blocks are needed no longer,
+    # except the moving one when the outputs warp it in its own (unnormalised) intensities
+    raw_moving = None if config.preprocess.normalize else stacked["moving"]
+    stacked = mask_local = None
     log.info("registering %s%s on %s (%s, distance %s)", "x".join(map(str, shape)),
              f" padded to {'x'.join(map(str, grid))}" if pad else "", decomp, config.precision, config.distance.name)
     log.info("iter     objective   mismatch  |g|/|g0|  krylov  step      time")
     result = continuation.solve(problem, decomp.new_vector(), config.newton, config.continuation, callback=callback,
                                 checkpoint=checkpoint)
     log.info("stopped: %s (beta = %.3g)", result.stop_reason, result.beta)
-    if problem.velocity is not result.velocity:
-        problem.set_velocity(result.velocity)
-    raw_moving = stacked["moving"] if not config.preprocess.normalize else None
+    # the outputs need the transport's plans only: the solver's state goes before they are made
+    problem = None
+    if transport.velocity is not result.velocity:
+        transport.set_velocity(result.velocity)
     if raw_moving is None:  # warp the moving image in its own intensities
         raw = _pad(np.asarray(moving, np.float64).reshape((-1,) + shape), pad) if root else None
         raw_moving = [_global_input(None if raw is None else raw[c], decomp) for c in range(components or 1)]

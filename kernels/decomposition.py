@@ -521,7 +521,8 @@ class Decomposition:
             Ghost width ``g >= 0``; must not exceed the thinnest block of any rank along the
             split axes, nor ``N3``.
         out : ndarray, optional
-            Preallocated padded array.
+            Preallocated padded array; ``f`` may be its interior (then only the ghost layers
+            are written).
         """
         g = int(width)
         if g < 0:
@@ -540,7 +541,9 @@ class Decomposition:
         elif out.shape != padded_shape:
             raise ValueError(f"out has shape {out.shape}, expected {padded_shape}")
         t0 = time.perf_counter()
-        out[..., g:g + n0, g:g + n1, g:g + n2] = f
+        interior = out[..., g:g + n0, g:g + n1, g:g + n2]
+        if not (f.ctypes.data == interior.ctypes.data and f.strides == interior.strides):
+            interior[...] = f  # (``f`` may be ``out``'s interior already: then only the ghosts)
         if g == 0:
             return out
         out[..., g:g + n0, g:g + n1, :g] = f[..., :, :, n2 - g:]

@@ -32,20 +32,17 @@ GHOST = 2
 
 
 class _PlanArrays:
-    """Base and weight arrays of dead plans, handed to the next plan of the same size.
+    """Arrays of dead plans, handed to the next plan of the same size.
 
     A solver builds four plans per velocity (two Euler, two RK2) and drops the previous
-    velocity's; at 256^3 float32 one plan is 16.7 M points x 56 bytes = 0.9 GiB. Page-faulting
-    that much fresh memory for every plan cost 0.1-1.3 s per plan on the 2-core machine of
-    DESIGN.md section 5 — up to 7x the stencil computation itself (0.19 s) — so the arrays of
-    a plan that is garbage-collected are kept for the next one. At most ``keep`` sets of one
-    size are kept, a set of another size empties the pool, and a plan takes from the pool
-    before allocating, so the peak of a velocity update (old plans + the new ones) is
-    unchanged. The first interpolation through any plan empties the pool: the update is over
-    and the memory goes back to the allocator (keeping it raised the peak RSS of a 256^3
-    registration by 56 bytes per point, as the peak comes later, in the outputs). Of the four
-    plans of a transport's velocity update, three then reuse arrays (the first Euler plan
-    allocates).
+    velocity's; at 256^3 float32 one plan is 16.7 M points x 16 bytes = 0.25 GiB. Page-faulting
+    fresh memory for every plan cost up to several times the stencil computation itself on the
+    2-core machine of DESIGN.md section 5, so the array of a plan that is garbage-collected is
+    kept for the next one. At most ``keep`` arrays of one dtype are kept, an array of another
+    dtype empties the pool, and a plan takes from the pool before allocating, so the peak of a
+    velocity update is unchanged. The first interpolation through any plan empties the pool:
+    the update is over and the memory goes back to the allocator (the peak RSS of a
+    registration comes later, in the Hessian matvecs or the outputs).
     """
 
     def __init__(self, keep=1):
@@ -53,30 +50,30 @@ class _PlanArrays:
         self._key, self._free = None, []
 
     #: With several ranks the points a rank owns vary from plan to plan by a few percent:
-    #: arrays are allocated with this much slack, and a kept set serves any plan it can hold
+    #: arrays are allocated with this much slack, and a kept array serves any plan it can hold
     #: that is not smaller than ``1 / SLACK**2`` of it.
     SLACK = 1.03
 
     def take(self, npts, dtype):
-        """``(base, weights, parents)``: arrays for ``npts`` points (contents undefined), views
-        of ``parents``, the arrays to give back."""
+        """``(plan, parent)``: an ``(npts, 4)`` array (contents undefined), a view of
+        ``parent``, the array to give back."""
         dtype = np.dtype(dtype)
         if self._free and self._key == dtype:
-            base, weights = self._free[-1]
-            if npts <= base.shape[0] <= npts * self.SLACK ** 2:
+            parent = self._free[-1]
+            if npts <= parent.shape[0] <= npts * self.SLACK ** 2:
                 self._free.pop()
-                return base[:npts], weights[:npts], (base, weights)
+                return parent[:npts], parent
         capacity = npts if npts < 65536 else int(npts * self.SLACK)
-        base, weights = np.empty(capacity, np.uint64), np.empty((capacity, 12), dtype)
-        return base[:npts], weights[:npts], (base, weights)
+        parent = np.empty((capacity, 4), dtype)
+        return parent[:npts], parent
 
-    def give(self, base, weights):
-        if weights.dtype != self._key:
-            self._key, self._free = weights.dtype, []
+    def give(self, parent):
+        if parent.dtype != self._key:
+            self._key, self._free = parent.dtype, []
         if len(self._free) < self.keep:
-            self._free.append((base, weights))
-        elif self._free[-1][0].shape[0] < base.shape[0]:
-            self._free[-1] = (base, weights)
+            self._free.append(parent)
+        elif self._free[-1].shape[0] < parent.shape[0]:
+            self._free[-1] = parent
 
     @property
     def holding(self):
@@ -90,6 +87,9 @@ class _PlanArrays:
 #: The process's pool of plan arrays (see :class:`_PlanArrays`); ``_PLAN_ARRAYS.clear()``
 #: hands its memory back.
 _PLAN_ARRAYS = _PlanArrays()
+
+#: Ghost-padded scratch blocks per decomposition (see ``InterpolationPlan._padded_buffer``).
+_PADDED = weakref.WeakKeyDictionary()
 
 
 class InterpolationPlan:
@@ -106,17 +106,25 @@ class InterpolationPlan:
         Interpolation scheme (see :data:`INTERPOLATION_KINDS`).
     spectral : SpectralOperators, optional
         Needed for ``bspline`` (the B-spline prefilter is a spectral multiplier).
+    displacement : bool
+        ``points`` of shape ``(3, *local_shape)`` are displacements (grid units) of this rank's
+        grid nodes, the query points ``x + points``: no float64 array of points is formed
+        (16 bytes per point less at the peak of a velocity update than passing ``x + u``).
+    scale : 3 floats, optional
+        With ``displacement``: the query points are ``x_a + scale_a points[a]`` (e.g. a time
+        step over the grid spacing, for a velocity in physical units).
 
     Notes
     -----
     Building: wrap the points, find each one's owner from the block table of the real
     layout, sort by owner (stable, so grid order is kept within each destination), exchange
-    with ``Alltoallv``, and precompute on the owner the flat base index into its padded block
-    and 12 separable weights per point. Applying: halo exchange of width 2, the numba kernel,
-    ``Alltoallv`` back, un-sort.
+    with ``Alltoallv``, and store on the owner the flat corner index into its padded block and
+    the 3 fractions of each point (16 bytes in float32; the kernel evaluates the weights). With
+    one rank there is no routing: the points are wrapped as the plan is built. Applying: halo
+    exchange of width 2, the numba kernel, ``Alltoallv`` back, un-sort.
     """
 
-    def __init__(self, decomp, points, *, kind="lagrange", spectral=None):
+    def __init__(self, decomp, points, *, kind="lagrange", spectral=None, displacement=False, scale=None):
         if kind not in INTERPOLATION_KINDS:
             raise ValueError(f"interpolation kind {kind!r} is unknown; use one of {', '.join(INTERPOLATION_KINDS)}")
         if kind == "bspline" and spectral is None:
@@ -128,35 +136,34 @@ class InterpolationPlan:
         points = np.asarray(points)
         if points.shape[0] != 3:
             raise ValueError(f"points must have shape (3, ...), got {points.shape}")
+        if displacement and points.shape[1:] != decomp.local_shape:
+            raise ValueError(f"displacements of shape {points.shape}, expected {(3,) + decomp.local_shape}")
+        if points.dtype not in (np.float32, np.float64):
+            points = points.astype(np.float64)
         self.decomp, self.kind, self.spectral = decomp, kind, spectral
         self.out_shape = points.shape[1:]
         x = points.reshape(3, -1)
         if not np.all(np.isfinite(x)):
             raise ValueError("interpolation points must be finite (is the velocity field finite?)")
         self.num_points = x.shape[1]
-        starts0, starts1, table = self._block_table()
-        # with one rank the routing is the identity: no exchange, no un-sorting
-        self._send_counts, x, self._order = _routing.route_points(x, decomp.shape, starts0, starts1, table,
-                                                                  with_order=decomp.size > 1)
-        if decomp.size > 1:
-            self._recv_counts = decomp.alltoall_counts(self._send_counts)
-            x = decomp.alltoallv(x.ravel(), 3 * self._send_counts, 3 * self._recv_counts).reshape(-1, 3)
-        self.num_owned = x.shape[0]
-
         lo = [s.start for s in decomp.real_slice]
+        nodes = (lo, decomp.local_shape) if displacement else None
         origin = (lo[0] - GHOST, lo[1] - GHOST, -GHOST)
         self._padded_shape = tuple(n_ + 2 * GHOST for n_ in decomp.local_shape)
-        scheme = "bspline" if kind == "bspline" else "lagrange"
-        base, weights, parents = _PLAN_ARRAYS.take(self.num_owned, decomp.dtype)
-        self._base, self._weights = _interp.stencil_plan(x, origin, self._padded_shape, kind=scheme,
-                                                         base_out=base, weights_out=weights, dtype=decomp.dtype)
-        weakref.finalize(self, _PLAN_ARRAYS.give, *parents).atexit = False
-        if kind == "nearest":
-            self._weights[...] = 0
-            frac = x - np.floor(x)
-            for a in range(3):
-                self._weights[np.arange(self.num_owned), 4 * a + 1 + (frac[:, a] >= 0.5)] = 1
-        self._padded = {}
+        if decomp.size > 1:
+            starts0, starts1, table = self._block_table()
+            self._send_counts, x, self._order = _routing.route_points(x, decomp.shape, starts0, starts1, table,
+                                                                      nodes=nodes, scale=scale)
+            self._recv_counts = decomp.alltoall_counts(self._send_counts)
+            x = decomp.alltoallv(x.ravel(), 3 * self._send_counts, 3 * self._recv_counts).reshape(-1, 3).T
+            nodes, period, scale = None, None, None
+        else:  # the routing is the identity: no exchange, no un-sorting
+            self._order, period = None, decomp.shape
+        self.num_owned = x.shape[1]
+        plan, parent = _PLAN_ARRAYS.take(self.num_owned, decomp.dtype)
+        self._plan = _interp.stencil_plan(x, origin, self._padded_shape, kind=kind, out=plan, dtype=decomp.dtype,
+                                          period=period, nodes=nodes, scale=scale)
+        weakref.finalize(self, _PLAN_ARRAYS.give, parent).atexit = False
 
     # ----------------------------------------------------------------- build
     def _block_table(self):
@@ -171,11 +178,13 @@ class InterpolationPlan:
 
     # ----------------------------------------------------------------- apply
     def _padded_buffer(self, components):
-        key = components
-        if key not in self._padded:
-            shape = ((components,) if components else ()) + self._padded_shape
-            self._padded[key] = np.empty(shape, self.decomp.dtype)
-        return self._padded[key]
+        """The ghost-padded scratch block for ``components`` (0: scalar), shared by all plans
+        of the decomposition (an interpolation uses it only while it runs)."""
+        buffers = _PADDED.setdefault(self.decomp, {})
+        key = (components, np.dtype(self.decomp.dtype).str)
+        if key not in buffers:
+            buffers[key] = np.empty(((components,) if components else ()) + self._padded_shape, self.decomp.dtype)
+        return buffers[key]
 
     def interpolate(self, field, out=None):
         """Values of a local scalar ``(n1, n2, n3)`` or vector ``(C, n1, n2, n3)`` field at the
@@ -194,25 +203,27 @@ class InterpolationPlan:
             field = self.spectral.bspline_prefilter(field)
         if _PLAN_ARRAYS.holding:  # this velocity's plans are built: see _PlanArrays
             _PLAN_ARRAYS.clear()
-        padded = decomp.exchange_halo(field, GHOST, out=self._padded_buffer(comps))
         shape = ((comps,) if vector else ()) + self.out_shape
         if out is None:
             out = np.empty(shape, decomp.dtype)
         elif out.shape != shape:
             raise ValueError(f"out has shape {out.shape}, expected {shape}")
-        flat = out.reshape(((comps,) if vector else ()) + (-1,))
-        if self._order is None:
-            if out.dtype == decomp.dtype and out.flags.c_contiguous:  # straight into out (flat is a view)
-                _interp.interpolate_planned(padded, self._base, self._weights, out=flat)
-            else:
-                flat[...] = _interp.interpolate_planned(padded, self._base, self._weights)
-            return out
-        values = _interp.interpolate_planned(padded, self._base, self._weights)
         c = max(comps, 1)
-        send = np.ascontiguousarray(values.reshape(c, -1).T)  # point-major, grouped by destination
-        back = decomp.alltoallv(send.ravel(), c * self._recv_counts, c * self._send_counts).reshape(-1, c)
-        if vector:
-            flat[:, self._order] = back.T
-        else:
-            flat[self._order] = back[:, 0]
+        flat = out.reshape((c, -1))
+        local = self._order is None
+        direct = local and out.dtype == decomp.dtype and out.flags.c_contiguous  # flat is a view of out
+        values = flat if direct else np.empty((c, self.num_owned), decomp.dtype)
+        padded = self._padded_buffer(0)
+        for k in range(c):  # one scalar halo block at a time: no padded vector field
+            decomp.exchange_halo(field[k] if vector else field, GHOST, out=padded)
+            _interp.interpolate_planned(padded, self._plan, self.kind, out=values[k])
+        if local:
+            if not direct:
+                out[...] = values.reshape(shape)
+            return out
+        target = flat if out.flags.c_contiguous else np.empty((c, self.num_points), decomp.dtype)
+        for k in range(c):  # back to the points' ranks, component by component (no transposes)
+            target[k, self._order] = decomp.alltoallv(values[k], self._recv_counts, self._send_counts)
+        if target is not flat:
+            out[...] = target.reshape(shape)
         return out

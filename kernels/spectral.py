@@ -150,10 +150,11 @@ class SpectralOperators:
         """``div v`` of a vector field."""
         self._check(v, True)
         out = self._out(out, False)
-        vhat = self._vector_hat()
-        for a in range(3):
-            self._forward(v[a], vhat[a])
-        return self._backward_from(lambda t: _k.divergence(vhat, *self.d, self._scale, out=t), out)
+        for a in range(3):  # component by component: no spectral vector field
+            fhat = self._forward(v[a], self._hat)
+            mult = tuple(self.d[b] if b == a else self._zeros[b] for b in range(3))
+            _k.multiply_i_linear(fhat, *mult, self._scale, out=self._scratch, accumulate=a > 0)
+        return self.decomp.backward_destroying(self._scratch, out)
 
     def _radial(self, f, coeffs, invert, out):
         self._check(f, f.ndim == 4)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..kernels.fields import axpy
+
 __all__ = ["KrylovOptions", "KrylovResult", "pcg"]
 
 
@@ -75,32 +77,35 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, 
     x = np.zeros_like(rhs)
     r = rhs.copy()
     norm_rhs = math.sqrt(inner(rhs, rhs))
+    del rhs  # a caller's temporary (e.g. -g) is not kept through the solve
     if norm_rhs == 0.0:
         return KrylovResult(x, 0, 0.0, True, False)
     z = precondition(r)
     p = z.copy()
     rz = inner(r, z)
+    z_old = z if flexible else None
+    del z  # live vectors during a matvec: x, r, p, H p (and z_old when flexible)
     res = 1.0
     for it in range(1, max_iterations + 1):
         hp = matvec(p)
         curvature = inner(p, hp)
         if curvature <= 0:
-            if it == 1:
-                x = z
-            return KrylovResult(x, it, res, False, True)
+            return KrylovResult(p if it == 1 else x, it, res, False, True)  # p = M^-1 rhs at it 1
         alpha = rz / curvature
-        x += alpha * p
-        r -= alpha * hp
+        axpy(alpha, p, x)
+        axpy(-alpha, hp, r)
+        del hp
         res = math.sqrt(inner(r, r)) / norm_rhs
         if progress is not None:
             progress(it, res)
         if res <= rtol:
             return KrylovResult(x, it, res, True, False)
-        z_old = z
         z = precondition(r)
         rz_new = inner(r, z)
         beta = (rz_new - inner(r, z_old)) / rz if flexible else rz_new / rz
         p *= beta
         p += z
         rz = rz_new
+        z_old = z if flexible else None
+        del z
     return KrylovResult(x, max_iterations, res, False, False)

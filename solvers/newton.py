@@ -121,7 +121,7 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
     """
     options = NewtonOptions() if options is None else options
     t0 = time.perf_counter()
-    v = problem.project(np.array(v0, dtype=problem.decomp.dtype, copy=True))
+    v = problem.project(np.asarray(v0, dtype=problem.decomp.dtype))  # never modified in place: no copy
     problem.set_velocity(v)
     objective, mismatch = problem.objective()
     history, matvecs, first = [], 0, 0
@@ -172,9 +172,12 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
         slope = problem.inner(g, s)
         if slope >= 0 or not np.isfinite(slope):  # not a descent direction (should not happen): use -g
             s, slope = -g, -gnorm ** 2
+        g = krylov = None  # not needed in the line search (it sets the velocity several times)
         step = 1.0
         for _ in range(options.max_line_search):
-            trial = v + step * s
+            trial = None  # the previous trial goes before the next is made
+            trial = s * step
+            trial += v
             problem.set_velocity(trial)
             trial_objective, trial_mismatch = problem.objective()
             if trial_objective <= objective + options.armijo * step * slope:

@@ -115,9 +115,10 @@ class RegistrationProblem:
 
     Notes
     -----
-    :meth:`set_velocity` solves the state equation and stores ``m(t_j)`` and ``grad m(t_j)``
+    :meth:`set_velocity` solves the state equation and stores ``m(1)`` and ``grad m(t_j)``
     for all time points and components once; every gradient and Hessian matvec at that
-    velocity reuses them.
+    velocity reuses them. Only the smoothed images are kept (a smoother problem is made from
+    them by the Gaussian semigroup, see :meth:`with_smoothing`).
     """
 
     def __init__(self, transport, fixed, moving, options=None, workload=None, *, distance=None, mask=None,
@@ -139,7 +140,6 @@ class RegistrationProblem:
             raw.append(np.ascontiguousarray(image, dtype=dtype))
         if raw[0].shape[0] != raw[1].shape[0]:
             raise ValueError(f"fixed has {raw[0].shape[0]} components and moving {raw[1].shape[0]}")
-        self.raw_fixed, self.raw_moving = raw
         self.components = raw[0].shape[0]
         weights = self.distance_options.weights or (1.0,) * self.components
         if len(weights) != self.components:
@@ -149,13 +149,13 @@ class RegistrationProblem:
         if self.mask is not None and self.mask.shape != local:
             raise ValueError(f"mask has local shape {self.mask.shape}; expected {local}")
         self.fixed, self.moving = (self._smoothed(a) for a in raw)
+        del raw
         self.cell_volume = math.prod(self.decomp.spacing)
         self.distances = [make_distance(self.distance_options.name, f, self.inner, self.mask) for f in self.fixed]
         self.initial_distance = self._distance(self.moving)
         self.initial_mismatch = math.sqrt(2 * self.initial_distance)
         self.velocity = None
         self._state = None
-        self._grad_m = None
 
     def _smoothed(self, images):
         if self.sigma <= 0:
@@ -172,9 +172,16 @@ class RegistrationProblem:
 
     # ---------------------------------------------------------- new problems
     def with_smoothing(self, sigma):
-        """The same problem (same grid, transport, options) with images smoothed by ``sigma``."""
-        return RegistrationProblem(self.transport, self.raw_fixed, self.raw_moving, self.options, self.workload,
-                                   distance=self.distance_options, mask=self.mask, sigma=sigma)
+        """The same problem (same grid, transport, options) with images smoothed by ``sigma``
+        voxels in all, ``sigma >= self.sigma``: this problem's images smoothed by
+        ``sqrt(sigma^2 - self.sigma^2)`` (Gaussians compose exactly)."""
+        if sigma < self.sigma:
+            raise ValueError(f"sigma={sigma} is below this problem's {self.sigma}: smoothing cannot be undone")
+        problem = RegistrationProblem(self.transport, self.fixed, self.moving, self.options, self.workload,
+                                      distance=self.distance_options, mask=self.mask,
+                                      sigma=math.sqrt(sigma ** 2 - self.sigma ** 2))
+        problem.sigma = float(sigma)
+        return problem
 
     def restricted(self, shape, *, workload=None):
         """The problem on a coarser (or any) grid ``shape``: this problem's (smoothed) images
@@ -235,24 +242,23 @@ class RegistrationProblem:
 
     # --------------------------------------------------------------- state
     def set_velocity(self, v):
-        """Build the transport plans for ``v`` and solve the state equation (stores ``m(t)``
-        and ``grad m(t)`` of every component for the gradient and every Hessian matvec)."""
+        """Build the transport plans for ``v`` and solve the state equation (stores ``m(t_j)``
+        of every component, ghost-padded, for the gradient and every Hessian matvec). The
+        previous velocity's state goes first, so that two never coexist."""
         v = np.ascontiguousarray(v, dtype=self.decomp.dtype)
+        self.velocity, self._state = None, []
         with self.workload.timer("set_velocity"):
             self.transport.set_velocity(v)
-        self._state, self._grad_m = [], []
         for m0 in self.moving:
             with self.workload.timer("state_solve"):
-                self._state.append(self.transport.solve_state(m0))
-            with self.workload.timer("state_gradients"):
-                self._grad_m.append(self.transport.state_gradients(self._state[-1]))
+                self._state.append(self.transport.state_history(m0))
         self.velocity = v
-        self._current_distance = self._distance([m[-1] for m in self._state])
+        self._current_distance = self._distance([self.transport.interior(m[-1]) for m in self._state])
 
     @property
     def deformed(self):
         """``m(1)``: the moving image(s) deformed by the current velocity, ``(C, *local)``."""
-        return np.stack([m[-1] for m in self._state])
+        return np.stack([self.transport.interior(m[-1]) for m in self._state])
 
     def objective(self):
         """``J(v)`` at the current velocity, and the relative mismatch ``sqrt(D / D_0)``
@@ -270,15 +276,15 @@ class RegistrationProblem:
         """Reduced gradient ``beta A v + K b`` at the current velocity."""
         body = self.regularization(self.velocity)
         with self.workload.timer("adjoint_solve"):
-            for w, dist, grad_m in zip(self.weights, self.distances, self._grad_m):
-                body += self.transport.solve_adjoint(w * dist.final_adjoint(), grad_m)[1]
+            for w, dist, state in zip(self.weights, self.distances, self._state):
+                self.transport.solve_adjoint(w * dist.final_adjoint(), state, body=body)
         return self.project(body)
 
     def hessian_matvec(self, v_tilde):
         """Gauss-Newton Hessian applied to ``v_tilde``: two transport solves per component."""
         with self.workload.timer("hessian_matvec"):
             body = self.regularization(v_tilde)
-            for w, dist, grad_m in zip(self.weights, self.distances, self._grad_m):
-                mt1 = self.transport.solve_incremental_state(v_tilde, grad_m)
-                body += self.transport.solve_adjoint(w * dist.final_incremental_adjoint(mt1), grad_m)[1]
+            for w, dist, state in zip(self.weights, self.distances, self._state):
+                mt1 = self.transport.solve_incremental_state(v_tilde, state)
+                self.transport.solve_adjoint(w * dist.final_incremental_adjoint(mt1), state, body, differences=True)
             return self.project(body)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels.interpolation import InterpolationPlan
+from ..kernels import fields
+from ..kernels.interpolation import GHOST, InterpolationPlan
 from .monitor import Workload
 
 __all__ = ["TransportOptions", "SemiLagrangianTransport"]
@@ -79,20 +80,21 @@ class SemiLagrangianTransport:
         self.nt = self.options.nt
         self.dt = 1.0 / self.nt
         self._inv_h = np.array([1.0 / h for h in decomp.spacing])
-        # grid-unit coordinates of the local nodes, one broadcastable array per axis
-        self._axes = np.ix_(*[np.arange(s.start, s.stop, dtype=np.float64) for s in decomp.real_slice])
         self.velocity = None
         self.div_v = None
         self.resolved = True
         self.backward_plan = self.forward_plan = None
-        self._backward_step = None  # X- - x in grid units
         self.workload = Workload() if workload is None else workload
+        self._differences = fields.FourthOrderGradient(decomp.spacing, decomp.dtype, GHOST)
 
     # --------------------------------------------------------------- velocity
-    def _plan(self, points, kind=None):
+    def _plan(self, displacement, kind=None, scale=None):
+        """Plan at the points ``x_a + scale_a displacement_a`` (grid units) of the local nodes
+        ``x``."""
         kind = self.options.interpolation if kind is None else kind
         with self.workload.timer("interpolation_plan"):
-            return InterpolationPlan(self.decomp, points, kind=kind, spectral=self.spectral)
+            return InterpolationPlan(self.decomp, displacement, kind=kind, spectral=self.spectral, displacement=True,
+                                     scale=scale)
 
     def _interpolate(self, plan, field, out=None):
         with self.workload.timer("interpolation"):
@@ -101,37 +103,35 @@ class SemiLagrangianTransport:
             self.workload.add("interpolation", field.shape[0] - 1)
         return out
 
-    def _nodes_plus(self, w):
-        """``x + w`` for a vector field ``w`` in grid units (float64)."""
-        return np.stack([self._axes[a] + w[a] for a in range(3)])
-
-    def _characteristic(self, v_grid, sign):
-        """RK2 departure-point offsets ``sign dt/2 (v(x) + v(x + sign dt v(x)))`` (grid units)."""
-        v_euler = self._interpolate(self._plan(self._nodes_plus(sign * self.dt * v_grid)), v_grid)
-        return (0.5 * sign * self.dt) * (v_grid + v_euler)
+    def _departure_step(self, sign):
+        """RK2 departure-point offsets ``sign dt/2 (v(x) + v(x + sign dt v(x)))`` in grid units
+        (``v / h``), in the working precision (the plans form the points ``x + offset`` in
+        float64); the Euler plan scales ``v`` itself, so no scaled copy of ``v`` is made."""
+        v = self.velocity
+        euler = self._plan(v, scale=sign * self.dt * self._inv_h)
+        step = self._interpolate(euler, v)
+        del euler
+        step += v
+        step *= (0.5 * sign * self.dt * self._inv_h)[:, None, None, None]
+        return step
 
     def set_velocity(self, v):
         """Build the backward and forward interpolation plans and ``div v`` for velocity
-        ``v`` of shape ``(3, *local_shape)`` (physical units). Call once per velocity."""
+        ``v`` of shape ``(3, *local_shape)`` (physical units). Call once per velocity; the
+        previous velocity's plans are released first."""
         if v.shape != (3,) + self.decomp.local_shape:
             raise ValueError(f"velocity of shape {v.shape}, expected {(3,) + self.decomp.local_shape}")
         if not np.all(np.isfinite(v)):
             raise ValueError("velocity contains NaN or infinite values")
-        self.velocity = v
-        v_grid = v.astype(np.float64) * self._inv_h[:, None, None, None]
-        step = self._characteristic(v_grid, -1.0)
-        self.backward_plan = self._plan(self._nodes_plus(step))
-        self._backward_step = step.astype(self.decomp.dtype)
-        self.forward_plan = self._plan(self._nodes_plus(self._characteristic(v_grid, +1.0)))
-        self.div_v = self.spectral.divergence(v)
-        # trapezoidal rule of the adjoint's div v source along a characteristic (see Notes)
-        half = 0.5 * self.dt
+        self.backward_plan = self.forward_plan = self.div_v = None
+        self.velocity = np.ascontiguousarray(v, dtype=self.decomp.dtype)
+        self.backward_plan = self._plan(self._departure_step(-1.0))
+        self.forward_plan = self._plan(self._departure_step(+1.0))
+        self.div_v = self.spectral.divergence(self.velocity)
         #: False when dt/2 |div v| >= 1/2 somewhere: the map compresses or expands a cell by
         #: more than a factor ~3 within one time step and the adjoint's trapezoidal rule
         #: breaks down (the optimiser treats such a velocity as infeasible).
-        self.resolved = self.decomp.allreduce(float(np.abs(half * self.div_v).max()), "max") < 0.5
-        self._adjoint_source = (1.0 + half * self.div_v).astype(self.decomp.dtype)
-        self._adjoint_damping = (1.0 / (1.0 - half * self.div_v)).astype(self.decomp.dtype)
+        self.resolved = self.decomp.allreduce(float(np.abs(self.div_v).max()) * 0.5 * self.dt, "max") < 0.5
 
     def _require_velocity(self):
         if self.backward_plan is None:
@@ -153,52 +153,92 @@ class SemiLagrangianTransport:
             self._interpolate(self.backward_plan, hist[j], out=hist[j + 1])
         return hist
 
-    def state_gradients(self, m_hist, out=None):
-        """``grad m(t_j)`` for every stored time: shape ``(nt + 1, 3, *local_shape)``. Compute
-        once per velocity (outer iteration) and pass to the other solves."""
-        out = np.empty((m_hist.shape[0], 3) + self.decomp.local_shape, self.decomp.dtype) if out is None else out
-        for j, m in enumerate(m_hist):
-            self.spectral.gradient(m, out=out[j])
-        return out
+    def interior(self, padded):
+        """The local block inside ghost-padded arrays (a view; any leading axes)."""
+        g = GHOST
+        return padded[(..., *(slice(g, g + n) for n in self.decomp.local_shape))]
 
-    def solve_adjoint(self, lam1, grad_m):
+    def state_history(self, m0):
+        """``m(t_j)``, ``j = 0..nt``, as ghost-padded blocks ``(nt + 1, *(local_shape + 4))``
+        with their periodic halos filled: what the adjoint and incremental solves read (the
+        Hessian's 4th-order differences straight from the padded blocks, see
+        :class:`~claire_py.kernels.fields.FourthOrderGradient`). ``m(1) =
+        interior(history[-1])``."""
+        self._require_velocity()
+        padded = tuple(n + 2 * GHOST for n in self.decomp.local_shape)
+        hist = np.empty((self.nt + 1,) + padded, self.decomp.dtype)
+        m = self.interior(hist)
+        m[0] = m0
+        for j in range(self.nt):
+            self._interpolate(self.backward_plan, m[j], out=m[j + 1])
+        self.decomp.exchange_halo(m, GHOST, out=hist)
+        return hist
+
+    def solve_adjoint(self, lam1, state, body=None, *, differences=False):
         """Continuity-form adjoint backward from ``lam(1) = lam1``.
+
+        Parameters
+        ----------
+        lam1 : ndarray ``(*local_shape)``
+        state : ndarray
+            :meth:`state_history` of the current velocity.
+        body : ndarray ``(3, *local_shape)``, optional
+            Accumulate the body force into this array (in place) instead of a new one.
+        differences : bool
+            ``grad m(t_j)`` by 4th-order differences on the padded state (the Gauss-Newton
+            matvec) instead of spectrally (the gradient; one FFT gradient per time point).
 
         Returns
         -------
         lam0 : ndarray ``(*local_shape)``
             ``lam(t = 0)``.
         body_force : ndarray ``(3, *local_shape)``
-            ``b = int_0^1 lam grad m dt`` (trapezoidal rule over the ``nt + 1`` time points).
+            ``b = int_0^1 lam grad m dt`` (trapezoidal rule over the ``nt + 1`` time points),
+            added to ``body`` when given.
         """
         self._require_velocity()
+        dtype = self.decomp.dtype
         w = self._quadrature_weights()
-        lam = np.array(lam1, dtype=self.decomp.dtype, copy=True)
-        body = (w[self.nt] * lam) * grad_m[self.nt]
+        half = 0.5 * self.dt
+        lam = np.array(lam1, dtype=dtype, copy=True)
+        if body is None:
+            body = np.zeros((3,) + self.decomp.local_shape, dtype)
+        if differences:
+            def accumulate(j, c):
+                self._differences.damp_and_accumulate(lam, self.div_v, c, w[j], state[j], body)
+        else:
+            grad = np.empty((3,) + self.decomp.local_shape, dtype)
+
+            def accumulate(j, c):
+                self.spectral.gradient(self.interior(state[j]), out=grad)
+                fields.damp_and_accumulate(lam, self.div_v, c, w[j], grad, body)
+        accumulate(self.nt, 0.0)  # lam(1) / 1: no damping at the final time
         tmp = np.empty_like(lam)
         for j in range(self.nt - 1, -1, -1):
-            np.multiply(lam, self._adjoint_source, out=tmp)
+            fields.times_one_plus(lam, self.div_v, half, out=tmp)
             self._interpolate(self.forward_plan, tmp, out=lam)
-            lam *= self._adjoint_damping
-            body += (w[j] * lam) * grad_m[j]
+            accumulate(j, half)
         return lam, body
 
-    def solve_incremental_state(self, v_tilde, grad_m):
-        """``mt(1)`` of the incremental state equation for the perturbation ``v_tilde``."""
+    def solve_incremental_state(self, v_tilde, state):
+        """``mt(1)`` of the incremental state equation for the perturbation ``v_tilde``
+        (``grad m(t_j)`` by 4th-order differences on the padded ``state``)."""
         self._require_velocity()
+        dtype = self.decomp.dtype
         half = 0.5 * self.dt
-        g = -np.einsum("a...,a...->...", v_tilde, grad_m[0])
-        mt = np.zeros(self.decomp.local_shape, self.decomp.dtype)
+        v_tilde = np.ascontiguousarray(v_tilde, dtype=dtype)
+        mt = np.zeros(self.decomp.local_shape, dtype)
+        tmp = np.empty_like(mt)
         for j in range(self.nt):
-            self._interpolate(self.backward_plan, (mt + half * g).astype(self.decomp.dtype), out=mt)
-            g = -np.einsum("a...,a...->...", v_tilde, grad_m[j + 1])
-            mt += half * g
+            self._differences.minus_dot_added(mt, half, v_tilde, state[j], out=tmp)  # mt + dt/2 g_j
+            self._interpolate(self.backward_plan, tmp, out=mt)
+            self._differences.minus_dot_added(mt, half, v_tilde, state[j + 1], out=mt)
         return mt
 
-    def solve_incremental_adjoint(self, mt1, grad_m):
+    def solve_incremental_adjoint(self, mt1, state, body=None):
         """Gauss-Newton incremental adjoint from ``lt(1) = -mt(1)``; returns its body force
-        ``int_0^1 lt grad m dt`` (the Hessian matvec's data term)."""
-        return self.solve_adjoint(-mt1, grad_m)[1]
+        ``int_0^1 lt grad m dt`` (the Hessian matvec's data term; added to ``body`` if given)."""
+        return self.solve_adjoint(-mt1, state, body, differences=True)[1]
 
     # -------------------------------------------------------- derived outputs
     def displacement(self):
@@ -206,30 +246,26 @@ class SemiLagrangianTransport:
         (voxels), shape ``(3, *local_shape)``: ``m(x, 1) = m(y(x), 0)``. Composed step by step,
         ``u_{j+1}(x) = u_j(X-(x)) + (X-(x) - x)``."""
         self._require_velocity()
+        step = self._departure_step(-1.0)
         u = np.zeros((3,) + self.decomp.local_shape, self.decomp.dtype)
         for _ in range(self.nt):
             self._interpolate(self.backward_plan, u, out=u)
-            u += self._backward_step
+            u += step
         return u
 
     def deformation_map(self):
         """``y(x) = x + u(x)`` in grid units, float64 (not wrapped: ``y`` may leave ``[0, N)``)."""
-        return self._nodes_plus(self.displacement())
+        u = self.displacement().astype(np.float64)
+        for a, s in enumerate(self.decomp.real_slice):
+            u[a] += np.arange(s.start, s.stop, dtype=np.float64).reshape([-1 if b == a else 1 for b in range(3)])
+        return u
 
     def det_grad_y(self, displacement=None):
         """``det(grad y)`` of the pull-back map, ``y = x + u`` (``u`` in voxels), from the
         spectral gradient of ``u``: ``(grad y)_ab = delta_ab + h_b du_a/dX_b``."""
         u = self.displacement() if displacement is None else displacement
-        h = self.decomp.spacing
-        jac = np.empty((3, 3) + self.decomp.local_shape, np.float64)
-        for a in range(3):
-            grad = self.spectral.gradient(u[a])
-            for b in range(3):
-                jac[a, b] = (a == b) + h[b] * grad[b]
-        det = (jac[0, 0] * (jac[1, 1] * jac[2, 2] - jac[1, 2] * jac[2, 1])
-               - jac[0, 1] * (jac[1, 0] * jac[2, 2] - jac[1, 2] * jac[2, 0])
-               + jac[0, 2] * (jac[1, 0] * jac[2, 1] - jac[1, 1] * jac[2, 0]))
-        return det.astype(self.decomp.dtype)
+        grads = [self.spectral.gradient(np.ascontiguousarray(u[a], dtype=self.decomp.dtype)) for a in range(3)]
+        return fields.det_identity_plus(grads, self.decomp.spacing, np.empty(self.decomp.local_shape, self.decomp.dtype))
 
     def transport_image(self, image):
         """``image(y(x))``: the image deformed by the velocity (the state at ``t = 1``)."""
@@ -250,7 +286,7 @@ class SemiLagrangianTransport:
         self._require_velocity()
         labels = np.asarray(labels)
         if method == "nearest":
-            plan = self._plan(self.deformation_map(), kind="nearest")
+            plan = self._plan(self.displacement(), kind="nearest")
             out = self._interpolate(plan, labels.astype(self.decomp.dtype))
             return np.rint(out).astype(labels.dtype)
         if method != "probability":

@@ -50,15 +50,20 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._jit import jit, jit_parallel
+from .routing import _coordinate, _next_node, _node_of
+from .routing import _wrap as _wrap_real
 
 # llvmlite's IR builder, reached through numba (this subpackage imports only numpy and numba)
 _ir = cgutils.ir
 
-__all__ = ["KINDS", "stencil_plan", "interpolate_planned", "interpolate_periodic",
+__all__ = ["KINDS", "PLAN_KINDS", "stencil_plan", "weight_coefficients", "interpolate_planned", "interpolate_periodic",
            "reference_interpolate_periodic", "bspline_prefilter_reference"]
 
 #: Interpolation kinds understood by every function of this module.
 KINDS = ("lagrange", "bspline")
+
+#: Kinds of :func:`stencil_plan` (``nearest``: the value of the nearest node).
+PLAN_KINDS = KINDS + ("nearest",)
 
 #: Points per parallel work item of the planned kernels: each thread gets contiguous ranges.
 _CHUNK = 8192
@@ -80,18 +85,46 @@ def _axis_weights(t, kind):
             (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0, t3 / 6.0)
 
 
+#: Polynomial coefficients of the axis weights in powers of the fraction ``t``: row ``k``
+#: holds the ``t^k`` coefficients of ``(w_-1, w_0, w_1, w_2)``.
+_COEFFICIENTS = {
+    "lagrange": ((0.0, 1.0, 0.0, 0.0), (-1 / 3, -0.5, 1.0, -1 / 6), (0.5, -1.0, 0.5, 0.0), (-1 / 6, 0.5, -0.5, 1 / 6)),
+    "bspline": ((1 / 6, 2 / 3, 1 / 6, 0.0), (-0.5, 0.0, 0.5, 0.0), (0.5, -1.0, 0.5, 0.0), (-1 / 6, 0.5, -0.5, 1 / 6)),
+}
+
+
+def weight_coefficients(kind, dtype):
+    """``(16,)`` array of ``dtype``: the ``t^k`` coefficients of the 4 axis weights, ``k =
+    0..3`` (``coef[4 k + j]`` for weight ``j``), evaluated by Horner's rule in the kernel.
+    ``nearest`` plans use the Lagrange weights at ``t`` in ``{0, 1}``, where they are one-hot
+    (the ``t`` coefficient of ``w_-1`` is rounded so that its Horner sum at ``t = 1`` is exactly
+    0 in ``dtype``)."""
+    coef = np.array(_COEFFICIENTS["bspline" if kind == "bspline" else "lagrange"], dtype=dtype)
+    if kind != "bspline":
+        coef[1, 0] = -(coef[3, 0] + coef[2, 0])
+    return coef.ravel()
+
+
 @jit_parallel
-def _stencil_plan(points, o0, o1, o2, p0, p1, p2, kind, base, weights):
-    npts = points.shape[0]
+def _stencil_plan(points, period, lo0, lo1, lo2, n1, n2, scale, o0, o1, o2, p0, p1, p2, nearest, bits, frac):
+    """Fill ``bits[p, 0]`` (flat corner index) and ``frac[p, 1:4]`` (fractions) of every point."""
+    npts = points.shape[1]
     nchunks = (npts + _CHUNK - 1) // _CHUNK
     bad = 0
     for ch in prange(nchunks):
         start = ch * _CHUNK
         stop = min(npts, start + _CHUNK)
+        lo = (lo0, lo1, lo2)
+        i, j, k = _node_of(start, lo, n1, n2)
         for p in range(start, stop):
-            x0 = np.float64(points[p, 0])
-            x1 = np.float64(points[p, 1])
-            x2 = np.float64(points[p, 2])
+            x0 = _coordinate(points, p, 0, i, scale)
+            x1 = _coordinate(points, p, 1, j, scale)
+            x2 = _coordinate(points, p, 2, k, scale)
+            i, j, k = _next_node(i, j, k, lo, n1, n2)
+            if period[0] > 0:
+                x0 = _wrap_real(x0, period[0])
+                x1 = _wrap_real(x1, period[1])
+                x2 = _wrap_real(x2, period[2])
             f0 = np.floor(x0)
             f1 = np.floor(x1)
             f2 = np.floor(x2)
@@ -101,53 +134,52 @@ def _stencil_plan(points, o0, o1, o2, p0, p1, p2, kind, base, weights):
             if (i0 < 0 or i1 < 0 or i2 < 0 or i0 + 3 >= p0 or i1 + 3 >= p1 or i2 + 3 >= p2
                     or not (x0 == x0 and x1 == x1 and x2 == x2)):
                 bad += 1
-                base[p] = np.uint64(0)
-                for k in range(12):
-                    weights[p, k] = 0
+                bits[p, 0] = 0
+                frac[p, 1] = 0
+                frac[p, 2] = 0
+                frac[p, 3] = 0
                 continue
-            base[p] = np.uint64((i0 * p1 + i1) * p2 + i2)
-            a0, a1, a2, a3 = _axis_weights(x0 - f0, kind)
-            weights[p, 0] = a0
-            weights[p, 1] = a1
-            weights[p, 2] = a2
-            weights[p, 3] = a3
-            b0, b1, b2, b3 = _axis_weights(x1 - f1, kind)
-            weights[p, 4] = b0
-            weights[p, 5] = b1
-            weights[p, 6] = b2
-            weights[p, 7] = b3
-            c0, c1, c2, c3 = _axis_weights(x2 - f2, kind)
-            weights[p, 8] = c0
-            weights[p, 9] = c1
-            weights[p, 10] = c2
-            weights[p, 11] = c3
+            bits[p, 0] = (i0 * p1 + i1) * p2 + i2
+            t0 = x0 - f0
+            t1 = x1 - f1
+            t2 = x2 - f2
+            if nearest:
+                t0 = 1.0 if t0 >= 0.5 else 0.0
+                t1 = 1.0 if t1 >= 0.5 else 0.0
+                t2 = 1.0 if t2 >= 0.5 else 0.0
+            frac[p, 1] = t0
+            frac[p, 2] = t1
+            frac[p, 3] = t2
     return bad
 
 
 # ------------------------------------------------------------------ planned kernel
 @intrinsic
-def _stencil_simd(typingctx, f, i, s0, s1, weights, p):
-    """``sum_{a,b,c} w0[a] w1[b] w2[c] f[i + a s0 + b s1 + c]`` with ``w = weights[p]``, in
-    4-wide SIMD: the 4 contiguous values of each stencil row are one vector load, the 16 rows
-    are combined with broadcast ``w1[b]`` and ``w0[a]`` (fused multiply-adds where the CPU
-    has them), and the result is the dot product with ``(w2[0..3])``. 16 + 3 vector loads and
-    ~35 vector operations per point instead of 64 + 12 scalar loads and 84 multiply-adds.
+def _stencil_simd(typingctx, f, i, s0, s1, plan, p, coef):
+    """``sum_{a,b,c} w0[a] w1[b] w2[c] f[i + a s0 + b s1 + c]`` in 4-wide SIMD, the weights
+    of axis ``a`` evaluated from the fraction ``t_a = plan[p, 1 + a]`` by Horner's rule with the
+    coefficient vectors of ``coef`` (3 fused multiply-adds per axis). The 4 contiguous values
+    of each stencil row are one vector load, the 16 rows are combined with broadcast ``w1[b]``
+    and ``w0[a]``, and the result is the dot product with ``(w2[0..3])``: 1 + 4 + 16 vector
+    loads and ~45 vector operations per point instead of 64 scalar loads and 84
+    multiply-adds.
 
-    ``f``: 1-D C-contiguous float32/float64; ``weights``: C-contiguous ``(npts, 12)`` of the
-    same dtype; ``i, s0, s1``: uint64; ``p``: integer. No bounds checks (the plan guarantees
-    them). Written in LLVM IR because numba's loop vectoriser otherwise vectorises across
-    points with per-element gathers (half the speed)."""
+    ``f``: 1-D C-contiguous float32/float64; ``plan``: C-contiguous ``(npts, 4)`` and
+    ``coef``: ``(16,)``, both of ``f``'s dtype; ``i, s0, s1``: uint64; ``p``: integer. No
+    bounds checks (the plan guarantees them). Written in LLVM IR because numba's loop
+    vectoriser otherwise vectorises across points with per-element gathers (half the speed)."""
     if not (isinstance(f, types.Array) and f.ndim == 1 and f.layout == "C"
             and f.dtype in (types.float32, types.float64)
-            and isinstance(weights, types.Array) and weights.ndim == 2 and weights.layout == "C"
-            and weights.dtype == f.dtype
+            and isinstance(plan, types.Array) and plan.ndim == 2 and plan.layout == "C" and plan.dtype == f.dtype
+            and isinstance(coef, types.Array) and coef.ndim == 1 and coef.layout == "C" and coef.dtype == f.dtype
             and all(isinstance(t, types.Integer) and t.bitwidth == 64 for t in (i, s0, s1, p))):
         return None
-    sig = f.dtype(f, i, s0, s1, weights, p)
+    sig = f.dtype(f, i, s0, s1, plan, p, coef)
 
     def codegen(context, builder, signature, args):
         f_arr = context.make_array(signature.args[0])(context, builder, args[0])
-        w_arr = context.make_array(signature.args[4])(context, builder, args[4])
+        plan_arr = context.make_array(signature.args[4])(context, builder, args[4])
+        coef_arr = context.make_array(signature.args[6])(context, builder, args[6])
         elt = context.get_value_type(signature.args[0].dtype)
         size = context.get_abi_sizeof(elt)
         vec = _ir.VectorType(elt, 4)
@@ -165,10 +197,16 @@ def _stencil_simd(typingctx, f, i, s0, s1, weights, p):
         def broadcast(v, k):
             return builder.shuffle_vector(v, undef, _ir.Constant(_ir.VectorType(i32, 4), [k] * 4))
 
-        row = builder.mul(args[5], _ir.Constant(i64, 12))
-        w0 = load4(w_arr.data, row)
-        w1 = load4(w_arr.data, builder.add(row, _ir.Constant(i64, 4)))
-        w2 = load4(w_arr.data, builder.add(row, _ir.Constant(i64, 8)))
+        c = [load4(coef_arr.data, _ir.Constant(i64, 4 * k)) for k in range(4)]
+        row = load4(plan_arr.data, builder.mul(args[5], _ir.Constant(i64, 4)))
+
+        def weights(axis):
+            t = broadcast(row, 1 + axis)
+            w = builder.call(fmuladd, [c[3], t, c[2]])
+            w = builder.call(fmuladd, [w, t, c[1]])
+            return builder.call(fmuladd, [w, t, c[0]])
+
+        w0, w1, w2 = weights(0), weights(1), weights(2)
         w1b = [broadcast(w1, b) for b in range(4)]
         acc = None
         ia = args[1]
@@ -190,10 +228,10 @@ def _stencil_simd(typingctx, f, i, s0, s1, weights, p):
 
 
 @jit_parallel
-def _interpolate_planned(f, s0, s1, base, weights, out):
+def _interpolate_planned(f, s0, s1, plan, bits, coef, out):
     """One component: ``f`` flat padded (P,), ``out`` (npts,); SIMD stencil per point.
     Returns the number of corners whose stencil would leave ``f`` (skipped, ``out`` = 0)."""
-    npts = base.shape[0]
+    npts = plan.shape[0]
     nchunks = (npts + _CHUNK - 1) // _CHUNK
     bad = 0
     for ch in prange(nchunks):
@@ -205,13 +243,18 @@ def _interpolate_planned(f, s0, s1, base, weights, out):
         start = ch * _CHUNK
         stop = min(npts, start + _CHUNK)
         for p in range(start, stop):
-            i = base[p]
+            i = np.uint64(bits[p, 0])
             if i > limit:
                 bad += 1
                 out[p] = 0
                 continue
-            out[p] = _stencil_simd(f, i, us0, us1, weights, p)
+            out[p] = _stencil_simd(f, i, us0, us1, plan, p, coef)
     return bad
+
+
+@jit
+def _horner(c, j, t):
+    return ((c[12 + j] * t + c[8 + j]) * t + c[4 + j]) * t + c[j]
 
 
 @jit
@@ -233,11 +276,12 @@ def _plane(f, i, s1, u0, u1, u2, u3, v0, v1, v2, v3):
 
 
 @jit_parallel
-def _interpolate_planned_plain(f, s0, s1, base, weights, out):
-    """Portable plain-numba twin of :func:`_interpolate_planned` (separable sums over ``c``,
-    then ``b``, then ``a``: 84 multiply-adds per point; LLVM vectorises it across points with
-    gathers). About half as fast; kept as the fallback and for comparison."""
-    npts = base.shape[0]
+def _interpolate_planned_plain(f, s0, s1, plan, bits, coef, out):
+    """Portable plain-numba twin of :func:`_interpolate_planned` (weights by Horner's rule,
+    separable sums over ``c``, then ``b``, then ``a``: 84 multiply-adds per point; LLVM
+    vectorises it across points with gathers). About half as fast; the cross-check of the
+    LLVM IR kernel."""
+    npts = plan.shape[0]
     nchunks = (npts + _CHUNK - 1) // _CHUNK
     for ch in prange(nchunks):
         us0 = np.uint64(s0)
@@ -245,22 +289,25 @@ def _interpolate_planned_plain(f, s0, s1, base, weights, out):
         start = ch * _CHUNK
         stop = min(npts, start + _CHUNK)
         for p in range(start, stop):
-            i = base[p]
-            u0 = weights[p, 8]
-            u1 = weights[p, 9]
-            u2 = weights[p, 10]
-            u3 = weights[p, 11]
-            v0 = weights[p, 4]
-            v1 = weights[p, 5]
-            v2 = weights[p, 6]
-            v3 = weights[p, 7]
-            acc = weights[p, 0] * _plane(f, i, us1, u0, u1, u2, u3, v0, v1, v2, v3)
+            i = np.uint64(bits[p, 0])
+            t0 = plan[p, 1]
+            t1 = plan[p, 2]
+            t2 = plan[p, 3]
+            u0 = _horner(coef, 0, t2)
+            u1 = _horner(coef, 1, t2)
+            u2 = _horner(coef, 2, t2)
+            u3 = _horner(coef, 3, t2)
+            v0 = _horner(coef, 0, t1)
+            v1 = _horner(coef, 1, t1)
+            v2 = _horner(coef, 2, t1)
+            v3 = _horner(coef, 3, t1)
+            acc = _horner(coef, 0, t0) * _plane(f, i, us1, u0, u1, u2, u3, v0, v1, v2, v3)
             i += us0
-            acc += weights[p, 1] * _plane(f, i, us1, u0, u1, u2, u3, v0, v1, v2, v3)
+            acc += _horner(coef, 1, t0) * _plane(f, i, us1, u0, u1, u2, u3, v0, v1, v2, v3)
             i += us0
-            acc += weights[p, 2] * _plane(f, i, us1, u0, u1, u2, u3, v0, v1, v2, v3)
+            acc += _horner(coef, 2, t0) * _plane(f, i, us1, u0, u1, u2, u3, v0, v1, v2, v3)
             i += us0
-            acc += weights[p, 3] * _plane(f, i, us1, u0, u1, u2, u3, v0, v1, v2, v3)
+            acc += _horner(coef, 3, t0) * _plane(f, i, us1, u0, u1, u2, u3, v0, v1, v2, v3)
             out[p] = acc
 
 
@@ -351,78 +398,104 @@ def _out_for(out, shape, dtype):
     return out
 
 
-def stencil_plan(points, origin, padded_shape, kind="lagrange", base_out=None, weights_out=None,
-                 dtype=np.float32):
-    """Stencil corners and separable weights of ``points`` in a ghost-padded block.
+def _plan_bits(plan):
+    """The unsigned view of a plan whose column 0 holds the corner indices."""
+    return plan.view(np.uint32 if plan.dtype == np.float32 else np.uint64)
+
+
+def stencil_plan(points, origin, padded_shape, kind="lagrange", *, out=None, dtype=np.float32, period=None,
+                 nodes=None, scale=None):
+    """Stencil corners and fractions of ``points`` in a ghost-padded block: 16 bytes per point
+    in float32 (32 in float64); the kernel evaluates the 12 axis weights from the fractions.
 
     Parameters
     ----------
-    points : ndarray, (npts, 3), float32 or float64, C-contiguous
-        Global coordinates in grid units. Each point's stencil must lie inside the padded
-        block: ``floor(x_a) - 1 - origin_a >= 0`` and ``floor(x_a) + 2 - origin_a <
-        padded_shape[a]`` (a ``ValueError`` counts the points that do not).
+    points : ndarray, (3, npts), float32 or float64 (any strides)
+        Global coordinates in grid units — or, with ``nodes``, displacements of the nodes of a
+        local block. Each point's stencil must lie inside the padded block:
+        ``floor(x_a) - 1 - origin_a >= 0`` and ``floor(x_a) + 2 - origin_a < padded_shape[a]``
+        (a ``ValueError`` counts the points that do not).
     origin : 3 ints
         Global grid index of ``padded[0, 0, 0]`` (e.g. block start minus the ghost width;
         may be negative).
     padded_shape : 3 ints
         Shape ``(p0, p1, p2)`` of the padded block (of one component).
-    kind : {"lagrange", "bspline"}
-        Weights (see the module docstring); ``bspline`` expects prefiltered fields.
-    base_out, weights_out : ndarray, optional
-        Output arrays ``(npts,)`` uint64 and ``(npts, 12)`` of ``dtype``.
+    kind : {"lagrange", "bspline", "nearest"}
+        ``bspline`` expects prefiltered fields; ``nearest`` rounds the fractions to 0 or 1
+        (the value of the nearest node, through the Lagrange weights).
+    out : ndarray, (npts, 4), optional
+        Where to write the plan (C-contiguous, ``dtype``).
     dtype : float32 or float64
-        Precision of the weights (= that of the fields to interpolate).
+        Precision of the plan (= that of the fields to interpolate).
+    period : 3 numbers, optional
+        Wrap the points into ``[0, N_a)`` first (a single block holding the whole periodic grid).
+    nodes : ((lo0, lo1, lo2), (n0, n1, n2)), optional
+        ``points[:, p]`` is the displacement of node ``p`` (C order) of the local block of
+        shape ``(n0, n1, n2)`` whose first node is the global node ``lo``:
+        ``x_a = lo_a + i_a + scale_a points[a, p]``. Saves the caller a float64 array of points.
+    scale : 3 floats, optional
+        With ``nodes``: the factors ``scale_a`` of the displacements (default 1).
 
     Returns
     -------
-    base : ndarray, (npts,), uint64
-        C-order flat index into the padded block of the stencil corner
-        ``(floor(x0)-1-o0, floor(x1)-1-o1, floor(x2)-1-o2)``.
-    weights : ndarray, (npts, 12), dtype
-        Per point the 4 axis-0 weights, then the 4 axis-1 and the 4 axis-2 weights. The
-        floor and fraction are computed in float64.
+    plan : ndarray, (npts, 4), dtype
+        Column 0: the C-order flat index into the padded block of the stencil corner
+        ``(floor(x0)-1-o0, floor(x1)-1-o1, floor(x2)-1-o2)``, as the bits of a uint32 (float32
+        plans) or uint64 (float64); columns 1-3: the fractions ``t_a = x_a - floor(x_a)``
+        (computed in float64).
     """
-    _check_points(points)
+    if not isinstance(points, np.ndarray) or points.dtype not in (np.float32, np.float64):
+        raise TypeError("points: expected a float32 or float64 numpy array")
+    if points.ndim != 2 or points.shape[0] != 3:
+        raise ValueError(f"points: expected shape (3, npts), got {points.shape}")
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype: weights must be float32 or float64, got {dtype}")
+        raise TypeError(f"dtype: plans must be float32 or float64, got {dtype}")
     if len(origin) != 3 or len(padded_shape) != 3:
         raise ValueError(f"origin and padded_shape need 3 entries, got {origin} and {padded_shape}")
     o0, o1, o2 = (int(o) for o in origin)
     p0, p1, p2 = (int(p) for p in padded_shape)
     if min(p0, p1, p2) < 4:
         raise ValueError(f"padded_shape {padded_shape} is too small for a 4-point stencil")
-    npts = points.shape[0]
-    if base_out is None:
-        base_out = np.empty(npts, np.uint64)
-    elif not isinstance(base_out, np.ndarray) or base_out.dtype != np.uint64:
-        raise TypeError("base_out: must be a uint64 array")
-    elif base_out.shape != (npts,) or not base_out.flags.c_contiguous:
-        raise ValueError(f"base_out: expected a C-contiguous array of shape {(npts,)}, got {base_out.shape}")
-    weights_out = _out_for(weights_out, (npts, 12), dtype)
-    bad = _stencil_plan(points, o0, o1, o2, p0, p1, p2, _kind_code(kind), base_out, weights_out)
+    if dtype == np.float32 and p0 * p1 * p2 >= 2 ** 32:
+        raise ValueError(f"a padded block of {p0}x{p1}x{p2} points is too large for a float32 plan "
+                         "(2^32 points at most): use more ranks")
+    if kind not in PLAN_KINDS:
+        raise ValueError(f"interpolation kind {kind!r} is unknown; use one of {', '.join(PLAN_KINDS)}")
+    npts = points.shape[1]
+    relative = nodes is not None
+    (lo0, lo1, lo2), (n0, n1, n2) = nodes if relative else ((0, 0, 0), (1, 1, max(npts, 1)))
+    if relative and n0 * n1 * n2 != npts:
+        raise ValueError(f"nodes: a block of {n0}x{n1}x{n2} nodes for {npts} displacements")
+    period = np.zeros(3) if period is None else np.asarray(period, dtype=np.float64)
+    out = _out_for(out, (npts, 4), dtype)
+    scale = (np.ones(3) if scale is None else np.asarray(scale, dtype=np.float64)) if relative else None
+    bad = _stencil_plan(points, period, int(lo0), int(lo1), int(lo2), int(n1), int(n2), scale,
+                        o0, o1, o2, p0, p1, p2, kind == "nearest", _plan_bits(out), out)
     if bad:
         raise ValueError(f"stencil_plan: {bad} of {npts} points have stencils outside the padded block "
                          f"(origin {tuple(origin)}, shape {tuple(padded_shape)}) or are not finite")
-    return base_out, weights_out
+    return out
 
 
-def interpolate_planned(fpad, base, weights, out=None):
+def interpolate_planned(fpad, plan, kind="lagrange", out=None):
     """Interpolate a ghost-padded field with a plan from :func:`stencil_plan`.
 
-    ``out[p] = sum_{a,b,c} w0[a] w1[b] w2[c] fpad.flat[base[p] + a p1 p2 + b p2 + c]`` with
-    ``w0, w1, w2 = weights[p, 0:4], weights[p, 4:8], weights[p, 8:12]``; in 4-wide SIMD over
-    ``c``: sums over ``b`` (weights ``w1``), then ``a`` (``w0``), then the dot product with
-    ``w2`` (rounding differs from the plain separable order at the 1e-16 relative level).
-    Corners whose stencil would leave ``fpad`` raise a ``ValueError`` (the check is free).
+    ``out[p] = sum_{a,b,c} w0[a] w1[b] w2[c] fpad.flat[i + a p1 p2 + b p2 + c]`` with ``i`` the
+    plan's corner and ``w_a`` the 4 weights of ``kind`` at the fraction ``t_a``, in 4-wide
+    SIMD over ``c``: sums over ``b`` (weights ``w1``), then ``a`` (``w0``), then the dot
+    product with ``w2`` (rounding differs from the plain separable order at the 1e-16
+    relative level). Corners whose stencil would leave ``fpad`` raise a ``ValueError`` (the
+    check is free).
 
     Parameters
     ----------
     fpad : ndarray, (p0, p1, p2) or (C, p0, p1, p2), C-contiguous
-        Padded field, same dtype as ``weights``; ``(p0, p1, p2)`` must be the
-        ``padded_shape`` the plan was built for.
-    base : ndarray, (npts,), uint64
-    weights : ndarray, (npts, 12), float32 or float64
+        Padded field, same dtype as ``plan``; ``(p0, p1, p2)`` must be the ``padded_shape``
+        the plan was built for.
+    plan : ndarray, (npts, 4), float32 or float64
+    kind : {"lagrange", "bspline", "nearest"}
+        The kind the plan was built for.
     out : ndarray, (npts,) or (C, npts), optional
 
     Returns
@@ -432,22 +505,21 @@ def interpolate_planned(fpad, base, weights, out=None):
         with all components, see the module docstring).
     """
     _check_field("fpad", fpad)
-    _check_real("weights", weights, fpad.dtype)
-    npts = base.shape[0] if isinstance(base, np.ndarray) and base.ndim == 1 else -1
-    if not isinstance(base, np.ndarray) or base.dtype != np.uint64:
-        raise TypeError("base: must be a uint64 array from stencil_plan")
-    if base.ndim != 1 or not base.flags.c_contiguous:
-        raise ValueError(f"base: expected a C-contiguous 1-D array, got shape {base.shape}")
-    if weights.shape != (npts, 12):
-        raise ValueError(f"weights: expected shape {(npts, 12)}, got {weights.shape}")
+    _check_real("plan", plan, fpad.dtype)
+    if plan.ndim != 2 or plan.shape[1] != 4:
+        raise ValueError(f"plan: expected shape (npts, 4), got {plan.shape}")
+    if kind not in PLAN_KINDS:
+        raise ValueError(f"interpolation kind {kind!r} is unknown; use one of {', '.join(PLAN_KINDS)}")
+    npts = plan.shape[0]
     vector = fpad.ndim == 4
     p0, p1, p2 = fpad.shape[-3:]
     ncomp = fpad.shape[0] if vector else 1
     out = _out_for(out, ((ncomp,) if vector else ()) + (npts,), fpad.dtype)
     flat = fpad.reshape(ncomp, p0 * p1 * p2)
     flat_out = out.reshape(ncomp, npts)
+    coef, bits = weight_coefficients(kind, fpad.dtype), _plan_bits(plan)
     for c in range(ncomp):  # component by component: measured faster than one pass, see module doc
-        if _interpolate_planned(flat[c], p1 * p2, p2, base, weights, flat_out[c]):
+        if _interpolate_planned(flat[c], p1 * p2, p2, plan, bits, coef, flat_out[c]):
             raise ValueError(f"interpolate_planned: plan corners outside the padded field of shape "
                              f"{fpad.shape[-3:]} (plan built for another padded_shape?)")
     return out

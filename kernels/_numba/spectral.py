@@ -29,6 +29,16 @@ def _multiply_i_linear(uhat, a0, a1, a2, iscale, out):
 
 
 @jit_parallel
+def _add_multiply_i_linear(uhat, a0, a1, a2, iscale, out):
+    n0, n1, n2 = uhat.shape
+    for i in prange(n0):
+        for j in range(n1):
+            aij = a0[i] + a1[j]
+            for l in range(n2):
+                out[i, j, l] += (iscale * (aij + a2[l])) * uhat[i, j, l]
+
+
+@jit_parallel
 def _divergence(v0, v1, v2, d0, d1, d2, iscale, out):
     n0, n1, n2 = v0.shape
     for i in prange(n0):
@@ -143,13 +153,16 @@ def _out_like(uhat, out, shape=None):
     return _check_block("out", out, shape)
 
 
-def multiply_i_linear(uhat, a0, a1, a2, scale=1.0, out=None):
+def multiply_i_linear(uhat, a0, a1, a2, scale=1.0, out=None, accumulate=False):
     """``out = 1j * scale * (a0[i] + a1[j] + a2[l]) * uhat`` (a first derivative along
-    ``a`` when two of the three are zero)."""
+    ``a`` when two of the three are zero); with ``accumulate``, ``out +=`` instead."""
     _check_block("uhat", uhat)
     a0, a1, a2 = _wavenumbers(uhat, (a0, a1, a2))
+    if accumulate and out is None:
+        raise ValueError("accumulate=True needs out")
     out = _out_like(uhat, out)
-    _multiply_i_linear(uhat, a0, a1, a2, uhat.dtype.type(1j * scale), out)
+    kernel = _add_multiply_i_linear if accumulate else _multiply_i_linear
+    kernel(uhat, a0, a1, a2, uhat.dtype.type(1j * scale), out)
     return out
 
 

@@ -82,51 +82,80 @@ def test_planned_matches_direct(dtype, kind, ncomp):
     anywhere = rng.uniform(lo, hi, (300, 3))  # the full admissible range
     edges = np.array([lo, np.nextafter(hi, -np.inf), [lo[0], hi[1] - 1e-9, lo[2]]])
     for pts in (owned, anywhere, edges):
-        base, w = interp.stencil_plan(pts, origin, padded_shape, kind=kind, dtype=dtype)
-        assert base.dtype == np.uint64 and base.shape == (len(pts),)
-        assert w.dtype == dtype and w.shape == (len(pts), 12)
-        got = interp.interpolate_planned(fpad, base, w)
+        plan = interp.stencil_plan(pts.T, origin, padded_shape, kind=kind, dtype=dtype)
+        assert plan.dtype == dtype and plan.shape == (len(pts), 4)
+        got = interp.interpolate_planned(fpad, plan, kind)
         _assert_close(got, interp.interpolate_periodic(f, pts, kind=kind), dtype)
 
 
 def test_plan_layout(dtype, kind):
-    """base = flat corner index, weights = the module docstring's formulas, axis by axis."""
+    """Column 0 = the flat corner index (unsigned bits), columns 1-3 = the fractions; the
+    kernel's weights (Horner on ``weight_coefficients``) = the module docstring's formulas."""
     origin, padded_shape = (-2, 3, -1), (8, 9, 10)
     rng = np.random.default_rng(4)
     pts = rng.uniform(np.array(origin) + 1, np.array(origin) + np.array(padded_shape) - 2, (50, 3))
-    base_out = np.empty(50, np.uint64)
-    weights_out = np.empty((50, 12), dtype)
-    base, w = interp.stencil_plan(pts, origin, padded_shape, kind, base_out, weights_out, dtype)
-    assert base is base_out and w is weights_out
+    out = np.empty((50, 4), dtype)
+    plan = interp.stencil_plan(pts.T, origin, padded_shape, kind, out=out, dtype=dtype)
+    assert plan is out
     corner = np.floor(pts).astype(np.int64) - 1 - np.array(origin)
-    np.testing.assert_array_equal(base, np.ravel_multi_index(corner.T, padded_shape))
+    bits = plan.view(np.uint32 if dtype == np.float32 else np.uint64)[:, 0]
+    np.testing.assert_array_equal(bits, np.ravel_multi_index(corner.T, padded_shape))
     t = pts - np.floor(pts)
     single = dtype == np.float32
+    np.testing.assert_allclose(plan[:, 1:], t, rtol=0, atol=1e-7 if single else 0)
+    coef = interp.weight_coefficients(kind, dtype).reshape(4, 4).astype(np.float64)
     for a in range(3):
-        ref = interp._reference_axis_weights(t[:, a], kind).T
-        np.testing.assert_allclose(w[:, 4 * a:4 * a + 4], ref.astype(dtype), rtol=1e-6 if single else 1e-15,
-                                   atol=1e-7 if single else 1e-16)
-    np.testing.assert_allclose(w.reshape(50, 3, 4).sum(-1), 1.0, rtol=1e-6 if single else 1e-14)
+        w = sum(coef[k] * t[:, a:a + 1] ** k for k in range(4))
+        np.testing.assert_allclose(w, interp._reference_axis_weights(t[:, a], kind).T, rtol=0,
+                                   atol=1e-7 if single else 1e-15)
+    np.testing.assert_allclose(coef.sum(axis=1), [1, 0, 0, 0], atol=1e-7 if single else 1e-16)
 
 
 def test_planned_is_exact_at_nodes(dtype):
     f = _field(SHAPE, dtype, seed=5)
     origin, padded_shape = (-2, -2, -2), tuple(s + 4 for s in SHAPE)
     fpad = np.pad(f, 2, mode="wrap")
-    nodes = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij"), -1).reshape(-1, 3)
-    base, w = interp.stencil_plan(nodes.astype(np.float64), origin, padded_shape, dtype=dtype)
-    np.testing.assert_array_equal(interp.interpolate_planned(fpad, base, w), f.ravel())
+    nodes = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")).reshape(3, -1)
+    plan = interp.stencil_plan(nodes.astype(np.float64), origin, padded_shape, dtype=dtype)
+    np.testing.assert_array_equal(interp.interpolate_planned(fpad, plan), f.ravel())
+
+
+def test_nearest_plan_takes_node_values_exactly(dtype):
+    """``nearest``: fractions rounded to 0 or 1, where the Lagrange weights are one-hot."""
+    f = _field(SHAPE, dtype, seed=12)
+    fpad = np.pad(f, 2, mode="wrap")
+    rng = np.random.default_rng(13)
+    pts = rng.uniform(0, np.array(SHAPE) - 1, (400, 3))
+    pts[:3] = [[0.5, 1.49999, 2.5000001], [3.0, 4.0, 5.0], [0.999, 0.001, 6.4]]
+    plan = interp.stencil_plan(pts.T, (-2, -2, -2), fpad.shape, kind="nearest", dtype=dtype)
+    nearest = np.floor(pts + 0.5).astype(np.int64)
+    np.testing.assert_array_equal(interp.interpolate_planned(fpad, plan, "nearest"), f[tuple(nearest.T)])
+
+
+def test_displacement_plan_equals_point_plan(dtype, kind):
+    """``nodes=``: displacements of a block's nodes give the plan of the points ``x + u``;
+    ``period=``: points outside ``[0, N)`` are wrapped first."""
+    lo, block, shape = (2, 0, 3), (4, 5, 3), (9, 8, 7)
+    u = np.random.default_rng(14).uniform(-12, 12, (3,) + block).astype(dtype)
+    nodes = np.stack(np.broadcast_arrays(*np.ix_(*[np.arange(l, l + n, dtype=float) for l, n in zip(lo, block)])))
+    wrapped = np.mod(nodes + u.astype(np.float64), np.array(shape, float)[:, None, None, None])
+    origin, padded_shape = (-2, -2, -2), tuple(s + 4 for s in shape)
+    ref = interp.stencil_plan(wrapped.reshape(3, -1), origin, padded_shape, kind, dtype=dtype)
+    got = interp.stencil_plan(u.reshape(3, -1), origin, padded_shape, kind, dtype=dtype, period=shape,
+                              nodes=(lo, block))
+    np.testing.assert_array_equal(got.view(np.uint8), ref.view(np.uint8))
 
 
 def test_plain_planned_kernel_matches(dtype, kind):
     """The portable plain-numba kernel computes the same as the SIMD one."""
     f = _field(SHAPE, dtype, seed=6)
     fpad = np.pad(f, 2, mode="wrap")
-    pts = np.random.default_rng(7).uniform(0, np.array(SHAPE), (500, 3))
-    base, w = interp.stencil_plan(pts, (-2, -2, -2), fpad.shape, kind=kind, dtype=dtype)
+    pts = np.random.default_rng(7).uniform(0, np.array(SHAPE), (500, 3)).T
+    plan = interp.stencil_plan(pts, (-2, -2, -2), fpad.shape, kind=kind, dtype=dtype)
     out = np.empty(500, dtype)
-    interp._interpolate_planned_plain(fpad.ravel(), fpad.shape[1] * fpad.shape[2], fpad.shape[2], base, w, out)
-    _assert_close(interp.interpolate_planned(fpad, base, w), out, dtype, rtol64=1e-14)
+    interp._interpolate_planned_plain(fpad.ravel(), fpad.shape[1] * fpad.shape[2], fpad.shape[2], plan,
+                                      interp._plan_bits(plan), interp.weight_coefficients(kind, dtype), out)
+    _assert_close(interp.interpolate_planned(fpad, plan, kind), out, dtype, rtol64=1e-14)
 
 
 # ------------------------------------------------------------------ B-splines
@@ -198,34 +227,41 @@ def test_wrappers_reject_bad_arguments():
         interp.interpolate_periodic(f, pts, out=np.empty(5, np.float32))
 
     origin, padded_shape = (-2, -2, -2), tuple(s + 4 for s in SHAPE)
+    pts = pts.T
     with pytest.raises(ValueError, match="2 of 5 points have stencils outside"):
         bad = pts.copy()
-        bad[1, 0], bad[3, 2] = -1.5, SHAPE[2]  # corner -3 < origin; last node N+1 > origin + p - 1
+        bad[0, 1], bad[2, 3] = -1.5, SHAPE[2]  # corner -3 < origin; last node N+1 > origin + p - 1
         interp.stencil_plan(bad, origin, padded_shape)
     with pytest.raises(ValueError, match="not finite"):
-        interp.stencil_plan(np.full((2, 3), np.nan), origin, padded_shape)
-    with pytest.raises(TypeError, match="weights must be float32 or float64"):
+        interp.stencil_plan(np.full((3, 2), np.nan), origin, padded_shape)
+    with pytest.raises(TypeError, match="plans must be float32 or float64"):
         interp.stencil_plan(pts, origin, padded_shape, dtype=np.int32)
+    with pytest.raises(TypeError, match="points: expected a float32 or float64"):
+        interp.stencil_plan(pts.astype(np.int64), origin, padded_shape)
+    with pytest.raises(ValueError, match=r"points: expected shape \(3, npts\)"):
+        interp.stencil_plan(pts.T, origin, padded_shape)
     with pytest.raises(ValueError, match="3 entries"):
         interp.stencil_plan(pts, origin[:2], padded_shape)
     with pytest.raises(ValueError, match="unknown"):
         interp.stencil_plan(pts, origin, padded_shape, kind="cubic")
-    with pytest.raises(TypeError, match="base_out"):
-        interp.stencil_plan(pts, origin, padded_shape, base_out=np.empty(5, np.int64))
     with pytest.raises(ValueError, match="out: array of shape"):
-        interp.stencil_plan(pts, origin, padded_shape, weights_out=np.empty((5, 4), np.float32))
+        interp.stencil_plan(pts, origin, padded_shape, out=np.empty((5, 12), np.float32))
+    with pytest.raises(ValueError, match="nodes: a block of 2x2x2 nodes for 5"):
+        interp.stencil_plan(pts, origin, padded_shape, nodes=((0, 0, 0), (2, 2, 2)))
+    with pytest.raises(ValueError, match="too large for a float32 plan"):
+        interp.stencil_plan(pts, origin, (2048, 2048, 1025))
 
-    base, w = interp.stencil_plan(pts, origin, padded_shape, dtype=np.float64)
+    plan = interp.stencil_plan(pts, origin, padded_shape, dtype=np.float64)
     fpad = np.pad(f, 2, mode="wrap")
-    with pytest.raises(TypeError, match="weights: dtype float32 does not match float64"):
-        interp.interpolate_planned(fpad, base, w.astype(np.float32))
-    with pytest.raises(TypeError, match="base: must be a uint64"):
-        interp.interpolate_planned(fpad, base.astype(np.int64), w)
-    with pytest.raises(ValueError, match=r"weights: expected shape \(5, 12\)"):
-        interp.interpolate_planned(fpad, base, np.ascontiguousarray(w[:, :11]))
+    with pytest.raises(TypeError, match="plan: dtype float32 does not match float64"):
+        interp.interpolate_planned(fpad, plan.astype(np.float32))
+    with pytest.raises(ValueError, match=r"plan: expected shape \(npts, 4\)"):
+        interp.interpolate_planned(fpad, np.ascontiguousarray(plan[:, :3]))
+    with pytest.raises(ValueError, match="unknown"):
+        interp.interpolate_planned(fpad, plan, "cubic")
     with pytest.raises(ValueError, match="C-contiguous"):
-        interp.interpolate_planned(np.asfortranarray(fpad), base, w)
+        interp.interpolate_planned(np.asfortranarray(fpad), plan)
     with pytest.raises(ValueError, match="scalar .* or vector"):
-        interp.interpolate_planned(fpad[0], base, w)
+        interp.interpolate_planned(fpad[0], plan)
     with pytest.raises(ValueError, match="outside the padded field"):
-        interp.interpolate_planned(np.ascontiguousarray(fpad[:4]), base, w)
+        interp.interpolate_planned(np.ascontiguousarray(fpad[:4]), plan)

@@ -35,7 +35,6 @@ def test_route_points_single_owner_is_the_identity():
     np.testing.assert_array_equal(counts, [pts.shape[1]])
     np.testing.assert_array_equal(order, np.arange(pts.shape[1]))
     np.testing.assert_allclose(wrapped, ref.T, rtol=0, atol=1e-12)
-    assert routing.route_points(pts, shape, np.array([0]), np.array([0]), table, with_order=False)[2] is None
 
 
 def test_plan_arrays_are_reused_and_plans_stay_independent():
@@ -49,13 +48,13 @@ def test_plan_arrays_are_reused_and_plans_stay_independent():
     f = np.random.default_rng(0).random(d.local_shape)
     a = InterpolationPlan(d, x + 0.25)
     expected = a.interpolate(f)
-    weights = a._weights
+    plan_array = a._plan
     del a
     gc.collect()
     b = InterpolationPlan(d, x + 0.25)  # as many points per rank as a: takes a's arrays
-    assert np.shares_memory(b._weights, weights)
+    assert np.shares_memory(b._plan, plan_array)
     c = InterpolationPlan(d, x + 0.5)  # the pool is empty again: fresh arrays
-    assert not np.shares_memory(c._weights, weights)
+    assert not np.shares_memory(c._plan, plan_array)
     del c
     gc.collect()
     assert _PLAN_ARRAYS.holding
@@ -83,14 +82,27 @@ def test_plan_arrays_serve_a_slightly_smaller_plan():
     x = x.reshape(3, -1) + 0.3
     f = np.random.default_rng(1).random(d.local_shape).astype(np.float32)
     a = InterpolationPlan(d, x)
-    weights = a._weights
+    plan_array = a._plan
     del a
     gc.collect()
     k = x.shape[1] - x.shape[1] // 50  # 2 % fewer points: served by the kept, larger arrays
     b = InterpolationPlan(d, x[:, :k])
-    assert b._weights.shape == (b.num_owned, 12)
-    if b.num_owned <= weights.shape[0] <= b.num_owned * _PLAN_ARRAYS.SLACK ** 2:
-        assert np.shares_memory(b._weights, weights)
+    assert b._plan.shape == (b.num_owned, 4)
+    if b.num_owned <= plan_array.shape[0] <= b.num_owned * _PLAN_ARRAYS.SLACK ** 2:
+        assert np.shares_memory(b._plan, plan_array)
     fresh = InterpolationPlan(d, x[:, :k])
     np.testing.assert_array_equal(b.interpolate(f), fresh.interpolate(f))
     _PLAN_ARRAYS.clear()
+
+
+def test_route_points_of_displacements_matches_absolute_points():
+    rng = np.random.default_rng(5)
+    lo, block = (3, 4, 0), (5, 6, 10)
+    u = rng.uniform(-9, 9, (3,) + block).astype(np.float32)
+    nodes = np.stack(np.broadcast_arrays(*np.ix_(*[np.arange(l, l + n, dtype=float) for l, n in zip(lo, block)])))
+    shape, starts0, starts1 = (16, 12, 10), np.array([0, 5, 11]), np.array([0, 6])
+    table = np.arange(6).reshape(3, 2)
+    absolute = routing.route_points((nodes + u).reshape(3, -1), shape, starts0, starts1, table)
+    relative = routing.route_points(u.reshape(3, -1), shape, starts0, starts1, table, nodes=(lo, block))
+    for a, b in zip(absolute, relative):
+        np.testing.assert_array_equal(a, b)

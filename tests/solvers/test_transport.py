@@ -91,8 +91,7 @@ def test_continuity_adjoint_conserves_mass():
     v[1] = 0.2 * np.cos(x[2] + x[0])  # compressible in more than one direction
     tr.set_velocity(v)
     lam1 = np.broadcast_to(1.0 + 0.5 * np.cos(x[0] + x[1]) * np.sin(x[2]), d.local_shape)
-    grad_m = np.zeros((tr.nt + 1, 3) + d.local_shape)
-    lam0, _ = tr.solve_adjoint(lam1, grad_m)
+    lam0, _ = tr.solve_adjoint(lam1, tr.state_history(np.zeros(d.local_shape)))
     mass1, mass0 = d.allreduce(float(lam1.sum())), d.allreduce(float(lam0.sum()))
     assert abs(mass0 - mass1) <= 1e-3 * abs(mass1)
     assert _max_err(d, lam0, lam1) > 1e-2  # the solve did move mass around
@@ -106,12 +105,12 @@ def _adjoint_mismatch(n, nt):
     tr.set_velocity(v)
     m0 = np.broadcast_to(np.sin(x[0]) * np.cos(x[1]) + 0.3 * np.cos(x[2]) + 0.5 * np.sin(x[0] + x[2]),
                          d.local_shape)
-    grad_m = tr.state_gradients(tr.solve_state(m0))
+    state = tr.state_history(m0)
     vt = np.stack(np.broadcast_arrays(np.cos(x[2]) + np.sin(x[0]), np.sin(x[0] + x[1]) + np.cos(x[1]),
                                       0.5 + np.cos(x[2])))
     mu = np.broadcast_to(np.cos(x[0] - x[2]) + np.sin(x[0]) * np.cos(x[1]) + 0.2, d.local_shape)
-    mt1 = tr.solve_incremental_state(vt, grad_m)
-    _, b = tr.solve_adjoint(mu, grad_m)
+    mt1 = tr.solve_incremental_state(vt, state)
+    _, b = tr.solve_adjoint(mu, state, differences=True)  # the pair of the Gauss-Newton matvec
     lhs, rhs = d.inner(mt1, np.ascontiguousarray(mu)), -d.inner(vt, b)
     return abs(lhs - rhs) / abs(lhs)
 
@@ -126,9 +125,21 @@ def test_discrete_adjoint_consistency_improves_under_refinement():
 def test_incremental_adjoint_is_the_adjoint_from_minus_mt():
     d, ops, tr, x = _setup(16, 3)
     tr.set_velocity(0.3 * np.stack(np.broadcast_arrays(np.sin(x[1]), np.cos(x[0]), 0 * x[2])))
-    grad_m = tr.state_gradients(tr.solve_state(np.broadcast_to(np.sin(x[0]), d.local_shape)))
+    state = tr.state_history(np.broadcast_to(np.sin(x[0]), d.local_shape))
     mt1 = np.broadcast_to(np.cos(x[1]), d.local_shape)
-    np.testing.assert_array_equal(tr.solve_incremental_adjoint(mt1, grad_m), tr.solve_adjoint(-mt1, grad_m)[1])
+    np.testing.assert_array_equal(tr.solve_incremental_adjoint(mt1, state),
+                                  tr.solve_adjoint(-mt1, state, differences=True)[1])
+
+
+def test_state_history_is_the_padded_state():
+    """The padded history holds solve_state's values inside and the periodic halo around."""
+    d, ops, tr, x = _setup((16, 12, 10), 3)
+    tr.set_velocity(0.4 * np.stack(np.broadcast_arrays(np.sin(x[1]), np.cos(x[2]), np.sin(x[0]))))
+    m0 = np.broadcast_to(np.cos(x[0]) * np.sin(x[1] + x[2]), d.local_shape)
+    state, plain = tr.state_history(m0), tr.solve_state(m0)
+    np.testing.assert_array_equal(tr.interior(state), plain)
+    for j in range(tr.nt + 1):
+        np.testing.assert_array_equal(state[j], d.exchange_halo(np.ascontiguousarray(plain[j]), 2))
 
 
 def _all_fields(comm, shape, dtype=np.float64):
@@ -138,9 +149,9 @@ def _all_fields(comm, shape, dtype=np.float64):
     tr.set_velocity(v)
     m0 = np.broadcast_to(np.sin(x[0]) + np.cos(x[1] - x[2]), d.local_shape)
     m = tr.solve_state(m0)
-    grad_m = tr.state_gradients(m)
-    lam0, b = tr.solve_adjoint(np.ascontiguousarray(m[-1] - m0), grad_m)
-    mt1 = tr.solve_incremental_state(v, grad_m)
+    state = tr.state_history(m0)
+    lam0, b = tr.solve_adjoint(np.ascontiguousarray(m[-1] - m0), state)
+    mt1 = tr.solve_incremental_state(v, state)
     u = tr.displacement()
     fields = [m[-1], lam0, b, mt1, u, tr.det_grad_y(u)]
     return d, [d.gather(np.ascontiguousarray(f)) for f in fields]
@@ -205,7 +216,7 @@ def test_float32_solves_stay_float32():
     v = (0.3 * np.stack(np.broadcast_arrays(np.sin(x[1]), np.cos(x[2]), np.sin(x[0])))).astype(np.float32)
     tr.set_velocity(v)
     m = tr.solve_state(np.sin(x[0]).astype(np.float32) * np.ones(d.local_shape, np.float32))
-    grad_m = tr.state_gradients(m)
-    lam, body = tr.solve_adjoint(m[-1], grad_m)
-    mt = tr.solve_incremental_state(v, grad_m)
-    assert {a.dtype for a in (m, grad_m, lam, body, mt, tr.solve_incremental_adjoint(mt, grad_m))} == {np.dtype(np.float32)}
+    state = tr.state_history(m[0])
+    lam, body = tr.solve_adjoint(m[-1], state)
+    mt = tr.solve_incremental_state(v, state)
+    assert {a.dtype for a in (m, state, lam, body, mt, tr.solve_incremental_adjoint(mt, state))} == {np.dtype(np.float32)}
