@@ -398,9 +398,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     if raw_moving is None:  # warp the moving image in its own intensities
         raw = _pad(np.asarray(moving, np.float64).reshape((-1,) + shape), pad) if root else None
         raw_moving = [_global_input(None if raw is None else raw[c], decomp) for c in range(components or 1)]
-    warped = np.stack([transport.transport_image(c) for c in raw_moving])
-    displacement = transport.displacement()
-    det = transport.det_grad_y(displacement)
+    # each output is gathered as soon as it is made, so that rank 0 holds one local copy at a time
+    warped = _crop(decomp.gather(np.stack([transport.transport_image(c) for c in raw_moving])), pad)
+    raw_moving = None
     dice = None
     if has_labels:
         moving_labels = _pad(np.asarray(labels[1])[None], pad)[0] if root else None
@@ -410,6 +410,10 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
             dice = dice_overlap(labels[0], labels[1], warped_labels)
             log.info("Dice (mean over %d labels): %.3f -> %.3f", len(dice["labels"]),
                      np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
+    displacement = transport.displacement()
+    transport.release()  # det(grad y) is spectral: the plans can go
+    det = _crop(decomp.gather(transport.det_grad_y(displacement)), pad)
+    displacement = _crop(decomp.gather(displacement), pad)
     workload.add("total", 1, time.perf_counter() - t0)
     for name, (count, seconds) in decomp.stats.items():
         workload.add(name, count, seconds)
@@ -420,10 +424,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     velocity = _crop(decomp.gather(result.velocity), pad)
     if velocity is not None and pad:  # radians of the padded box -> radians of the cropped one
         velocity *= np.array([n / m for n, m in zip(grid, shape)])[:, None, None, None]
-    warped = _crop(decomp.gather(warped), pad)
     return RegistrationResult(
         velocity=velocity, warped=None if warped is None else (warped if components else warped[0]),
-        det_grad_y=_crop(decomp.gather(det), pad), displacement=_crop(decomp.gather(displacement), pad),
+        det_grad_y=det, displacement=displacement,
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
         beta=result.beta, config=config,
         fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,

@@ -458,23 +458,30 @@ class Decomposition:
         """Assemble the global array on ``root`` (``None`` elsewhere).
 
         ``local`` is this rank's block, with any leading component axes, e.g. ``(3, n1, n2, n3)``.
+        One component at a time; with slabs (blocks split along axis 0 only, in rank order)
+        straight into the result, else through a buffer of one global component.
         """
         blocks = self._blocks(spectral)
-        local = np.ascontiguousarray(local)
         lead = local.shape[:-3]
-        counts = [math.prod(lead) * math.prod(e - s for s, e in b) for b in blocks]
-        if self.rank != root:
-            self.comm.Gatherv(local, None, root=root)
-            return None
-        buf = np.empty(sum(counts), local.dtype)
-        self.comm.Gatherv(local, (buf, counts), root=root)
         gshape = self.spectral_shape if spectral else self.shape
+        components = np.reshape(local, (-1,) + local.shape[-3:])
+        counts = [math.prod(e - s for s, e in b) for b in blocks]
+        if self.rank != root:
+            for c in components:
+                self.comm.Gatherv(np.ascontiguousarray(c), None, root=root)
+            return None
         out = np.empty(lead + gshape, local.dtype)
-        offset = 0
-        for b, c in zip(blocks, counts):
-            sl = tuple(slice(s, e) for s, e in b)
-            out[(...,) + sl] = buf[offset:offset + c].reshape(lead + tuple(e - s for s, e in b))
-            offset += c
+        flat_out = out.reshape((-1,) + gshape)
+        starts = [b[0][0] for b in blocks]
+        slabs = (all(b[1] == (0, gshape[1]) and b[2] == (0, gshape[2]) for b in blocks) and starts == sorted(starts))
+        buf = None if slabs else np.empty(sum(counts), local.dtype)
+        for c, target in zip(components, flat_out):
+            self.comm.Gatherv(np.ascontiguousarray(c), (target if slabs else buf, counts), root=root)
+            if not slabs:
+                offset = 0
+                for b, n in zip(blocks, counts):
+                    target[tuple(slice(s, e) for s, e in b)] = buf[offset:offset + n].reshape([e - s for s, e in b])
+                    offset += n
         return out
 
     def scatter(self, global_array, *, root=0, spectral=False):

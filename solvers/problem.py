@@ -277,7 +277,9 @@ class RegistrationProblem:
         body = self.regularization(self.velocity)
         with self.workload.timer("adjoint_solve"):
             for w, dist, state in zip(self.weights, self.distances, self._state):
-                self.transport.solve_adjoint(w * dist.final_adjoint(), state, body=body)
+                lam1 = dist.final_adjoint()  # a new array: the adjoint solve may work in it
+                lam1 *= w
+                self.transport.solve_adjoint(lam1, state, body, overwrite=True)
         return self.project(body)
 
     def hessian_matvec(self, v_tilde):
@@ -285,6 +287,7 @@ class RegistrationProblem:
         with self.workload.timer("hessian_matvec"):
             body = self.regularization(v_tilde)
             for w, dist, state in zip(self.weights, self.distances, self._state):
-                mt1 = self.transport.solve_incremental_state(v_tilde, state)
-                self.transport.solve_adjoint(w * dist.final_incremental_adjoint(mt1), state, body, differences=True)
+                lam1 = dist.final_incremental_adjoint(self.transport.solve_incremental_state(v_tilde, state))
+                lam1 *= w
+                self.transport.solve_adjoint(lam1, state, body, differences=True, overwrite=True)
             return self.project(body)

@@ -133,6 +133,10 @@ class SemiLagrangianTransport:
         #: breaks down (the optimiser treats such a velocity as infeasible).
         self.resolved = self.decomp.allreduce(float(np.abs(self.div_v).max()) * 0.5 * self.dt, "max") < 0.5
 
+    def release(self):
+        """Drop the plans and ``div v`` (the velocity stays): memory for what follows."""
+        self.backward_plan = self.forward_plan = self.div_v = None
+
     def _require_velocity(self):
         if self.backward_plan is None:
             raise RuntimeError("call set_velocity(v) before solving")
@@ -174,7 +178,7 @@ class SemiLagrangianTransport:
         self.decomp.exchange_halo(m, GHOST, out=hist)
         return hist
 
-    def solve_adjoint(self, lam1, state, body=None, *, differences=False):
+    def solve_adjoint(self, lam1, state, body=None, *, differences=False, overwrite=False):
         """Continuity-form adjoint backward from ``lam(1) = lam1``.
 
         Parameters
@@ -187,6 +191,8 @@ class SemiLagrangianTransport:
         differences : bool
             ``grad m(t_j)`` by 4th-order differences on the padded state (the Gauss-Newton
             matvec) instead of spectrally (the gradient; one FFT gradient per time point).
+        overwrite : bool
+            ``lam1`` (C-contiguous, working precision) may serve as the solve's work array.
 
         Returns
         -------
@@ -200,7 +206,8 @@ class SemiLagrangianTransport:
         dtype = self.decomp.dtype
         w = self._quadrature_weights()
         half = 0.5 * self.dt
-        lam = np.array(lam1, dtype=dtype, copy=True)
+        usable = overwrite and lam1.dtype == dtype and lam1.flags.c_contiguous and lam1.flags.writeable
+        lam = lam1 if usable else np.array(lam1, dtype=dtype, copy=True)
         if body is None:
             body = np.zeros((3,) + self.decomp.local_shape, dtype)
         if differences:
