@@ -8,8 +8,7 @@
 2. Compares the measured peak RSS of rank 0 (max over ranks) with the prediction
    ``per_rank + root_extra`` of ``estimate_memory`` and the sum over ranks with
    ``P * per_rank + root_extra``; also with a two-term fit ``base + bytes_per_point * N^3 / P``
-   from the two largest points (the process's fixed footprint — Python, numpy, numba's
-   kernels, MPI, FFTW — is not in ``estimate_memory``).
+   from the two largest points.
 3. Prints ``estimate_memory``'s predictions for 512^3 and 1024^3 at P = 1, 8, 64, 512.
 
 Run::
@@ -81,8 +80,10 @@ def main():
                          value=m["rss_max"], unit="B", reference="estimate_memory per_rank + root",
                          reference_value=est_max, rss_sum=m["rss_sum"], estimate_sum=est_sum))
     if fit:
+        model = (estimate_memory((256,) * 3, 1, args.dtype)[0] - estimate_memory((128,) * 3, 1, args.dtype)[0]) / (
+            256 ** 3 - 128 ** 3)
         print(f"fit (P = {fit[2]}, two largest grids): base {fit[0] / 2**20:.0f} MiB + {fit[1]:.0f} B per local point; "
-              f"estimate_memory uses {estimate_memory((1, 1, 1), 1, args.dtype)[0]:.0f} B/pt + 80 B/pt on rank 0")
+              f"estimate_memory: 190 MiB + ~{model:.0f} B per local point (+ rank 0's global arrays)")
     print(f"\nestimate_memory predictions ({args.dtype}), GiB per rank (+ extra on rank 0):")
     print(f"{'N':>5} " + " ".join(f"{'P=' + str(p):>16}" for p in (1, 8, 64, 512)))
     for n in (512, 1024):

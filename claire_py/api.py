@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ import numpy as np
 from .config import RegistrationConfig
 from .errors import UserInputError
 from .kernels import Decomposition, SpectralOperators
+from .kernels.decomposition import choose_proc_grid
 from .solvers.monitor import Workload
 from .solvers import continuation
 from .solvers.problem import RegistrationProblem
@@ -196,21 +198,43 @@ def _as_array(image, comm, name, channels=False):
     return image, None
 
 
-#: Measured peak resident bytes per grid point of a registration on one rank (float32,
-#: 128^3, nt = 4: 584; plans dominate: 8 + 12 * itemsize bytes per point each); float64 ~1.6x.
-_BYTES_PER_POINT = {"float32": 600, "float64": 1000}
-#: Global arrays held by rank 0 (inputs, outputs, gathers), bytes per point.
-_ROOT_BYTES_PER_POINT = 80
+#: Resident bytes of a rank before its fields: Python, numpy, numba's compiled kernels, MPI,
+#: FFTW (fit of the peaks at 64^3-256^3 on 1 rank: 186 MiB).
+_BASE_BYTES = 190 * 2 ** 20
+
+
+def _fields_per_point(nt, components, local_shape):
+    """Scalar fields (of the working precision) per local grid point at the peak of a
+    registration, the Gauss-Newton matvec: ghost-padded state ``m(t_j)``, two interpolation
+    plans (4 values per point, 3 % slack), the Newton and PCG vectors ``v, g, x, r, p, Hp``,
+    FFT work arrays and spectral scratch (9.65, measured: mpi4py-fft's stage arrays, FFTW's
+    buffers), the images, and ``div v``, the distance's residual and matvec temporaries."""
+    padded = math.prod(n + 4 for n in local_shape) / math.prod(local_shape)
+    return ((nt + 1) * padded * components + 2 * 4 * 1.03 + 6 * 3 + 9.65 + 2 * components + 8)
 
 
 def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):
-    """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``;
-    every image component beyond the first adds its state and gradients (``4 (nt + 1)``
-    fields)."""
+    """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``.
+
+    Per rank: a fixed ~190 MiB plus :func:`_fields_per_point` fields of the working precision
+    per local point (about 205 bytes in float32 with ``nt = 4``: the matvec's peak). Rank 0
+    also holds the global input images (4 bytes per point and component) and, after the
+    solve, the gathered outputs (velocity, displacement, warped image, det: 32 bytes per point
+    in float32); the extra is the larger of the two phases over the others' peak.
+    """
     points = float(np.prod(shape))
     itemsize = 4 if precision == "float32" else 8
-    per_point = _BYTES_PER_POINT[precision] + (components - 1) * 4 * (nt + 1) * itemsize
-    return points / ranks * per_point, points * _ROOT_BYTES_PER_POINT * components
+    try:
+        p1, p2 = choose_proc_grid(tuple(shape), ranks)
+    except ValueError:  # a grid too small for these ranks: the run would refuse it anyway
+        p1, p2 = ranks, 1
+    local = (-(-shape[0] // p1), -(-shape[1] // p2), shape[2])
+    per_point = _fields_per_point(nt, components, local) * itemsize
+    per_rank = _BASE_BYTES + points / ranks * per_point
+    inputs = 4.0 * components * points
+    # outputs phase on rank 0: inputs + gathered outputs + ~20 local fields (plans, v, u, det)
+    outputs = inputs + (8 + 4 * components) * itemsize * points + 20 * itemsize * points / ranks
+    return per_rank, max(inputs, outputs - points / ranks * per_point)
 
 
 def _check_memory(shape, comm, precision, components=1):
