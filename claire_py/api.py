@@ -206,11 +206,12 @@ _BASE_BYTES = 190 * 2 ** 20
 def _fields_per_point(nt, components, local_shape):
     """Scalar fields (of the working precision) per local grid point at the peak of a
     registration, the Gauss-Newton matvec: ghost-padded state ``m(t_j)``, two interpolation
-    plans (4 values per point, 3 % slack), the Newton and PCG vectors ``v, g, x, r, p, Hp``,
+    plans (4 values per point, 3 % slack), the Newton and PCG vectors ``v, x, r, p, Hp`` (``-g``
+    serves as PCG's residual),
     FFT work arrays and spectral scratch (9.65, measured: mpi4py-fft's stage arrays, FFTW's
     buffers), the images, and ``div v``, the distance's residual and matvec temporaries."""
     padded = math.prod(n + 4 for n in local_shape) / math.prod(local_shape)
-    return ((nt + 1) * padded * components + 2 * 4 * 1.03 + 6 * 3 + 9.65 + 2 * components + 8)
+    return ((nt + 1) * padded * components + 2 * 4 * 1.03 + 5 * 3 + 9.65 + 2 * components + 8)
 
 
 def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):
@@ -237,7 +238,7 @@ def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):
     return per_rank, max(inputs, outputs - points / ranks * per_point)
 
 
-def _check_memory(shape, comm, precision, components=1):
+def _check_memory(shape, comm, precision, components=1, nt=4):
     """Refuse, before allocating, a grid whose predicted peak exceeds this node's memory."""
     from mpi4py import MPI
 
@@ -247,7 +248,7 @@ def _check_memory(shape, comm, precision, components=1):
         node_ranks, holds_root = node.Get_size(), node.allreduce(comm.Get_rank() == 0, op=MPI.LOR)
     finally:
         node.Free()
-    per_rank, root = estimate_memory(shape, comm.Get_size(), precision, components)
+    per_rank, root = estimate_memory(shape, comm.Get_size(), precision, components, nt)
     need = node_ranks * per_rank + (root if holds_root else 0)
     available = float("inf")  # unknown (not Linux): no refusal
     try:
@@ -388,7 +389,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
             raise UserInputError(f"the mask must be a 3-D image on FIXED's grid {shape}")
     pad = config.preprocess.pad
     grid = tuple(n + 2 * pad for n in shape)
-    _check_memory(grid, comm, config.precision, components or 1)
+    _check_memory(grid, comm, config.precision, components or 1, config.transport.nt)
     t0 = time.perf_counter()
     workload = Workload()
     decomp = Decomposition(grid, comm=comm, dtype=np.dtype(config.precision))

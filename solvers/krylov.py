@@ -43,9 +43,13 @@ class KrylovResult:
     relative_residual: float
     converged: bool
     negative_curvature: bool
+    #: ``<rhs, solution>`` (e.g. the Newton step's slope ``-<g, s>``), tracked by scalar
+    #: recurrences so that the caller need not keep ``rhs`` (see :func:`pcg`).
+    rhs_dot_solution: float = 0.0
 
 
-def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, flexible=False, progress=None):
+def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, flexible=False, progress=None,
+        overwrite_rhs=False):
     """Solve ``H x = rhs`` for symmetric positive (semi)definite ``H``.
 
     Parameters
@@ -66,32 +70,40 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, 
         linear preconditioner, at the cost of one more inner product.
     progress : callable, optional
         ``progress(iteration, relative_residual)`` after every iteration.
+    overwrite_rhs : bool
+        ``rhs`` becomes the residual's storage (one vector less; its values are lost).
 
     Returns
     -------
     KrylovResult
         On negative curvature the iterate so far (or the preconditioned rhs at the first
-        step) is returned with ``negative_curvature=True``.
+        step) is returned with ``negative_curvature=True``. ``rhs_dot_solution = <r, x> +
+        <x, H x>`` with ``<x, H x>`` updated exactly by ``<x + a p, H (x + a p)> = <x, H x> +
+        2 a <H p, x> + a^2 <p, H p>`` (one inner product per iteration): equal to ``<rhs, x>``
+        up to the drift of the recursively updated residual ``r``.
     """
     precondition = precondition or (lambda r: r)
     x = np.zeros_like(rhs)
-    r = rhs.copy()
     norm_rhs = math.sqrt(inner(rhs, rhs))
+    r = rhs if overwrite_rhs else rhs.copy()
     del rhs  # a caller's temporary (e.g. -g) is not kept through the solve
     if norm_rhs == 0.0:
-        return KrylovResult(x, 0, 0.0, True, False)
+        return KrylovResult(x, 0, 0.0, True, False, 0.0)
     z = precondition(r)
     p = z.copy()
     rz = inner(r, z)
     z_old = z if flexible else None
     del z  # live vectors during a matvec: x, r, p, H p (and z_old when flexible)
-    res = 1.0
+    res, xhx = 1.0, 0.0
     for it in range(1, max_iterations + 1):
         hp = matvec(p)
         curvature = inner(p, hp)
         if curvature <= 0:
-            return KrylovResult(p if it == 1 else x, it, res, False, True)  # p = M^-1 rhs at it 1
+            if it == 1:  # p = M^-1 rhs, and <rhs, p> = <r, z>
+                return KrylovResult(p, it, res, False, True, rz)
+            return KrylovResult(x, it, res, False, True, inner(r, x) + xhx)
         alpha = rz / curvature
+        xhx += 2.0 * alpha * inner(hp, x) + alpha * alpha * curvature
         axpy(alpha, p, x)
         axpy(-alpha, hp, r)
         del hp
@@ -99,7 +111,7 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, 
         if progress is not None:
             progress(it, res)
         if res <= rtol:
-            return KrylovResult(x, it, res, True, False)
+            return KrylovResult(x, it, res, True, False, inner(r, x) + xhx)
         z = precondition(r)
         rz_new = inner(r, z)
         beta = (rz_new - inner(r, z_old)) / rz if flexible else rz_new / rz
@@ -108,4 +120,4 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, 
         rz = rz_new
         z_old = z if flexible else None
         del z
-    return KrylovResult(x, max_iterations, res, False, False)
+    return KrylovResult(x, max_iterations, res, False, False, inner(r, x) + xhx)

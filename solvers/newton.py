@@ -162,17 +162,23 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
             on_iterate(v, {"iteration": it, "g0": g0, "history": history[:-1], "matvecs": matvecs,
                            "krylov_iterations": krylov_its, "step": step})
         eta = options.krylov.relative_tolerance(grad_rel)
-        krylov = pcg(problem.hessian_matvec, -g, inner=problem.inner,
+        rhs, g = g, None  # -g becomes PCG's residual: one vector less during the matvecs
+        rhs *= -1
+        krylov = pcg(problem.hessian_matvec, rhs, inner=problem.inner,
                      precondition=precondition, rtol=eta,
                      max_iterations=options.krylov.max_iterations,
-                     flexible=getattr(precondition, "flexible", False), progress=_Progress(eta))
+                     flexible=getattr(precondition, "flexible", False), progress=_Progress(eta),
+                     overwrite_rhs=True)
+        del rhs
         matvecs += krylov.iterations
         krylov_its = krylov.iterations
         s = krylov.solution
-        slope = problem.inner(g, s)
+        slope = -krylov.rhs_dot_solution  # <g, s>
+        krylov = None
         if slope >= 0 or not np.isfinite(slope):  # not a descent direction (should not happen): use -g
-            s, slope = -g, -gnorm ** 2
-        g = krylov = None  # not needed in the line search (it sets the velocity several times)
+            s = problem.gradient()
+            s *= -1
+            slope = -gnorm ** 2
         step = 1.0
         for _ in range(options.max_line_search):
             trial = None  # the previous trial goes before the next is made
