@@ -62,7 +62,7 @@ def main():
                 padded = d.exchange_halo(f, 2)
                 t_plan, t_kernel = median_times(
                     comm, [lambda: plan.interpolate(f, out=out),
-                           lambda: interp.interpolate_planned(padded, plan._base, plan._weights)], args.repeat)
+                           lambda: interp.interpolate_planned(padded, plan._plan, plan.kind)], args.repeat)
                 common = dict(n=n, dtype=dt, ranks=d.size, threads=d.threads)
                 rows.append(dict(name="set_velocity", value=t_set, unit="s",
                                  note="4 plan builds (2 Euler + 2 RK2) + div v", **common))

@@ -8,7 +8,7 @@ order — the departure points of a semi-Lagrangian step. Rows:
   ``(N+4)^3`` block (plan built beforehand), Mpts/s;
 * ``interp_plain``   : its portable plain-numba twin ``_interpolate_planned_plain`` (no SIMD
   intrinsic), same plan and field, Mpts/s;
-* ``stencil_plan``   : building that plan (corner indices + 12 weights per point), Mpts/s;
+* ``stencil_plan``   : building that plan (corner index + 3 fractions per point), Mpts/s;
 * reference          : the direct kernel ``interpolate_periodic`` (index wrapping and weights
   per call) on the same points and field, in the same run, Mpts/s.
 
@@ -88,7 +88,9 @@ def main():
             field = np.random.default_rng(1).standard_normal((n, n, n)).astype(dt)
             fpad = np.pad(field, GHOST, mode="wrap")
             origin = (-GHOST,) * 3
-            base, weights = interp.stencil_plan(points, origin, fpad.shape, kind=args.kind, dtype=dt)
+            points_t = np.ascontiguousarray(points.T)  # (3, npts), as the plans take them
+            plan = interp.stencil_plan(points_t, origin, fpad.shape, kind=args.kind, dtype=dt)
+            bits, coef = interp._plan_bits(plan), interp.weight_coefficients(args.kind, dt)
             out = np.empty(npts, dt)
             out_ref = np.empty(npts, dt)
             out_plain = np.empty(npts, dt)
@@ -97,10 +99,9 @@ def main():
             for threads in (int(t) for t in args.threads.split(",")):
                 threads = set_threads(threads)
                 t_plan, t_interp, t_plain, t_ref = timed(
-                    [lambda: interp.stencil_plan(points, origin, fpad.shape, kind=args.kind, base_out=base,
-                                                 weights_out=weights, dtype=dt),
-                     lambda: interp.interpolate_planned(fpad, base, weights, out=out),
-                     lambda: interp._interpolate_planned_plain(fpad.ravel(), s0, s1, base, weights, out_plain),
+                    [lambda: interp.stencil_plan(points_t, origin, fpad.shape, kind=args.kind, out=plan, dtype=dt),
+                     lambda: interp.interpolate_planned(fpad, plan, args.kind, out=out),
+                     lambda: interp._interpolate_planned_plain(fpad.ravel(), s0, s1, plan, bits, coef, out_plain),
                      lambda: interp.interpolate_periodic(field, points, kind=args.kind, out=out_ref)],
                     args.repeat)
                 for o in (out, out_plain):
@@ -114,7 +115,7 @@ def main():
                     rows.append(dict(name=name, n=n, dtype=dt.name, ranks=1, threads=threads, value=round(value, 2),
                                      unit="Mpts/s", reference="interpolate_periodic",
                                      reference_value=round(ref, 2)))
-            del base, weights, fpad, field
+            del plan, fpad, field
     append_json(args.json, rows)
 
 

@@ -80,6 +80,8 @@ def worker(args):
         overrides.setdefault("newton", {})["max_iterations"] = args.max_iterations
     if args.krylov_max is not None:
         overrides.setdefault("newton", {})["krylov"] = {"max_iterations": args.krylov_max}
+    if args.nt is not None:
+        overrides["transport"] = {"nt": args.nt}
     cfg = claire_py.RegistrationConfig.from_dict(overrides)
     # warm-up: load numba's cached kernels, FFTW wisdom, etc. (not counted)
     wf, wm = synthetic_pair(16) if comm.rank == 0 else (None, None)
@@ -162,6 +164,7 @@ def main():
                         "for synthetic)")
     parser.add_argument("--max-iterations", type=int, default=None)
     parser.add_argument("--krylov-max", type=int, default=None)
+    parser.add_argument("--nt", type=int, default=None, help="time steps (default: the config's, 4)")
     parser.add_argument("--no-pair", action="store_true")
     parser.add_argument("--no-dipy", action="store_true")
     parser.add_argument("--json")
@@ -177,6 +180,8 @@ def main():
             out += ["--max-iterations", args.max_iterations]
         if args.krylov_max is not None:
             out += ["--krylov-max", args.krylov_max]
+        if args.nt is not None:
+            out += ["--nt", args.nt]
         return out
 
     script = os.path.abspath(__file__)

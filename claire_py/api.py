@@ -203,15 +203,16 @@ def _as_array(image, comm, name, channels=False):
 _BASE_BYTES = 190 * 2 ** 20
 
 
-def _fields_per_point(nt, components, local_shape):
+def _fields_per_point(nt, components, local_shape, ranks=1):
     """Scalar fields (of the working precision) per local grid point at the peak of a
     registration, the Gauss-Newton matvec: ghost-padded state ``m(t_j)``, two interpolation
     plans (4 values per point, 3 % slack), the Newton and PCG vectors ``v, x, r, p, Hp`` (``-g``
-    serves as PCG's residual),
-    FFT work arrays and spectral scratch (9.65, measured: mpi4py-fft's stage arrays, FFTW's
-    buffers), the images, and ``div v``, the distance's residual and matvec temporaries."""
+    serves as PCG's residual), FFT work arrays and spectral scratch (measured: 5.15 on one
+    rank, 9.65 on several, where mpi4py-fft adds transposed stage arrays), the images, and
+    ``div v``, the distance's residual and matvec temporaries."""
     padded = math.prod(n + 4 for n in local_shape) / math.prod(local_shape)
-    return ((nt + 1) * padded * components + 2 * 4 * 1.03 + 5 * 3 + 9.65 + 2 * components + 8)
+    fft = 5.15 if ranks == 1 else 9.65
+    return (nt + 1) * padded * components + 2 * 4 * 1.03 + 5 * 3 + fft + 2 * components + 8
 
 
 def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):
@@ -230,7 +231,7 @@ def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):
     except ValueError:  # a grid too small for these ranks: the run would refuse it anyway
         p1, p2 = ranks, 1
     local = (-(-shape[0] // p1), -(-shape[1] // p2), shape[2])
-    per_point = _fields_per_point(nt, components, local) * itemsize
+    per_point = _fields_per_point(nt, components, local, ranks) * itemsize
     per_rank = _BASE_BYTES + points / ranks * per_point
     inputs = 4.0 * components * points
     # outputs phase on rank 0: inputs + gathered outputs + ~20 local fields (plans, v, u, det)
@@ -249,7 +250,8 @@ def _check_memory(shape, comm, precision, components=1, nt=4):
     finally:
         node.Free()
     per_rank, root = estimate_memory(shape, comm.Get_size(), precision, components, nt)
-    need = node_ranks * per_rank + (root if holds_root else 0)
+    resident = 4.0 * components * math.prod(shape)  # rank 0's input images: read already
+    need = node_ranks * per_rank + (max(root - resident, 0.0) if holds_root else 0)
     available = float("inf")  # unknown (not Linux): no refusal
     try:
         with open("/proc/meminfo") as fh:
