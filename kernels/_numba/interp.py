@@ -26,19 +26,21 @@ Two ways to evaluate it:
   modulo ``N_a``; any points. For tests and serial convenience.
 * :func:`stencil_plan` + :func:`interpolate_planned` — the hot path of the distributed
   solver: the stencil corner (one unsigned flat index into a ghost-padded local block) and the
-  12 axis weights (stored together per point) are computed once per set of points, then any
-  number of fields are interpolated by a kernel that does no index arithmetic beyond unsigned
-  adds. Its inner step is written in LLVM IR (:func:`_stencil_simd`): each 4-value stencil row
-  is one vector load, so a point costs 19 vector loads and ~35 vector operations; the
-  plain-numba version (:func:`_interpolate_planned_plain`, 84 scalar multiply-adds, which
-  LLVM vectorises across points with gathers) runs at half the speed.
+  3 fractions ``t_a`` (16 bytes per point in float32) are computed once per set of points, then
+  any number of fields are interpolated by a kernel that evaluates the 12 axis weights from the
+  fractions by Horner's rule (3 vector fused multiply-adds per axis) and does no index
+  arithmetic beyond unsigned adds. Its inner step is written in LLVM IR (:func:`_stencil_simd`):
+  each 4-value stencil row is one vector load, so a point costs 21 vector loads and ~45 vector
+  operations; the plain-numba version (:func:`_interpolate_planned_plain`, 84 scalar
+  multiply-adds, which LLVM vectorises across points with gathers) runs at 60 % of its speed.
 
 Measured on the 2-core AMD EPYC (Zen3) of DESIGN.md section 5, 256^3, points = grid points
 displaced by a few voxels, in grid order (``benchmarks/bench_interp_kernel.py``; +-15 %):
-planned float32 ~110 Mpts/s on one thread (plain numba ~55, direct kernel ~7-15), float64
-~55-65. Vector fields go component by component: one pass over the points evaluating three
-components was 1.4-2x slower (three fields' 48 stencil-row streams defeat the prefetchers and
-L1), even though it reads the weights only once.
+planned float32 ~100 Mpts/s on one thread, 196 on two (plain numba ~62, direct kernel ~14),
+float64 ~76. Storing the 12 weights instead (56 bytes per point) was ~15 % faster in float32
+and as fast in float64, at 3.5x the memory of every plan. Vector fields go component by
+component: one pass over the points evaluating three components was 1.4-2x slower (three
+fields' 48 stencil-row streams defeat the prefetchers and L1).
 
 :func:`reference_interpolate_periodic` and :func:`bspline_prefilter_reference` are slow
 vectorised-numpy references.
