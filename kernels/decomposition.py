@@ -441,12 +441,19 @@ class Decomposition:
         self.comm.Alltoall(np.ascontiguousarray(send_counts, dtype=np.int64), recv)
         return recv
 
-    def alltoallv(self, send, send_counts, recv_counts):
-        """Personalised all-to-all of a flat array: ``send_counts[r]`` consecutive items go
-        to rank ``r``; returns the ``sum(recv_counts)`` items received, ordered by source."""
+    def alltoallv(self, send, send_counts, recv_counts, send_displs=None):
+        """Personalised all-to-all of a flat array: ``send_counts[r]`` items go to rank ``r``,
+        from ``send_displs[r]`` on (default: packed, the running sums of the counts); returns
+        the ``sum(recv_counts)`` items received, packed in order of source."""
         t0 = time.perf_counter()
-        recv = np.empty(int(sum(recv_counts)), send.dtype)
-        self.comm.Alltoallv((np.ascontiguousarray(send), list(send_counts)), (recv, list(recv_counts)))
+        recv_counts = [int(c) for c in recv_counts]
+        recv = np.empty(sum(recv_counts), send.dtype)
+        send_counts = [int(c) for c in send_counts]
+        if send_displs is None:
+            send_displs = np.concatenate(([0], np.cumsum(send_counts)[:-1]))
+        recv_displs = np.concatenate(([0], np.cumsum(recv_counts)[:-1]))
+        self.comm.Alltoallv((np.ascontiguousarray(send), (send_counts, [int(d) for d in send_displs])),
+                            (recv, (recv_counts, [int(d) for d in recv_displs])))
         self._record("alltoallv", t0)
         return recv
 

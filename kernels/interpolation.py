@@ -150,19 +150,33 @@ class InterpolationPlan:
         nodes = (lo, decomp.local_shape) if displacement else None
         origin = (lo[0] - GHOST, lo[1] - GHOST, -GHOST)
         self._padded_shape = tuple(n_ + 2 * GHOST for n_ in decomp.local_shape)
+        plan_args = dict(kind=kind, dtype=decomp.dtype)
         if decomp.size > 1:
+            # points that stay on this rank (most of them) bypass MPI: only the others travel
             starts0, starts1, table = self._block_table()
-            self._send_counts, x, self._order = _routing.route_points(x, decomp.shape, starts0, starts1, table,
-                                                                      nodes=nodes, scale=scale)
+            counts, wrapped, self._order = _routing.route_points(x, decomp.shape, starts0, starts1, table,
+                                                                 nodes=nodes, scale=scale)
+            me = decomp.rank
+            self._own_start, self._own_count = int(counts[:me].sum()), int(counts[me])
+            self._send_counts = counts.copy()
+            self._send_counts[me] = 0
             self._recv_counts = decomp.alltoall_counts(self._send_counts)
-            x = decomp.alltoallv(x.ravel(), 3 * self._send_counts, 3 * self._recv_counts).reshape(-1, 3).T
-            nodes, period, scale = None, None, None
+            displs = 3 * np.concatenate(([0], np.cumsum(counts)[:-1]))  # skips this rank's own block
+            received = decomp.alltoallv(wrapped.ravel(), 3 * self._send_counts, 3 * self._recv_counts, displs)
+            own = wrapped[self._own_start:self._own_start + self._own_count]
+            self.num_owned = self._own_count + received.size // 3
+            plan, parent = _PLAN_ARRAYS.take(self.num_owned, decomp.dtype)
+            _interp.stencil_plan(own.T, origin, self._padded_shape, out=plan[:self._own_count], **plan_args)
+            _interp.stencil_plan(received.reshape(-1, 3).T, origin, self._padded_shape,
+                                 out=plan[self._own_count:], **plan_args)
+            self._plan = plan
+            del wrapped, own, received
         else:  # the routing is the identity: no exchange, no un-sorting
-            self._order, period = None, decomp.shape
-        self.num_owned = x.shape[1]
-        plan, parent = _PLAN_ARRAYS.take(self.num_owned, decomp.dtype)
-        self._plan = _interp.stencil_plan(x, origin, self._padded_shape, kind=kind, out=plan, dtype=decomp.dtype,
-                                          period=period, nodes=nodes, scale=scale)
+            self._order = None
+            self.num_owned = x.shape[1]
+            plan, parent = _PLAN_ARRAYS.take(self.num_owned, decomp.dtype)
+            self._plan = _interp.stencil_plan(x, origin, self._padded_shape, out=plan, period=decomp.shape,
+                                              nodes=nodes, scale=scale, **plan_args)
         weakref.finalize(self, _PLAN_ARRAYS.give, parent).atexit = False
 
     # ----------------------------------------------------------------- build
@@ -222,8 +236,13 @@ class InterpolationPlan:
                 out[...] = values.reshape(shape)
             return out
         target = flat if out.flags.c_contiguous else np.empty((c, self.num_points), decomp.dtype)
-        for k in range(c):  # back to the points' ranks, component by component (no transposes)
-            target[k, self._order] = decomp.alltoallv(values[k], self._recv_counts, self._send_counts)
+        start, count = self._own_start, self._own_count
+        before, own, after = self._order[:start], self._order[start:start + count], self._order[start + count:]
+        for k in range(c):  # component by component (no transposes); own points without MPI
+            target[k, own] = values[k, :count]
+            back = decomp.alltoallv(values[k, count:], self._recv_counts, self._send_counts)
+            target[k, before] = back[:start]
+            target[k, after] = back[start:]
         if target is not flat:
             out[...] = target.reshape(shape)
         return out
