@@ -115,9 +115,9 @@ class RegistrationProblem:
 
     Notes
     -----
-    :meth:`set_velocity` solves the state equation and stores ``m(1)`` and ``grad m(t_j)``
-    for all time points and components once; every gradient and Hessian matvec at that
-    velocity reuses them. Only the smoothed images are kept (a smoother problem is made from
+    :meth:`set_velocity` solves the state equation and stores the ghost-padded ``m(t_j)`` of
+    all time points and components once; every gradient (spectral ``grad m``) and Hessian
+    matvec (4th-order differences) at that velocity reuses them. Only the smoothed images are kept (a smoother problem is made from
     them by the Gaussian semigroup, see :meth:`with_smoothing`).
     """
 
