@@ -117,11 +117,12 @@ class InterpolationPlan:
     Notes
     -----
     Building: wrap the points, find each one's owner from the block table of the real
-    layout, sort by owner (stable, so grid order is kept within each destination), exchange
-    with ``Alltoallv``, and store on the owner the flat corner index into its padded block and
-    the 3 fractions of each point (16 bytes in float32; the kernel evaluates the weights). With
-    one rank there is no routing: the points are wrapped as the plan is built. Applying: halo
-    exchange of width 2, the numba kernel, ``Alltoallv`` back, un-sort.
+    layout, sort by owner (stable, so grid order is kept within each destination), send the
+    other ranks' points with ``Alltoallv`` (the points this rank owns itself, usually most,
+    stay put), and store on the owner the flat corner index into its padded block and the 3
+    fractions of each point (16 bytes in float32; the kernel evaluates the weights). With one
+    rank there is no routing: the points are wrapped as the plan is built. Applying: halo
+    exchange of width 2, the numba kernel, ``Alltoallv`` back for the others' points, un-sort.
     """
 
     def __init__(self, decomp, points, *, kind="lagrange", spectral=None, displacement=False, scale=None):
