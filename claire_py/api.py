@@ -205,14 +205,15 @@ _BASE_BYTES = 190 * 2 ** 20
 
 def _fields_per_point(nt, components, local_shape, ranks=1):
     """Scalar fields (of the working precision) per local grid point at the peak of a
-    registration, the Gauss-Newton matvec: ghost-padded state ``m(t_j)``, two interpolation
-    plans (4 values per point, 3 % slack), the Newton and PCG vectors ``v, x, r, p, Hp`` (``-g``
-    serves as PCG's residual), FFT work arrays and spectral scratch (measured: 5.15 on one
-    rank, 9.65 on several, where mpi4py-fft adds transposed stage arrays), the images, and
-    ``div v``, the distance's residual and matvec temporaries."""
+    registration, the Gauss-Newton matvec: ghost-padded state ``m(t_j)`` (``m(0)`` is the
+    moving image), two interpolation plans (4 values per point, 3 % slack), the Newton and PCG
+    vectors ``v, x, r, p, Hp`` (``-g`` serves as PCG's residual), FFT work arrays and spectral
+    scratch (measured: 4.15 on one rank, 8.65 on several, where mpi4py-fft adds transposed
+    stage arrays), the fixed image, and ``div v``, the distance's residual and matvec
+    temporaries."""
     padded = math.prod(n + 4 for n in local_shape) / math.prod(local_shape)
-    fft = 5.15 if ranks == 1 else 9.65
-    return (nt + 1) * padded * components + 2 * 4 * 1.03 + 5 * 3 + fft + 2 * components + 8
+    fft = 4.15 if ranks == 1 else 8.65
+    return (nt + 1) * padded * components + 2 * 4 * 1.03 + 5 * 3 + fft + components + 8
 
 
 def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):

@@ -302,6 +302,16 @@ class Decomposition:
             return self._zeros(self.local_spectral_shape, self.complex_dtype)
         return self._zeros(self.local_shape, self.dtype)
 
+    def spectral_scratch(self):
+        """A spectral scalar array for transient use: the forward transform's own output array,
+        which :meth:`forward_unnormalized` with an ``out`` of the same layout never writes
+        (and a c2r may destroy), so it costs no memory; a new array when the layouts differ.
+        Its contents are lost by :meth:`backward` and by transforms into arrays of another
+        layout."""
+        own = self.fft.forward._xfftn[-1].output_array
+        fresh = self.new_scalar(spectral=True)
+        return own if _same_layout(fresh, own) and own.shape == self.local_spectral_shape else fresh
+
     def new_vector(self, *, spectral=False):
         """Zero local vector field ``(3, *local_shape)`` (or its spectral counterpart)."""
         if spectral:

@@ -84,7 +84,7 @@ class SpectralOperators:
         self._zeros = tuple(np.zeros_like(k) for k in self.k)
         self._scale = 1.0 / decomp.num_points
         self._hat = decomp.new_scalar(spectral=True)
-        self._scratch = decomp.new_scalar(spectral=True)
+        self._scratch = decomp.spectral_scratch()  # the FFT's own output array (no extra memory)
         self._vhat = None
 
     # ------------------------------------------------------------ internals

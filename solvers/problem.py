@@ -148,8 +148,12 @@ class RegistrationProblem:
         self.mask = None if mask is None else np.ascontiguousarray(mask, dtype=dtype)
         if self.mask is not None and self.mask.shape != local:
             raise ValueError(f"mask has local shape {self.mask.shape}; expected {local}")
-        self.fixed, self.moving = (self._smoothed(a) for a in raw)
+        self.fixed, moving = (self._smoothed(a) for a in raw)
         del raw
+        #: ``moving`` with ghost layers: ``m(0)`` of every state history, shared, not copied
+        self._moving_padded = transport.padded(moving)
+        del moving
+        self.moving = transport.interior(self._moving_padded)  # a view
         self.cell_volume = math.prod(self.decomp.spacing)
         self.distances = [make_distance(self.distance_options.name, f, self.inner, self.mask) for f in self.fixed]
         self.initial_distance = self._distance(self.moving)
@@ -249,7 +253,7 @@ class RegistrationProblem:
         self.velocity, self._state = None, []
         with self.workload.timer("set_velocity"):
             self.transport.set_velocity(v)
-        for m0 in self.moving:
+        for m0 in self._moving_padded:
             with self.workload.timer("state_solve"):
                 self._state.append(self.transport.state_history(m0))
         self.velocity = v

@@ -167,21 +167,28 @@ class SemiLagrangianTransport:
         g = GHOST
         return padded[(..., *(slice(g, g + n) for n in self.decomp.local_shape))]
 
+    def padded(self, m):
+        """``m`` (``(..., *local_shape)``) with its periodic ghost layers: what
+        :meth:`state_history` takes as ``m(0)`` without copying it."""
+        return self.decomp.exchange_halo(np.ascontiguousarray(m, dtype=self.decomp.dtype), GHOST)
+
     def state_history(self, m0):
-        """``m(t_j)``, ``j = 0..nt``, as ghost-padded blocks ``(nt + 1, *(local_shape + 4))``
-        with their periodic halos filled: what the adjoint and incremental solves read (the
+        """``m(t_j)``, ``j = 0..nt``, as a list of ghost-padded blocks ``local_shape + 4`` with
+        their periodic halos filled: what the adjoint and incremental solves read (the
         Hessian's 4th-order differences straight from the padded blocks, see
         :class:`~claire_py.kernels.fields.FourthOrderGradient`). ``m(1) =
-        interior(history[-1])``."""
+        interior(history[-1])``. A padded ``m0`` (see :meth:`padded`) is the list's first
+        entry itself (not copied: the state of every velocity shares it)."""
         self._require_velocity()
-        padded = tuple(n + 2 * GHOST for n in self.decomp.local_shape)
-        hist = np.empty((self.nt + 1,) + padded, self.decomp.dtype)
-        m = self.interior(hist)
-        m[0] = m0
-        for j in range(self.nt):
-            self._interpolate(self.backward_plan, m[j], out=m[j + 1])
-        self.decomp.exchange_halo(m, GHOST, out=hist)
-        return hist
+        padded_shape = tuple(n + 2 * GHOST for n in self.decomp.local_shape)
+        first = m0 if m0.shape == padded_shape and m0.dtype == self.decomp.dtype else self.padded(m0)
+        later = np.empty((self.nt,) + padded_shape, self.decomp.dtype)
+        m = self.interior(later)
+        self._interpolate(self.backward_plan, self.interior(first), out=m[0])
+        for j in range(1, self.nt):
+            self._interpolate(self.backward_plan, m[j - 1], out=m[j])
+        self.decomp.exchange_halo(m, GHOST, out=later)
+        return [first] + list(later)
 
     def solve_adjoint(self, lam1, state, body=None, *, differences=False, overwrite=False):
         """Continuity-form adjoint backward from ``lam(1) = lam1``.

@@ -137,9 +137,12 @@ def test_state_history_is_the_padded_state():
     tr.set_velocity(0.4 * np.stack(np.broadcast_arrays(np.sin(x[1]), np.cos(x[2]), np.sin(x[0]))))
     m0 = np.broadcast_to(np.cos(x[0]) * np.sin(x[1] + x[2]), d.local_shape)
     state, plain = tr.state_history(m0), tr.solve_state(m0)
-    np.testing.assert_array_equal(tr.interior(state), plain)
+    assert len(state) == tr.nt + 1
     for j in range(tr.nt + 1):
+        np.testing.assert_array_equal(tr.interior(state[j]), plain[j])
         np.testing.assert_array_equal(state[j], d.exchange_halo(np.ascontiguousarray(plain[j]), 2))
+    m0_padded = tr.padded(m0)
+    assert tr.state_history(m0_padded)[0] is m0_padded  # a padded m(0) is shared, not copied
 
 
 def _all_fields(comm, shape, dtype=np.float64):
@@ -219,4 +222,4 @@ def test_float32_solves_stay_float32():
     state = tr.state_history(m[0])
     lam, body = tr.solve_adjoint(m[-1], state)
     mt = tr.solve_incremental_state(v, state)
-    assert {a.dtype for a in (m, state, lam, body, mt, tr.solve_incremental_adjoint(mt, state))} == {np.dtype(np.float32)}
+    assert {a.dtype for a in (m, *state, lam, body, mt, tr.solve_incremental_adjoint(mt, state))} == {np.dtype(np.float32)}
