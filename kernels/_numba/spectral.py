@@ -14,7 +14,7 @@ from numba import prange
 
 from ._jit import jit_parallel
 
-__all__ = ["multiply_i_linear", "divergence", "radial_polynomial", "separable_multiply",
+__all__ = ["multiply_i_linear", "radial_polynomial", "separable_multiply",
            "vector_symbol", "leray"]
 
 
@@ -36,15 +36,6 @@ def _add_multiply_i_linear(uhat, a0, a1, a2, iscale, out):
             aij = a0[i] + a1[j]
             for l in range(n2):
                 out[i, j, l] += (iscale * (aij + a2[l])) * uhat[i, j, l]
-
-
-@jit_parallel
-def _divergence(v0, v1, v2, d0, d1, d2, iscale, out):
-    n0, n1, n2 = v0.shape
-    for i in prange(n0):
-        for j in range(n1):
-            for l in range(n2):
-                out[i, j, l] = iscale * (d0[i] * v0[i, j, l] + d1[j] * v1[i, j, l] + d2[l] * v2[i, j, l])
 
 
 @jit_parallel
@@ -163,16 +154,6 @@ def multiply_i_linear(uhat, a0, a1, a2, scale=1.0, out=None, accumulate=False):
     out = _out_like(uhat, out)
     kernel = _add_multiply_i_linear if accumulate else _multiply_i_linear
     kernel(uhat, a0, a1, a2, uhat.dtype.type(1j * scale), out)
-    return out
-
-
-def divergence(vhat, d0, d1, d2, scale=1.0, out=None):
-    """``out = 1j * scale * (d0 vhat[0] + d1 vhat[1] + d2 vhat[2])`` for ``vhat`` of shape
-    ``(3, n1, n2, n3c)``."""
-    _check_block("vhat", vhat)
-    d0, d1, d2 = _wavenumbers(vhat[0], (d0, d1, d2))
-    out = _out_like(vhat, out, vhat.shape[1:])
-    _divergence(vhat[0], vhat[1], vhat[2], d0, d1, d2, vhat.dtype.type(1j * scale), out)
     return out
 
 

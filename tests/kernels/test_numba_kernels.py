@@ -37,11 +37,18 @@ def test_multiply_i_linear(cdtype):
                                rtol=_tol(cdtype), atol=_tol(cdtype) * 10)
 
 
-def test_divergence(cdtype):
+def test_multiply_i_linear_accumulates(cdtype):
+    """``accumulate=True`` adds: the divergence of SpectralOperators, one component at a time."""
     v, ks = _data(cdtype, (3,))
     K = _grid(ks)
-    np.testing.assert_allclose(k.divergence(v, *ks, 2.0), 2j * sum(K[a] * v[a] for a in range(3)),
-                               rtol=_tol(cdtype), atol=_tol(cdtype) * 100)
+    out = np.zeros_like(v[0])
+    for a in range(3):
+        mult = [ks[b] if b == a else np.zeros_like(ks[b]) for b in range(3)]
+        k.multiply_i_linear(v[a], *mult, 2.0, out=out, accumulate=True)
+    np.testing.assert_allclose(out, 2j * sum(K[a] * v[a] for a in range(3)), rtol=_tol(cdtype),
+                               atol=_tol(cdtype) * 100)
+    with pytest.raises(ValueError, match="needs out"):
+        k.multiply_i_linear(v[0], *ks, accumulate=True)
 
 
 @pytest.mark.parametrize("invert", [False, True])
