@@ -220,7 +220,7 @@ def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):
     """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``.
 
     Per rank: a fixed ~190 MiB plus :func:`_fields_per_point` fields of the working precision
-    per local point (about 205 bytes in float32 with ``nt = 4``: the matvec's peak). Rank 0
+    per local point (about 165 bytes in float32 with ``nt = 4``: the matvec's peak). Rank 0
     also holds the global input images (4 bytes per point and component) and, after the
     solve, the gathered outputs (velocity, displacement, warped image, det: 32 bytes per point
     in float32); the extra is the larger of the two phases over the others' peak.
