@@ -272,13 +272,6 @@ class SemiLagrangianTransport:
             u += step
         return u
 
-    def deformation_map(self):
-        """``y(x) = x + u(x)`` in grid units, float64 (not wrapped: ``y`` may leave ``[0, N)``)."""
-        u = self.displacement().astype(np.float64)
-        for a, s in enumerate(self.decomp.real_slice):
-            u[a] += np.arange(s.start, s.stop, dtype=np.float64).reshape([-1 if b == a else 1 for b in range(3)])
-        return u
-
     def det_grad_y(self, displacement=None):
         """``det(grad y)`` of the pull-back map, ``y = x + u`` (``u`` in voxels), from the
         spectral gradient of ``u``: ``(grad y)_ab = delta_ab + h_b du_a/dX_b``."""
