@@ -41,11 +41,22 @@ def dtype(request):
     return np.dtype(request.param)
 
 
-@pytest.fixture
-def shared_tmp():
-    """A temporary directory shared by all ranks (created by rank 0)."""
+def _shared_tempdir():
+    """A temporary directory shared by all ranks (created by rank 0), removed afterwards."""
     path = COMM.bcast(tempfile.mkdtemp(prefix="claire-test-") if COMM.rank == 0 else None)
     yield path
     COMM.Barrier()
     if COMM.rank == 0:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary directory shared by all ranks, one per test."""
+    yield from _shared_tempdir()
+
+
+@pytest.fixture(scope="module")
+def module_shared_tmp():
+    """A temporary directory shared by all ranks and by the tests of one module."""
+    yield from _shared_tempdir()

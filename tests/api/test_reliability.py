@@ -18,7 +18,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 import zlib
@@ -324,17 +323,6 @@ def _check_read(expect, outcomes, values, case):
     return "ok"
 
 
-@pytest.fixture(scope="module")
-def fuzz_dir():
-    path = COMM.bcast(tempfile.mkdtemp(prefix="claire-fuzz-") if COMM.rank == 0 else None)
-    yield path
-    COMM.Barrier()
-    if COMM.rank == 0:
-        import shutil
-
-        shutil.rmtree(path, ignore_errors=True)
-
-
 FUZZ = settings(max_examples=1000, deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
 
@@ -347,7 +335,7 @@ def _write_case(directory, case, index):
     return path, values, expected_read(blob, case["gz"])
 
 
-def test_fuzz_hostile_nifti_reads(fuzz_dir):
+def test_fuzz_hostile_nifti_reads(module_shared_tmp):
     """read_image on hostile files: a one-line UserInputError on every rank alike, or exactly
     the voxels and affine the file's bytes describe."""
     counts, t0 = Counter(), time.perf_counter()
@@ -356,7 +344,7 @@ def test_fuzz_hostile_nifti_reads(fuzz_dir):
         @FUZZ
         @given(nifti_cases())
         def run(case):
-            path, values, expect = _write_case(fuzz_dir, case, next(SERIAL))
+            path, values, expect = _write_case(module_shared_tmp, case, next(SERIAL))
             outcome = _check_read(expect, step(("read", path)), values, case)
             counts[outcome] += 1
             os.unlink(path)
@@ -441,7 +429,7 @@ def _cli_outcome(job):
     return (code, err.getvalue())
 
 
-def test_fuzz_hostile_nifti_through_the_cli(fuzz_dir):
+def test_fuzz_hostile_nifti_through_the_cli(module_shared_tmp):
     """``claire smooth`` and ``claire register`` on hostile files: exit 2 with one line and no
     output, or exit 0 with the output the file's voxels give."""
     counts, t0 = Counter(), time.perf_counter()
@@ -454,13 +442,13 @@ def test_fuzz_hostile_nifti_through_the_cli(fuzz_dir):
         @given(nifti_cases(min_axis=min_axis), st.sampled_from(["smooth", "register"]))
         def run(case, command):
             index = next(SERIAL)
-            path, values, expect = _write_case(fuzz_dir, case, index)
+            path, values, expect = _write_case(module_shared_tmp, case, index)
             channels = expect[0] == "error" and expect[1] == "ndim" and expect[2].ndim == 4
             if command == "register" and channels and expect[2].shape[3] <= 16:
                 expect = ("either", expect[2], expect[3])  # channels of a multi-component registration
             if COMM.size > 1 and expect[0] != "error":
                 assume(2 not in expect[1].shape)
-            out = os.path.join(fuzz_dir, f"out{index}" + (".nii.gz" if command == "smooth" else ""))
+            out = os.path.join(module_shared_tmp, f"out{index}" + (".nii.gz" if command == "smooth" else ""))
             results = step(("cli", command, path, out))
             (code, err), others = results[0][:2], results[1:]
             assert code != "crash", results[0]

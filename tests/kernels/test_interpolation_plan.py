@@ -92,22 +92,3 @@ def test_plan_rejects_bad_input():
     with pytest.raises(ValueError, match="does not match the local block"):
         InterpolationPlan(d, nodes).interpolate(np.zeros((4, 4, 4)))
 
-
-def test_route_points_matches_numpy_reference():
-    from claire_py.kernels._numba.routing import route_points
-
-    shape = (16, 12, 10)
-    rng = np.random.default_rng(7)
-    pts = rng.uniform(-40, 40, (3, 5000))
-    pts[:, :3] = [[-1e-17, 16.0, 0.0], [12.0, -1e-17, 11.999999999], [10.0, 5.0, -1e-17]]
-    starts0, starts1 = np.array([0, 5, 11]), np.array([0, 6])
-    table = np.arange(6).reshape(3, 2)
-    counts, wrapped, order = route_points(pts, shape, starts0, starts1, table)
-    ref = np.mod(pts, np.array(shape, float)[:, None])
-    ref[ref >= np.array(shape)[:, None]] = 0.0
-    owner = table[np.searchsorted(starts0, ref[0], "right") - 1, np.searchsorted(starts1, ref[1], "right") - 1]
-    ref_order = np.argsort(owner, kind="stable")
-    np.testing.assert_array_equal(order, ref_order)
-    np.testing.assert_array_equal(counts, np.bincount(owner, minlength=6))
-    np.testing.assert_allclose(wrapped, ref[:, ref_order].T, rtol=0, atol=1e-12)
-    assert wrapped.min() >= 0 and np.all(wrapped < np.array(shape))

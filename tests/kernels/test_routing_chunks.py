@@ -7,21 +7,32 @@ import numpy as np
 from claire_py.kernels._numba import routing
 
 
-def test_route_points_many_chunks_is_stable_and_matches_numpy():
-    shape = (16, 12, 10)
-    rng = np.random.default_rng(11)
-    npts = 3 * routing._CHUNK + 123  # several chunks and a ragged last one
-    pts = rng.uniform(-40, 40, (3, npts))
-    starts0, starts1 = np.array([0, 5, 11]), np.array([0, 6])
-    table = np.arange(6).reshape(3, 2)[:, ::-1].copy()  # ranks not in block order
+def _assert_routed_like_numpy(pts, shape, starts0, starts1, table):
+    """``route_points`` against numpy: wrap, owner lookup, stable sort."""
     counts, wrapped, order = routing.route_points(pts, shape, starts0, starts1, table)
     ref = np.mod(pts, np.array(shape, float)[:, None])
     ref[ref >= np.array(shape)[:, None]] = 0.0
     owner = table[np.searchsorted(starts0, ref[0], "right") - 1, np.searchsorted(starts1, ref[1], "right") - 1]
     ref_order = np.argsort(owner, kind="stable")
     np.testing.assert_array_equal(order, ref_order)
-    np.testing.assert_array_equal(counts, np.bincount(owner, minlength=6))
+    np.testing.assert_array_equal(counts, np.bincount(owner, minlength=table.size))
     np.testing.assert_allclose(wrapped, ref[:, ref_order].T, rtol=0, atol=1e-12)
+    assert wrapped.min() >= 0 and np.all(wrapped < np.array(shape))
+
+
+def test_route_points_matches_numpy_reference():
+    rng = np.random.default_rng(7)
+    pts = rng.uniform(-40, 40, (3, 5000))
+    pts[:, :3] = [[-1e-17, 16.0, 0.0], [12.0, -1e-17, 11.999999999], [10.0, 5.0, -1e-17]]
+    _assert_routed_like_numpy(pts, (16, 12, 10), np.array([0, 5, 11]), np.array([0, 6]), np.arange(6).reshape(3, 2))
+
+
+def test_route_points_many_chunks_is_stable_and_matches_numpy():
+    rng = np.random.default_rng(11)
+    npts = 3 * routing._CHUNK + 123  # several chunks and a ragged last one
+    pts = rng.uniform(-40, 40, (3, npts))
+    table = np.arange(6).reshape(3, 2)[:, ::-1].copy()  # ranks not in block order
+    _assert_routed_like_numpy(pts, (16, 12, 10), np.array([0, 5, 11]), np.array([0, 6]), table)
 
 
 def test_route_points_single_owner_is_the_identity():
