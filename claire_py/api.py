@@ -101,7 +101,11 @@ class RegistrationResult:
         The moving image deformed onto the fixed one, in the moving image's intensities:
         ``warped(x) = moving(y(x))`` (pull-back).
     det_grad_y : ndarray ``(n1, n2, n3)``
-        Jacobian determinant of the pull-back map ``y``.
+        Jacobian determinant of the pull-back map ``y``, transported along the characteristics
+        (``d_t J + v . grad J = -J div v``; see ``SemiLagrangianTransport.det_grad_y``).
+    det_central_differences : (float, float)
+        ``(min, max)`` of ``det(grad y)`` by central differences of the composed map ``y`` (the
+        ``displacement``), an independent check of ``det_grad_y``; on every rank.
     displacement : ndarray ``(3, n1, n2, n3)``
         ``u = y - x`` in voxels along the array axes (``y`` may leave the grid: periodic).
     history : list of IterationInfo
@@ -127,6 +131,7 @@ class RegistrationResult:
     converged: bool
     stop_reason: str
     displacement: np.ndarray | None = None
+    det_central_differences: tuple = (float("nan"), float("nan"))
     beta: float = float("nan")
     config: RegistrationConfig = None
     fixed: np.ndarray | None = None
@@ -300,6 +305,17 @@ def _pad(array, pad):
     return np.stack([np.pad(c, pad, mode="constant", constant_values=float(c.min())) for c in array])
 
 
+def _range_inside(local, decomp, pad):
+    """``(min, max)`` over the grid without its ``pad`` frame of a local block, on every rank."""
+    if pad:
+        inside = tuple(slice(max(pad - s.start, 0), max(min(n - pad, s.stop) - s.start, 0))
+                       for s, n in zip(decomp.real_slice, decomp.shape))
+        local = local[inside]
+    lo = float(local.min()) if local.size else math.inf
+    hi = float(local.max()) if local.size else -math.inf
+    return decomp.allreduce(lo, "min"), decomp.allreduce(hi, "max")
+
+
 def _crop(array, pad, grid_axes=3):
     if array is None or not pad:
         return array
@@ -438,9 +454,10 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
             dice = dice_overlap(labels[0], labels[1], warped_labels)
             log.info("Dice (mean over %d labels): %.3f -> %.3f", len(dice["labels"]),
                      np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
+    det = _crop(decomp.gather(transport.det_grad_y()), pad)
     displacement = transport.displacement()
-    transport.release()  # det(grad y) is spectral: the plans can go
-    det = _crop(decomp.gather(transport.det_grad_y(displacement)), pad)
+    transport.release()
+    det_central = _range_inside(transport.det_grad_y_central_differences(displacement), decomp, pad)
     displacement = _crop(decomp.gather(displacement), pad)
     workload.add("total", 1, time.perf_counter() - t0)
     for name, (count, seconds) in decomp.stats.items():
@@ -454,7 +471,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         velocity *= np.array([n / m for n, m in zip(grid, shape)])[:, None, None, None]
     return RegistrationResult(
         velocity=velocity, warped=None if warped is None else (warped if components else warped[0]),
-        det_grad_y=det, displacement=displacement,
+        det_grad_y=det, det_central_differences=det_central, displacement=displacement,
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
         beta=result.beta, config=config,
         fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
@@ -520,5 +537,5 @@ def invert(velocity, *, nt=4, interpolation="lagrange", precision="float64", com
     negated = None if velocity is None else -np.asarray(velocity)
     decomp, tr = _velocity_setup(negated, comm, precision, nt, interpolation)
     u = tr.displacement()
-    det = tr.det_grad_y(u)
+    det = tr.det_grad_y()
     return decomp.gather(np.ascontiguousarray(tr.velocity)), decomp.gather(u), decomp.gather(det)

@@ -94,6 +94,7 @@ def _optional_text(text):
 OPTIONS = {
     "beta": (("regularization", "beta"), _float),
     "regnorm": (("regularization", "norm"), _text),
+    "beta_div": (("regularization", "beta_div"), _float),
     "incompressible": (("regularization", "incompressible"), _bool),
     "distance": (("distance", "name"), _text),
     "weights": (("distance", "weights"), _floats),

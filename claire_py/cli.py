@@ -86,7 +86,8 @@ def _register_config(args):
             cfg = RegistrationConfig.preset(args.preset, RegistrationConfig.from_file(args.config, raw=True))
     else:
         cfg = RegistrationConfig.preset(args.preset) if args.preset else RegistrationConfig()
-    reg = {k: v for k, v in (("norm", args.regnorm), ("beta", args.beta)) if v is not None}
+    reg = {k: v for k, v in (("norm", args.regnorm), ("beta", args.beta), ("beta_div", args.beta_div))
+           if v is not None}
     if args.incompressible:
         reg["incompressible"] = True
     newton = {k: v for k, v in (("gradient_tolerance", args.gtol), ("max_iterations", args.max_iter),
@@ -183,13 +184,15 @@ def _cmd_register(args):
         if checkpoint is not None:
             checkpoint.remove()  # the outputs are complete
         det, first, last = result.det_grad_y, result.history[0], result.history[-1]
+        cd_min, cd_max = result.det_central_differences
         rows = [("time", f"{result.seconds:.1f} s on {result.ranks} rank(s), {config.precision}"),
                 ("Gauss-Newton iterations", f"{sum(1 for h in result.history if h.iteration > 0)} "
                                             f"({result.stop_reason})"),
                 ("beta", f"{result.beta:.3g}" + (" (trained)" if config.continuation.train else "")),
                 ("Hessian matvecs", f"{result.workload['hessian_matvec']['pcg_iterations']}"),
                 ("mismatch", f"{first.mismatch:.3f} -> {last.mismatch:.3f} (relative, smoothed images)"),
-                ("det(grad y)", f"min {det.min():.3f}, max {det.max():.3f}"),
+                ("det(grad y)", f"min {det.min():.3f}, max {det.max():.3f} (central differences of the map: "
+                                f"min {cd_min:.3f}, max {cd_max:.3f})"),
                 *([("Dice (mean)", f"{np.mean(result.dice['before']):.3f} -> {np.mean(result.dice['after']):.3f} "
                                    f"over {len(result.dice['labels'])} labels")] if result.dice else []),
                 ("outputs", f"{args.output}/ (warped, velocity, deformation_map, displacement, det_grad_y, "
@@ -198,9 +201,11 @@ def _cmd_register(args):
         if report_wanted(args):
             page = write_report(args.output, fixed=result.fixed, moving=result.moving, slices=args.slices)
             print(f"{'report':24s} {page}")
-        if det.min() <= 0:
+        if det.min() <= 0 or cd_min <= 0:
+            where = " and ".join(name for name, lo in (("transported", det.min()), ("by central differences of the map",
+                                                                                     cd_min)) if lo <= 0)
             logging.getLogger("claire_py").warning(
-                "warning: det(grad y) <= 0 somewhere: the map folds; increase --beta (or smooth more)")
+                f"warning: det(grad y) <= 0 somewhere ({where}): the map folds; increase --beta or --nt")
     return 0
 
 
@@ -296,6 +301,7 @@ def _build_parser():
     from .config import PRESETS, RegistrationConfig
     from .solvers.distance import DISTANCES
     from .solvers.preconditioner import PRECONDITIONERS
+    from .solvers.problem import REGULARIZATION_MODELS
 
     d = RegistrationConfig()  # the defaults shown below are the config's own
     p = sub.add_parser("register", help="register MOVING onto FIXED (NIfTI files)",
@@ -311,8 +317,13 @@ def _build_parser():
                         "step), accurate (1e-2, grid continuation); -smooth: H2 seminorm, beta 1e-3")
     p.add_argument("--dump-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--beta", type=float, help=f"regularisation weight (default {d.regularization.beta:g})")
-    p.add_argument("--regnorm", choices=("h1s", "h2s", "h3s", "h1", "h2", "h3", "l2", "h1s-div"),
-                   help=f"regularisation norm (default {d.regularization.norm})")
+    p.add_argument("--regnorm", choices=REGULARIZATION_MODELS,
+                   help=f"regularisation model: h1s-div = CLAIRE's default (RELAXEDSTOKES: H1 seminorm, "
+                        f"divergence term, relaxed projection), h1s = CLAIRE's compressible H1 seminorm, "
+                        f"h2s/h3s seminorms, h1/h2/h3 norms, l2 (default {d.regularization.norm})")
+    p.add_argument("--beta-div", type=float,
+                   help=f"weight beta_w of h1s-div's divergence term (CLAIRE's -betaw; default "
+                        f"{d.regularization.beta_div:g})")
     p.add_argument("--incompressible", action="store_true", help="volume-preserving (div v = 0)")
     p.add_argument("--train", choices=("reduce", "binary"),
                    help="choose beta by the det(grad y) bound: reduce by 10x while feasible (reduce), then bisect "

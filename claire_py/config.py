@@ -129,8 +129,8 @@ def _merged(base, top):
 
 #: Named starting points in the spirit of CLAIRE's: ``fast`` stops at ||g||/||g0|| = 5e-2 with
 #: at most 10 PCG iterations per step; ``accurate`` at 1e-2 with grid continuation (coarse
-#: grids take the first, cheap iterations). Each with the H1 seminorm (CLAIRE's default,
-#: beta = 1e-2) and a ``-smooth`` variant with the H2 seminorm (smoother maps).
+#: grids take the first, cheap iterations). Each with CLAIRE's default model (``h1s-div``,
+#: beta = 1e-2, beta_div = 1e-4) and a ``-smooth`` variant with the H2 seminorm (smoother maps).
 PRESETS = {
     "fast": {"newton": {"gradient_tolerance": 5e-2, "krylov": {"max_iterations": 10}}},
     "fast-smooth": {"regularization": {"norm": "h2s", "beta": 1e-3},

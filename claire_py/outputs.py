@@ -7,7 +7,9 @@ All images are on FIXED's grid with its affine. Conventions:
 * ``velocity.nii.gz``: the stationary velocity, 4-D ``(n1, n2, n3, 3)``, component ``a`` along
   array axis ``a``, in voxels per unit time (the map ``y`` is its flow over ``t in [0, 1]``).
 * ``det_grad_y.nii.gz``: ``det(grad y)`` of the pull-back map (< 1: FIXED's voxel maps onto a
-  smaller region of MOVING).
+  smaller region of MOVING), transported along the characteristics of the velocity (as CLAIRE
+  computes it, but for ``y`` itself: CLAIRE's own output is that of the inverse map);
+  ``registration.json`` also holds the range by central differences of ``deformation_map``.
 * ``deformation_map.nii.gz``: ``y(x)`` as world (RAS, mm) coordinates, 4-D ``(n1, n2, n3, 3)``:
   the point of MOVING that FIXED's voxel ``x`` takes its value from (SPM-style ``y_`` field).
 * ``displacement.nii.gz``: ``y(x) - x`` in the ITK/ANTs convention: physical millimetres in
@@ -200,6 +202,7 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         "history": [dataclasses.asdict(h) for h in result.history],
         "stages": result.stages or [],
         "det_grad_y": {"min": float(result.det_grad_y.min()), "max": float(result.det_grad_y.max())},
+        "det_grad_y_central_differences": dict(zip(("min", "max"), map(float, result.det_central_differences))),
         "workload": result.workload,
         **({"dice": result.dice} if result.dice else {}),
         "seconds": seconds,

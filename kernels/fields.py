@@ -11,8 +11,8 @@ import numpy as np
 
 from ._numba import pointwise as _pw
 
-__all__ = ["axpy", "times_one_plus", "damp_and_accumulate", "minus_dot_added", "det_identity_plus",
-           "FourthOrderGradient"]
+__all__ = ["axpy", "heun_factor", "scale_and_accumulate", "accumulate_product", "minus_dot_added",
+           "det_identity_plus"]
 
 
 def _flat(a, dtype, name):
@@ -50,21 +50,39 @@ def axpy(alpha, x, y):
     return y
 
 
-def times_one_plus(a, d, c, out):
-    """``out = a (1 + c d)`` (``out`` may be ``a``); returns ``out``."""
-    dt = a.dtype
-    _like(d, a, "d"), _like(out, a, "out")
-    _pw._times_one_plus(_flat(a, dt, "a"), _flat(d, dt, "d"), dt.type(c), dt.type(1), _flat(out, dt, "out"))
+def heun_factor(d_departure, d, sign, dt, out):
+    """``out = 1 + sign dt/2 (d_X + d) + dt^2/2 d_X d`` (``out`` may be either input); returns
+    ``out``.
+
+    The factor of one explicit Heun (trapezoidal predictor-corrector) step of ``dq/dt = sign d
+    q`` along a characteristic from its departure point ``X``, where ``d`` takes the value
+    ``d_X = d(X)`` (``d_departure``), to the node, where it is ``d``: the predictor ``q_X (1 + dt
+    sign d_X)``, the corrector ``q_X + dt/2 (sign d_X q_X + sign d (q_X + dt sign d_X q_X))``.
+    With ``x = sign dt/2 d_X`` and ``y = sign dt/2 d`` it is ``1 + x + y + 2 x y``: positive
+    where ``|x|, |y| < 1/sqrt(2)`` and, for ``x = y``, everywhere; unlike the implicit
+    trapezoidal factor ``(1 + x) / (1 - y)`` it has no pole.
+    """
+    dt_ = out.dtype
+    _like(d_departure, out, "d_departure"), _like(d, out, "d")
+    _pw._heun_factor(_flat(d_departure, dt_, "d_departure"), _flat(d, dt_, "d"), dt_.type(sign),
+                     dt_.type(0.5 * dt), dt_.type(0.5 * dt * dt), _flat(out, dt_, "out"))
     return out
 
 
-def damp_and_accumulate(lam, d, c, w, grad, body):
-    """``lam <- lam / (1 - c d)`` in place, then ``body += w lam grad`` (``grad``, ``body``
-    vector fields): one trapezoidal step of the continuity-form adjoint and its body force."""
+def scale_and_accumulate(src, factor, w, grad, lam, body):
+    """``lam = src factor``, then ``body += w lam grad`` (``grad``, ``body`` vector fields;
+    ``lam`` may be ``src``): one Heun step of the continuity-form adjoint and its body force."""
     dt, n = lam.dtype, lam.size
-    _like(d, lam, "d"), _like(grad, lam, "grad", 3), _like(body, lam, "body", 3)
-    _pw._damp_and_accumulate(_flat(lam, dt, "lam"), _flat(d, dt, "d"), dt.type(c), dt.type(1), dt.type(w),
-                             _vec(grad, n, dt, "grad"), _vec(body, n, dt, "body"))
+    _like(src, lam, "src"), _like(factor, lam, "factor"), _like(grad, lam, "grad", 3), _like(body, lam, "body", 3)
+    _pw._scale_and_accumulate(_flat(src, dt, "src"), _flat(factor, dt, "factor"), dt.type(w),
+                              _vec(grad, n, dt, "grad"), _flat(lam, dt, "lam"), _vec(body, n, dt, "body"))
+
+
+def accumulate_product(lam, w, grad, body):
+    """``body += w lam grad`` for a scalar ``lam`` and vector fields ``grad``, ``body``."""
+    dt, n = lam.dtype, lam.size
+    _like(grad, lam, "grad", 3), _like(body, lam, "body", 3)
+    _pw._accumulate_product(_flat(lam, dt, "lam"), dt.type(w), _vec(grad, n, dt, "grad"), _vec(body, n, dt, "body"))
 
 
 def minus_dot_added(base, c, u, grad, out):
@@ -88,50 +106,3 @@ def det_identity_plus(grad_u, scale, out):
     g = [_vec(grad_u[a], n, grad_u[a].dtype, f"grad_u[{a}]") for a in range(3)]
     _pw._det_identity_plus(*g, *(float(s) for s in scale), _flat(out, dt, "out"))
     return out
-
-
-class FourthOrderGradient:
-    """``grad m`` by 4th-order central differences on a ghost-padded block, fused into the two
-    products the Gauss-Newton Hessian needs (no gradient field is formed).
-
-    ``D_a m = (m[-2] - 8 m[-1] + 8 m[+1] - m[+2]) / (12 h_a)`` along axis ``a`` (error
-    ``O(h^4)``); ``mpad`` holds ``m`` with ``ghost >= 2`` periodic layers on every side (see
-    ``Decomposition.exchange_halo``), of shape ``local_shape + 2 ghost``.
-
-    Parameters
-    ----------
-    spacing : 3 floats
-        Grid spacings ``h_a``.
-    dtype : float32 or float64
-    ghost : int
-        Ghost width of the padded blocks.
-    """
-
-    def __init__(self, spacing, dtype, ghost=2):
-        if ghost < 2:
-            raise ValueError(f"4th-order differences need a ghost width >= 2, got {ghost}")
-        self.dtype, self.ghost = np.dtype(dtype), int(ghost)
-        self._s1 = np.array([1.0 / (12.0 * h) for h in spacing], dtype=self.dtype)
-        self._s8 = np.array([8.0 / (12.0 * h) for h in spacing], dtype=self.dtype)
-
-    def _check(self, mpad, local_shape):
-        want = tuple(n + 2 * self.ghost for n in local_shape)
-        if mpad.shape != want or mpad.dtype != self.dtype:
-            raise ValueError(f"padded field of shape {mpad.shape} and dtype {mpad.dtype}, expected {want} "
-                             f"{self.dtype.name}")
-
-    def minus_dot_added(self, base, c, u, mpad, out):
-        """``out = base - c (u . grad m)`` (``out`` may be ``base``); returns ``out``."""
-        self._check(mpad, base.shape)
-        _like(base, mpad[tuple(slice(0, n) for n in base.shape)], "base")
-        _like(u, base, "u", 3), _like(out, base, "out")
-        _pw._minus_dot_fd_added(base, self.dtype.type(c), u, mpad, self.ghost, self._s1, self._s8, out)
-        return out
-
-    def damp_and_accumulate(self, lam, d, c, w, mpad, body):
-        """``lam <- lam / (1 - c d)`` in place, then ``body += w lam grad m``."""
-        self._check(mpad, lam.shape)
-        _like(lam, mpad[tuple(slice(0, n) for n in lam.shape)], "lam")
-        _like(d, lam, "d"), _like(body, lam, "body", 3)
-        dt = self.dtype.type
-        _pw._damp_and_accumulate_fd(lam, d, dt(c), dt(1), dt(w), mpad, self.ghost, self._s1, self._s8, body)

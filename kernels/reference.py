@@ -52,31 +52,26 @@ def inverse_laplacian(f):
         return _apply(f, np.where(q == 0, 0.0, -1.0 / q))
 
 
-def regularization(v, norm="h1s", *, beta=1.0, gamma=1e-4, beta_div=1e-4, invert=False):
-    """``beta A v`` (or its inverse) built as an explicit 3x3 symbol per mode."""
-    (c0, c1, c2, c3), b = regularization_symbol(norm, beta=beta, gamma=gamma, beta_div=beta_div)
-    shape = v.shape[1:]
-    q = _q(shape)
+def regularization(v, norm="h1s", *, beta=1.0, gamma=1e-4, invert=False):
+    """``beta A v`` (or its pseudo-inverse, 0 on the null space) per component."""
+    c0, c1, c2, c3 = regularization_symbol(norm, beta=beta, gamma=gamma)
+    q = _q(v.shape[1:])
     s = c0 + c1 * q + c2 * q ** 2 + c3 * q ** 3
-    d = np.broadcast_arrays(*_wavenumbers(shape, True))
-    vhat = np.fft.rfftn(v, axes=(-3, -2, -1))
-    M = np.einsum("ab,...->...ab", np.eye(3), s) + b * np.einsum("a...,b...->...ab", d, d)
     if invert:
-        null = s == 0
-        M[null] = np.eye(3)
-        M = np.linalg.inv(M)
-        M[null] = 0.0
-    out = np.einsum("...ab,b...->a...", M, vhat)
-    return np.fft.irfftn(out, s=shape, axes=(-3, -2, -1))
+        with np.errstate(divide="ignore"):
+            s = np.where(s == 0, 0.0, 1.0 / np.where(s == 0, 1.0, s))
+    return _apply(v, s)
 
 
-def leray(v):
+def leray(v, relaxation=0.0):
+    """``v - grad Delta^{-1} m div v``, ``m = 1`` (Leray) or ``(r / (1 + |d|^2) + 1)^{-1}``."""
     shape = v.shape[1:]
     d = np.broadcast_arrays(*_wavenumbers(shape, True))
     dd = d[0] ** 2 + d[1] ** 2 + d[2] ** 2
     vhat = np.fft.rfftn(v, axes=(-3, -2, -1))
+    m = 1.0 / (relaxation / (1.0 + dd) + 1.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        w = np.where(dd > 0, sum(d[a] * vhat[a] for a in range(3)) / dd, 0.0)
+        w = np.where(dd > 0, m * sum(d[a] * vhat[a] for a in range(3)) / dd, 0.0)
     out = np.stack([vhat[a] - w * d[a] for a in range(3)])
     return np.fft.irfftn(out, s=shape, axes=(-3, -2, -1))
 

@@ -11,7 +11,7 @@ Conventions (domain ``[0, 2*pi)^3``, integer wavenumbers ``k``):
   the seminorms ``h1s``, ``h2s``, ``h3s``) return the mean-free solution: the zero mode of the
   result is 0. They invert exactly on mean-free fields.
 * **Nyquist modes** (``k_a = N_a/2`` on even-sized axes). First-order operators (gradient,
-  divergence, Leray projection, the grad-div term of ``h1s-div``) use ``k_a = 0`` there:
+  divergence, the Leray projection and its relaxed form) use ``k_a = 0`` there:
   a real field's Nyquist mode has no representable derivative. Even-order operators
   (Laplacian, regularisation norms, Gaussian smoothing) use the full ``|k|^2`` so they
   stay invertible; hence ``laplacian != divergence(gradient)`` on Nyquist modes only.
@@ -28,37 +28,35 @@ from ._numba import spectral as _k
 
 __all__ = ["SpectralOperators", "SpectralResampler", "REGULARIZATION_NORMS", "regularization_symbol"]
 
-#: Regularisation norms of DESIGN.md section 1, as symbols ``s(|k|^2) I + b d d^T``.
-REGULARIZATION_NORMS = ("h1s", "h2s", "h3s", "h1", "h2", "h3", "l2", "h1s-div")
+#: Regularisation operators ``A`` of DESIGN.md section 1, as radial symbols ``s(|k|^2)``.
+REGULARIZATION_NORMS = ("h1s", "h2s", "h3s", "h1", "h2", "h3", "l2")
 
 
-def regularization_symbol(norm, *, beta=1.0, gamma=1e-4, beta_div=1e-4):
+def regularization_symbol(norm, *, beta=1.0, gamma=1e-4):
     """Symbol of the regularisation operator ``beta * A`` of a named norm.
 
     Parameters
     ----------
     norm : str
         ``h1s`` (``-Delta``), ``h2s`` (``Delta^2``), ``h3s`` (``-Delta^3``), ``h1``, ``h2``,
-        ``h3`` (the seminorm plus ``gamma * I``), ``l2`` (``I``) or ``h1s-div``
-        (``-beta Delta - beta_div grad div``, near-incompressible).
-    beta, gamma, beta_div : float
-        Regularisation weight, identity weight of the full norms, grad-div weight.
+        ``h3`` (the seminorm plus ``gamma * I``) or ``l2`` (``I``).
+    beta, gamma : float
+        Regularisation weight, identity weight of the full norms.
 
     Returns
     -------
     coeffs : tuple of 4 floats
-        ``(c0, c1, c2, c3)`` of ``s(q) = c0 + c1 q + c2 q^2 + c3 q^3``, ``q = |k|^2``.
-    graddiv : float
-        Weight ``b`` of the ``d d^T`` (``-grad div``) term.
+        ``(c0, c1, c2, c3)`` of ``s(q) = c0 + c1 q + c2 q^2 + c3 q^3``, ``q = |k|^2``, per
+        velocity component.
     """
     base = {"h1s": (0, 1, 0, 0), "h2s": (0, 0, 1, 0), "h3s": (0, 0, 0, 1),
             "h1": (gamma, 1, 0, 0), "h2": (gamma, 0, 1, 0), "h3": (gamma, 0, 0, 1),
-            "l2": (1, 0, 0, 0), "h1s-div": (0, 1, 0, 0)}
+            "l2": (1, 0, 0, 0)}
     if norm not in base:
         raise ValueError(f"unknown regularisation norm {norm!r}; use one of {', '.join(REGULARIZATION_NORMS)}")
     if not beta > 0:
         raise ValueError(f"beta={beta} must be > 0")
-    return tuple(beta * c for c in base[norm]), (beta_div if norm == "h1s-div" else 0.0)
+    return tuple(beta * c for c in base[norm])
 
 
 class SpectralOperators:
@@ -174,28 +172,27 @@ class SpectralOperators:
         """``Delta^{-1} f`` on the mean-free part; the result has zero mean."""
         return self._radial(f, (0.0, -1.0, 0.0, 0.0), True, out)
 
-    def _regularization(self, v, norm, beta, gamma, beta_div, invert, out):
-        self._check(v, True)
-        coeffs, graddiv = regularization_symbol(norm, beta=beta, gamma=gamma, beta_div=beta_div)
-        if graddiv == 0.0:
-            return self._radial(v, coeffs, invert, out)
-        return self._vector_multiplier(
-            v, out, lambda vhat: _k.vector_symbol(vhat, *self.k, *self.d, coeffs, graddiv, self._scale, invert,
-                                                  out=vhat))
-
-    def regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, beta_div=1e-4, out=None):
+    def regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, out=None):
         """``beta A v`` for a velocity field (see :func:`regularization_symbol`)."""
-        return self._regularization(v, norm, beta, gamma, beta_div, False, out)
-
-    def inverse_regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, beta_div=1e-4, out=None):
-        """``(beta A)^{-1} v``; null-space modes (the zero mode of the seminorms) map to 0."""
-        return self._regularization(v, norm, beta, gamma, beta_div, True, out)
-
-    def leray(self, v, out=None):
-        """Leray projection ``K v = v - grad Delta^{-1} div v`` onto divergence-free fields.
-        The zero mode (the mean velocity) is kept."""
         self._check(v, True)
-        return self._vector_multiplier(v, out, lambda vhat: _k.leray(vhat, *self.d, self._scale, out=vhat))
+        return self._radial(v, regularization_symbol(norm, beta=beta, gamma=gamma), False, out)
+
+    def inverse_regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, out=None):
+        """``(beta A)^{-1} v``; null-space modes (the zero mode of the seminorms) map to 0."""
+        self._check(v, True)
+        return self._radial(v, regularization_symbol(norm, beta=beta, gamma=gamma), True, out)
+
+    def leray(self, v, out=None, *, relaxation=0.0, invert=False):
+        """Leray projection ``K v = v - grad Delta^{-1} div v`` onto divergence-free fields, or
+        with ``relaxation = r > 0`` the relaxed projection of CLAIRE's RELAXEDSTOKES model,
+        ``v - grad Delta^{-1} M^{-1} div v`` with ``M^{-1} = (r / (1 - Delta) + 1)^{-1}``
+        (``r = beta_v / beta_w``): the longitudinal part of ``v`` is scaled by ``1 - M^{-1} =
+        r / (r + 1 + |k|^2)``, between 0 (``r -> 0``, Leray) and 1 (``r -> inf``, the
+        identity); ``invert`` (``r > 0``) applies its inverse. The zero mode (the mean
+        velocity) is kept."""
+        self._check(v, True)
+        return self._vector_multiplier(
+            v, out, lambda vhat: _k.leray(vhat, *self.d, self._scale, out=vhat, relaxation=relaxation, invert=invert))
 
     def smooth(self, f, sigma, out=None):
         """Gaussian smoothing with standard deviation ``sigma`` in voxels (scalar or one per

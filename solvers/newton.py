@@ -95,7 +95,9 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
     ----------
     problem : RegistrationProblem
         Provides ``set_velocity``, ``objective``, ``gradient``, ``hessian_matvec``,
-        ``apply_inverse_regularization``, ``project`` and ``inner``.
+        ``apply_inverse_regularization``, ``project``, ``inner``, ``norm``,
+        ``directional_derivative`` (the Armijo slope ``dJ[s]`` from the gradient) and
+        ``symmetric_hessian`` (whether ``<g, s>`` is that slope and PCG's recurrences hold).
     v0 : ndarray ``(3, *local_shape)``
     options : NewtonOptions
     callback : callable, optional
@@ -162,8 +164,11 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
             on_iterate(v, {"iteration": it, "g0": g0, "history": history[:-1], "matvecs": matvecs,
                            "krylov_iterations": krylov_its, "step": step})
         eta = options.krylov.relative_tolerance(grad_rel)
-        rhs, g = g, None  # -g becomes PCG's residual: one vector less during the matvecs
-        rhs *= -1
+        if problem.symmetric_hessian:  # -g becomes PCG's residual: one vector less during the matvecs
+            rhs, g = g, None
+            rhs *= -1
+        else:  # the slope <g_J, s> needs g after the solve
+            rhs = -g
         krylov = pcg(problem.hessian_matvec, rhs, inner=problem.inner,
                      precondition=precondition, rtol=eta,
                      max_iterations=options.krylov.max_iterations,
@@ -173,12 +178,14 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
         matvecs += krylov.iterations
         krylov_its = krylov.iterations
         s = krylov.solution
-        slope = -krylov.rhs_dot_solution  # <g, s>
+        # dJ[s]: <g, s> from PCG's exact recurrences when H is symmetric (L2), else computed
+        slope = -krylov.rhs_dot_solution if g is None else problem.directional_derivative(g, s)
         krylov = None
         if slope >= 0 or not np.isfinite(slope):  # not a descent direction (should not happen): use -g
-            s = problem.gradient()
+            s = problem.gradient() if g is None else g
             s *= -1
-            slope = -gnorm ** 2
+            slope = problem.directional_derivative(-s, s)
+        g = None
         step = 1.0
         for _ in range(options.max_line_search):
             trial = None  # the previous trial goes before the next is made

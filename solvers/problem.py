@@ -3,13 +3,27 @@
 DESIGN.md section 1, CLAIRE's sign convention, for images of ``C`` components (channels)
 ``c`` with weights ``w_c`` and a distance ``D`` (:mod:`.distance`)::
 
-    J(v) = sum_c w_c D(m_c(1), m_R,c) + beta/2 <A v, v>
-    g(v) = beta A v + K sum_c int_0^1 lam_c grad m_c dt,   lam_c(1) = -w_c dD/dm(m_c(1))
-    H vt = beta A vt + K sum_c int_0^1 lt_c grad m_c dt,   lt_c(1)  = -w_c D'' mt_c(1)
+    J(v) = sum_c w_c D(m_c(1), m_R,c) + beta/2 <A v, v> [+ R_div(v)]
+    g(v) = beta A v + P b,        b = sum_c int_0^1 lam_c grad m_c dt,   lam_c(1) = -w_c dD/dm(m_c(1))
+    H vt = beta A vt + P bt,     bt = sum_c int_0^1 lt_c grad m_c dt,   lt_c(1)  = -w_c D'' mt_c(1)
 
 (squared L2: ``lam(1) = m_R - m(1)``, ``lt(1) = -mt(1)``).
 
-``K`` is the Leray projection for the incompressible variant and the identity otherwise.
+``P`` projects the body force: the identity for the compressible models, the Leray
+projection ``K = I - grad Delta^{-1} div`` for the incompressible variant, and for ``h1s-div``
+(CLAIRE's default model, RELAXEDSTOKES) the relaxed projection ``P = I - grad Delta^{-1}
+M^{-1} div``, ``M^{-1} = (beta / (beta_div (1 - Delta)) + 1)^{-1}``, with the objective term
+``R_div = beta_div/2 (||grad div v||^2 + ||div v||^2)`` and ``A = -Delta``.
+
+Why ``P`` there: eliminating the pressure of the relaxed constraint ``div v = w`` (``w``
+penalised by ``beta_div/2 ||w||_H1^2``) gives ``g = P g_J``, ``g_J = beta A v + b + beta_div
+grad (Delta - 1) div v`` the L2 gradient of ``J``: ``P`` is a symmetric positive definite
+multiplier (the identity on divergence-free fields, ``1 - M^{-1}`` on gradients) with
+``P (beta A + beta_div grad (Delta - 1) div) = beta A``. So ``g`` vanishes exactly where
+``g_J`` does, ``H = P H_J`` and the Newton step ``H s = -g`` is that of ``J``. As CLAIRE does,
+the solver works with ``g`` and ``H``: stopping tests, forcing and Krylov residuals are in
+``||g||`` (the ``||g0||`` CLAIRE prints), the Armijo test in ``J``.
+
 Inner products and norms are the L2 ones of ``[0, 2 pi)^3``: the grid sum times the cell
 volume ``prod(h_a)``.
 """
@@ -21,11 +35,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..kernels.fields import axpy
 from ..kernels.spectral import REGULARIZATION_NORMS
 from .distance import DISTANCES, make_distance
 from .monitor import Workload
 
-__all__ = ["RegularizationOptions", "DistanceOptions", "RegistrationProblem"]
+__all__ = ["RegularizationOptions", "DistanceOptions", "RegistrationProblem", "REGULARIZATION_MODELS"]
+
+#: The regularisation models: the operators of ``kernels.spectral`` and ``h1s-div`` (CLAIRE's
+#: RELAXEDSTOKES: ``A = -Delta`` with the divergence term and the relaxed projection).
+REGULARIZATION_MODELS = ("h1s-div",) + REGULARIZATION_NORMS
 
 
 @dataclass(frozen=True)
@@ -35,35 +54,50 @@ class RegularizationOptions:
     Attributes
     ----------
     norm : str
-        ``h1s`` (default), ``h2s``, ``h3s``, ``h1``, ``h2``, ``h3``, ``l2`` or ``h1s-div``.
+        ``h1s-div`` (default: CLAIRE's default model, RELAXEDSTOKES: the H1 seminorm ``A =
+        -Delta``, the divergence term ``beta_div/2 (||grad div v||^2 + ||div v||^2)`` and the
+        relaxed projection of the body force, see the module docstring), ``h1s`` (CLAIRE's
+        ``-regnorm h1s``, its COMPRESSIBLE model), ``h2s``, ``h3s``, ``h1``, ``h2``, ``h3`` or
+        ``l2``.
     beta : float
-        Weight ``beta`` of the regularisation (default 1e-2, CLAIRE's for h1s).
+        Weight ``beta`` of the regularisation (default 1e-2, CLAIRE's ``beta_v``).
     gamma : float
         Identity weight of the full norms ``h1``, ``h2``, ``h3``.
     beta_div : float
-        Weight of ``||div v||^2`` in ``h1s-div``.
+        Weight ``beta_w`` of the divergence term of ``h1s-div`` (CLAIRE's default 1e-4).
     incompressible : bool
-        Constrain ``div v = 0`` (Leray projection of gradient and Hessian).
+        Constrain ``div v = 0`` (Leray projection of gradient and Hessian; ``h1s-div`` then
+        reduces to ``h1s``, its divergence term vanishing).
     """
 
-    norm: str = "h1s"
+    norm: str = "h1s-div"
     beta: float = 1e-2
     gamma: float = 1e-4
     beta_div: float = 1e-4
     incompressible: bool = False
 
     def __post_init__(self):
-        if self.norm not in REGULARIZATION_NORMS:
-            raise ValueError(f"norm={self.norm!r}: use one of {', '.join(REGULARIZATION_NORMS)}")
+        if self.norm not in REGULARIZATION_MODELS:
+            raise ValueError(f"norm={self.norm!r}: use one of {', '.join(REGULARIZATION_MODELS)}")
         for name in ("beta", "gamma", "beta_div"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a finite number > 0")
 
     @property
+    def operator(self):
+        """The norm of the operator ``A`` (``h1s`` for ``h1s-div``)."""
+        return "h1s" if self.norm == "h1s-div" else self.norm
+
+    @property
+    def relaxed(self):
+        """True for CLAIRE's relaxed model (``h1s-div`` and not incompressible)."""
+        return self.norm == "h1s-div" and not self.incompressible
+
+    @property
     def has_null_space(self):
         """True for the seminorms, whose operator vanishes on constant velocities."""
-        return self.norm in ("h1s", "h2s", "h3s", "h1s-div")
+        return self.operator in ("h1s", "h2s", "h3s")
 
 
 @dataclass(frozen=True)
@@ -115,10 +149,12 @@ class RegistrationProblem:
 
     Notes
     -----
-    :meth:`set_velocity` solves the state equation and stores the ghost-padded ``m(t_j)`` of
-    all time points and components once; every gradient (spectral ``grad m``) and Hessian
-    matvec (4th-order differences) at that velocity reuses them. Only the smoothed images are kept (a smoother problem is made from
-    them by the Gaussian semigroup, see :meth:`with_smoothing`).
+    :meth:`set_velocity` solves the state equation and keeps ``m(t_j)`` of all time points and
+    components (a :class:`~claire_py.solvers.transport.StateHistory` each); the gradient
+    differentiates them spectrally and keeps ``grad m(t_j)`` for every Hessian matvec at that
+    velocity (the same derivatives, so that the matvec belongs to the gradient's
+    discretisation). Only the smoothed images are kept (a smoother problem is made from them
+    by the Gaussian semigroup, see :meth:`with_smoothing`).
     """
 
     def __init__(self, transport, fixed, moving, options=None, workload=None, *, distance=None, mask=None,
@@ -148,12 +184,9 @@ class RegistrationProblem:
         self.mask = None if mask is None else np.ascontiguousarray(mask, dtype=dtype)
         if self.mask is not None and self.mask.shape != local:
             raise ValueError(f"mask has local shape {self.mask.shape}; expected {local}")
-        self.fixed, moving = (self._smoothed(a) for a in raw)
+        #: ``moving[c]`` is ``m(0)`` of every state history, shared, not copied
+        self.fixed, self.moving = (self._smoothed(a) for a in raw)
         del raw
-        #: ``moving`` with ghost layers: ``m(0)`` of every state history, shared, not copied
-        self._moving_padded = transport.padded(moving)
-        del moving
-        self.moving = transport.interior(self._moving_padded)  # a view
         self.cell_volume = math.prod(self.decomp.spacing)
         self.distances = [make_distance(self.distance_options.name, f, self.inner, self.mask) for f in self.fixed]
         self.initial_distance = self._distance(self.moving)
@@ -218,80 +251,112 @@ class RegistrationProblem:
         return math.sqrt(max(self.inner(a, a), 0.0))
 
     # ------------------------------------------------------------ operators
-    def _reg_kw(self):
-        o = self.options
-        return dict(beta=o.beta, gamma=o.gamma, beta_div=o.beta_div)
-
     def regularization(self, v):
         """``beta A v``."""
+        o = self.options
         with self.workload.timer("regularization"):
-            return self.spectral.regularization(v, self.options.norm, **self._reg_kw())
+            return self.spectral.regularization(v, o.operator, beta=o.beta, gamma=o.gamma)
+
+    def divergence_penalty(self, v):
+        """``R_div(v) = beta_div/2 (||grad div v||^2 + ||div v||^2)`` of the relaxed model (0
+        for the others)."""
+        if not self.options.relaxed:
+            return 0.0
+        with self.workload.timer("regularization"):
+            div = self.spectral.divergence(v)
+            grad = self.spectral.gradient(div)
+            return 0.5 * self.options.beta_div * (self.inner(grad, grad) + self.inner(div, div))
 
     def apply_inverse_regularization(self, r):
         """``(beta A)^{-1} r`` on the regularisation's range; on its null space (constant
         velocities, for the seminorms) the identity. The spectral preconditioner."""
+        o = self.options
         with self.workload.timer("preconditioner"):
-            out = self.spectral.inverse_regularization(r, self.options.norm, **self._reg_kw())
-            if self.options.has_null_space:
+            out = self.spectral.inverse_regularization(r, o.operator, beta=o.beta, gamma=o.gamma)
+            if o.has_null_space:
                 for a in range(3):
-                    out[a] += self.decomp.allreduce(float(r[a].sum(dtype=np.float64))) / self.decomp.num_points
+                    out[a] += self.decomp.allreduce(float(r[a].sum(dtype=np.float64))) / self.decomp.num_points / o.beta
             return self.project(out)
 
     def project(self, v):
-        """``K v``: Leray projection when incompressible, else ``v`` itself."""
+        """``K v``: Leray projection when incompressible, else ``v`` itself (the velocity's
+        constraint; see :meth:`project_body_force` for the relaxed model's projection)."""
         if not self.options.incompressible:
             return v
         with self.workload.timer("leray"):
             return self.spectral.leray(v)
 
+    @property
+    def symmetric_hessian(self):
+        """False for the relaxed model, whose ``H = P H_J`` is symmetric in the inner product
+        ``<a, P^{-1} b>``, not in L2 (see the module docstring)."""
+        return not self.options.relaxed
+
+    def directional_derivative(self, g, w):
+        """``dJ/dv [w]`` from the reduced gradient ``g`` at the current velocity: ``<g, P^{-1}
+        w>`` for the relaxed model (``g = P g_J``), ``<g, w>`` otherwise."""
+        o = self.options
+        if o.relaxed:
+            with self.workload.timer("leray"):
+                w = self.spectral.leray(w, relaxation=o.beta / o.beta_div, invert=True)
+        return self.inner(g, w)
+
+    def _plus_regularization(self, body, v):
+        """``beta A v + P body`` (see the module docstring), in ``body``'s storage where it can."""
+        o = self.options
+        if o.relaxed:
+            with self.workload.timer("leray"):
+                body = self.spectral.leray(body, out=body, relaxation=o.beta / o.beta_div)
+            return axpy(1.0, self.regularization(v), body)
+        return self.project(axpy(1.0, self.regularization(v), body))  # K (beta A v + b) = beta A v + K b
+
     # --------------------------------------------------------------- state
     def set_velocity(self, v):
-        """Build the transport plans for ``v`` and solve the state equation (stores ``m(t_j)``
-        of every component, ghost-padded, for the gradient and every Hessian matvec). The
-        previous velocity's state goes first, so that two never coexist."""
+        """Build the transport plans for ``v`` and solve the state equation (keeps ``m(t_j)``
+        of every component for the gradient and every Hessian matvec). The previous velocity's
+        state goes first, so that two never coexist."""
         v = np.ascontiguousarray(v, dtype=self.decomp.dtype)
         self.velocity, self._state = None, []
         with self.workload.timer("set_velocity"):
             self.transport.set_velocity(v)
-        for m0 in self._moving_padded:
+        for m0 in self.moving:
             with self.workload.timer("state_solve"):
                 self._state.append(self.transport.state_history(m0))
         self.velocity = v
-        self._current_distance = self._distance([self.transport.interior(m[-1]) for m in self._state])
+        self._current_distance = self._distance([state.final for state in self._state])
 
     @property
     def deformed(self):
         """``m(1)``: the moving image(s) deformed by the current velocity, ``(C, *local)``."""
-        return np.stack([self.transport.interior(m[-1]) for m in self._state])
+        return np.stack([state.final for state in self._state])
 
     def objective(self):
         """``J(v)`` at the current velocity, and the relative mismatch ``sqrt(D / D_0)``
-        (``D_0`` the distance before registration). ``(inf, inf)`` for a velocity the time
-        step cannot resolve (see ``SemiLagrangianTransport.resolved``), so that a line search
-        steps back from it."""
-        if not self.transport.resolved:
-            return math.inf, math.inf
+        (``D_0`` the distance before registration)."""
         distance = self._current_distance
-        reg = 0.5 * self.inner(self.regularization(self.velocity), self.velocity)
+        v = self.velocity
+        reg = 0.5 * self.inner(self.regularization(v), v) + self.divergence_penalty(v)
         mismatch = math.sqrt(distance / self.initial_distance) if self.initial_distance > 0 else 0.0
         return distance + reg, mismatch
 
+    def _body_force(self, final_condition):
+        """``sum_c int_0^1 lam_c grad m_c dt`` with ``lam_c(1) = w_c final_condition(c)``."""
+        body = self.decomp.new_vector()
+        for c, (w, state) in enumerate(zip(self.weights, self._state)):
+            lam1 = final_condition(c)  # a new array: the adjoint solve may work in it
+            lam1 *= w
+            self.transport.solve_adjoint(lam1, state, body, overwrite=True)
+        return body
+
     def gradient(self):
-        """Reduced gradient ``beta A v + K b`` at the current velocity."""
-        body = self.regularization(self.velocity)
+        """Reduced gradient ``beta A v + P b`` at the current velocity."""
         with self.workload.timer("adjoint_solve"):
-            for w, dist, state in zip(self.weights, self.distances, self._state):
-                lam1 = dist.final_adjoint()  # a new array: the adjoint solve may work in it
-                lam1 *= w
-                self.transport.solve_adjoint(lam1, state, body, overwrite=True)
-        return self.project(body)
+            body = self._body_force(lambda c: self.distances[c].final_adjoint())
+        return self._plus_regularization(body, self.velocity)
 
     def hessian_matvec(self, v_tilde):
         """Gauss-Newton Hessian applied to ``v_tilde``: two transport solves per component."""
         with self.workload.timer("hessian_matvec"):
-            body = self.regularization(v_tilde)
-            for w, dist, state in zip(self.weights, self.distances, self._state):
-                lam1 = dist.final_incremental_adjoint(self.transport.solve_incremental_state(v_tilde, state))
-                lam1 *= w
-                self.transport.solve_adjoint(lam1, state, body, differences=True, overwrite=True)
-            return self.project(body)
+            body = self._body_force(lambda c: self.distances[c].final_incremental_adjoint(
+                self.transport.solve_incremental_state(v_tilde, self._state[c])))
+            return self._plus_regularization(body, v_tilde)

@@ -14,8 +14,7 @@ from numba import prange
 
 from ._jit import jit_parallel
 
-__all__ = ["multiply_i_linear", "radial_polynomial", "separable_multiply",
-           "vector_symbol", "leray"]
+__all__ = ["multiply_i_linear", "radial_polynomial", "separable_multiply", "leray"]
 
 
 @jit_parallel
@@ -65,40 +64,7 @@ def _separable_multiply(uhat, m0, m1, m2, scale, out):
 
 
 @jit_parallel
-def _vector_symbol(v0, v1, v2, k0, k1, k2, d0, d1, d2, c0, c1, c2, c3, b, scale, invert,
-                   o0, o1, o2):
-    n0, n1, n2 = v0.shape
-    zero = v0.dtype.type(0)
-    for i in prange(n0):
-        for j in range(n1):
-            for l in range(n2):
-                q = k0[i] * k0[i] + k1[j] * k1[j] + k2[l] * k2[l]
-                s = c0 + q * (c1 + q * (c2 + q * c3))
-                x0 = v0[i, j, l]
-                x1 = v1[i, j, l]
-                x2 = v2[i, j, l]
-                dv = d0[i] * x0 + d1[j] * x1 + d2[l] * x2
-                if invert:
-                    if s == 0:
-                        o0[i, j, l] = zero
-                        o1[i, j, l] = zero
-                        o2[i, j, l] = zero
-                        continue
-                    dd = d0[i] * d0[i] + d1[j] * d1[j] + d2[l] * d2[l]
-                    a = scale / s
-                    w = a * b * dv / (s + b * dd)
-                    o0[i, j, l] = a * x0 - w * d0[i]
-                    o1[i, j, l] = a * x1 - w * d1[j]
-                    o2[i, j, l] = a * x2 - w * d2[l]
-                else:
-                    w = scale * b * dv
-                    o0[i, j, l] = (scale * s) * x0 + w * d0[i]
-                    o1[i, j, l] = (scale * s) * x1 + w * d1[j]
-                    o2[i, j, l] = (scale * s) * x2 + w * d2[l]
-
-
-@jit_parallel
-def _leray(v0, v1, v2, d0, d1, d2, scale, o0, o1, o2):
+def _leray(v0, v1, v2, d0, d1, d2, scale, relaxation, invert, o0, o1, o2):
     n0, n1, n2 = v0.shape
     for i in prange(n0):
         for j in range(n1):
@@ -107,7 +73,14 @@ def _leray(v0, v1, v2, d0, d1, d2, scale, o0, o1, o2):
                 x1 = v1[i, j, l]
                 x2 = v2[i, j, l]
                 dd = d0[i] * d0[i] + d1[j] * d1[j] + d2[l] * d2[l]
-                w = (d0[i] * x0 + d1[j] * x1 + d2[l] * x2) / dd if dd > 0 else x0 * 0
+                if dd > 0:
+                    if invert:  # the longitudinal part times 1 / (1 - m) = 1 + (1 + q) / r
+                        weight = -(1 + dd) / (relaxation * dd)
+                    else:  # the longitudinal part times 1 - m, m = (r / (1 + q) + 1)^-1
+                        weight = 1 / (dd * (relaxation / (1 + dd) + 1))
+                    w = (d0[i] * x0 + d1[j] * x1 + d2[l] * x2) * weight
+                else:
+                    w = x0 * 0
                 o0[i, j, l] = scale * (x0 - w * d0[i])
                 o1[i, j, l] = scale * (x1 - w * d1[j])
                 o2[i, j, l] = scale * (x2 - w * d2[l])
@@ -180,32 +153,19 @@ def separable_multiply(uhat, m0, m1, m2, scale=1.0, out=None):
     return out
 
 
-def vector_symbol(vhat, k0, k1, k2, d0, d1, d2, coeffs, graddiv=0.0, scale=1.0, invert=False,
-                  out=None):
-    """Apply ``M(k) = s(|k|^2) I + b d d^T`` (``b = graddiv``) to a spectral vector field
-    ``(3, n1, n2, n3c)``, or its inverse ``(1/s) (I - b d d^T / (s + b |d|^2))``
-    (Sherman-Morrison), mapping modes with ``s == 0`` to 0. ``s`` as in
-    :func:`radial_polynomial`. ``b d d^T`` is the symbol of ``-grad div``."""
+def leray(vhat, d0, d1, d2, scale=1.0, out=None, relaxation=0.0, invert=False):
+    """Leray projection ``scale * (I - d d^T / |d|^2) vhat``, or with ``relaxation = r > 0``
+    its relaxed form ``scale * (I - m(|d|^2) d d^T / |d|^2) vhat``, ``m(q) = (r / (1 + q) +
+    1)^{-1}`` in ``(0, 1)``, and with ``invert`` (``r > 0`` only) the inverse of that, ``scale
+    * (I + (1 + |d|^2) / r d d^T / |d|^2) vhat``; modes with ``d = 0`` (zero mode, pure
+    Nyquist modes) are kept unchanged."""
     _check_block("vhat", vhat)
     if vhat.ndim != 4 or vhat.shape[0] != 3:
         raise ValueError(f"vhat must have shape (3, n1, n2, n3c), got {vhat.shape}")
-    k0, k1, k2 = _wavenumbers(vhat[0], (k0, k1, k2))
+    if not (relaxation > 0 if invert else relaxation >= 0):
+        raise ValueError(f"relaxation={relaxation} must be {'> 0 to invert' if invert else '>= 0'}")
     d0, d1, d2 = _wavenumbers(vhat[0], (d0, d1, d2))
+    out = _out_like(vhat, out)
     rt = _real_of(vhat)
-    c0, c1, c2, c3 = (rt(c) for c in coeffs)
-    out = _out_like(vhat, out)
-    _vector_symbol(vhat[0], vhat[1], vhat[2], k0, k1, k2, d0, d1, d2, c0, c1, c2, c3, rt(graddiv),
-                   rt(scale), bool(invert), out[0], out[1], out[2])
-    return out
-
-
-def leray(vhat, d0, d1, d2, scale=1.0, out=None):
-    """Leray projection ``scale * (I - d d^T / |d|^2) vhat``; modes with ``d = 0`` (zero
-    mode, pure Nyquist modes) are kept unchanged."""
-    _check_block("vhat", vhat)
-    if vhat.ndim != 4 or vhat.shape[0] != 3:
-        raise ValueError(f"vhat must have shape (3, n1, n2, n3c), got {vhat.shape}")
-    d0, d1, d2 = _wavenumbers(vhat[0], (d0, d1, d2))
-    out = _out_like(vhat, out)
-    _leray(vhat[0], vhat[1], vhat[2], d0, d1, d2, _real_of(vhat)(scale), out[0], out[1], out[2])
+    _leray(vhat[0], vhat[1], vhat[2], d0, d1, d2, rt(scale), rt(relaxation), bool(invert), out[0], out[1], out[2])
     return out

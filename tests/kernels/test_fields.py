@@ -11,7 +11,6 @@ import pytest
 from claire_py.kernels import fields
 
 SHAPE = (9, 8, 7)
-SPACING = (0.7, 1.1, 0.9)
 
 
 def _rng(seed=0):
@@ -36,17 +35,6 @@ def _close(actual, expected, tol):
 def _f64(*arrays):
     """float64 copies (taken before the kernels modify the inputs in place)."""
     return [np.array(a, dtype=np.float64) for a in arrays]
-
-
-def _fd4(m, axis, h):
-    """4th-order central difference of the periodic ``m`` along ``axis`` (``m[i+s]`` = roll by -s)."""
-    r = lambda s: np.roll(m, -s, axis=axis)  # noqa: E731
-    return (r(-2) - 8 * r(-1) + 8 * r(1) - r(2)) / (12 * h)
-
-
-def _grad4(m, spacing):
-    m = np.asarray(m, dtype=np.float64)
-    return np.stack([_fd4(m, a, spacing[a]) for a in range(3)])
 
 
 # ---- pointwise kernels -------------------------------------------------------------------------
@@ -78,28 +66,60 @@ def test_axpy_numpy_fallback(dtype, case):
         np.testing.assert_array_equal(yb[..., 1::2], yb0[..., 1::2])
 
 
-@pytest.mark.parametrize("alias", [False, True], ids=["out", "out-is-a"])
-def test_times_one_plus(dtype, alias):
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("alias", [None, "d_departure", "d"])
+def test_heun_factor(dtype, sign, alias):
+    """The factor is one explicit Heun step of dq/dt = sign d q, predictor then corrector."""
     rng = _rng(3)
-    a, d = _rand(rng, SHAPE, dtype), _rand(rng, SHAPE, dtype)
-    a64, d64 = _f64(a, d)
-    ref = a64 * (1 + 0.6 * d64)
-    out = a if alias else np.empty_like(a)
-    assert fields.times_one_plus(a, d, 0.6, out) is out
+    dx, d = _rand(rng, SHAPE, dtype, -3, 3), _rand(rng, SHAPE, dtype, -3, 3)
+    dx64, d64 = _f64(dx, d)
+    dt, q = 0.25, 1.0
+    rhs0 = sign * dx64 * q
+    predictor = q + dt * rhs0
+    ref = q + 0.5 * dt * (rhs0 + sign * d64 * predictor)
+    out = {"d_departure": dx, "d": d}.get(alias, np.empty_like(d))
+    assert fields.heun_factor(dx, d, sign, dt, out) is out
     _close(out, ref, _tol(dtype))
 
 
-def test_damp_and_accumulate(dtype):
+def test_heun_factor_is_positive_where_the_step_resolves_div_v():
+    """1 + x + y + 2 x y > 0 for |x|, |y| < 1/sqrt(2) (x = sign dt/2 d(X), y = sign dt/2 d), and
+    for x = y anywhere; it vanishes at the corner x = -y = 1/sqrt(2)."""
+    dt = 0.25
+    edge = np.sqrt(0.5) / (0.5 * dt)
+    grid = np.linspace(-0.999 * edge, 0.999 * edge, 41)
+    dx, d = (np.ascontiguousarray(a) for a in np.meshgrid(grid, grid, indexing="ij"))
+    for sign in (1.0, -1.0):
+        out = fields.heun_factor(dx[None], d[None], sign, dt, np.empty((1,) + d.shape))
+        assert out.min() > 0
+    same = np.linspace(-100, 100, 2001).reshape(1, 1, -1)
+    assert fields.heun_factor(same, same.copy(), -1.0, dt, np.empty_like(same)).min() > 0
+    corner = np.array([[[edge]]]), np.array([[[-edge]]])
+    assert abs(fields.heun_factor(*corner, 1.0, dt, np.empty((1, 1, 1)))[0, 0, 0]) < 1e-12
+
+
+@pytest.mark.parametrize("alias", [False, True], ids=["lam", "lam-is-src"])
+def test_scale_and_accumulate(dtype, alias):
     rng = _rng(4)
-    lam, d = _rand(rng, SHAPE, dtype), _rand(rng, SHAPE, dtype)
+    src, factor = _rand(rng, SHAPE, dtype), _rand(rng, SHAPE, dtype, 0.5, 1.5)
     grad, body = _rand(rng, (3,) + SHAPE, dtype), _rand(rng, (3,) + SHAPE, dtype)
-    lam64, d64, grad64, body64 = _f64(lam, d, grad, body)
-    c, w = 0.4, -1.3  # 1 - c d in [0.6, 1.4]
-    lam_ref = lam64 / (1 - c * d64)
+    src64, factor64, grad64, body64 = _f64(src, factor, grad, body)
+    w = -1.3
+    lam_ref = src64 * factor64
     body_ref = body64 + w * lam_ref * grad64
-    assert fields.damp_and_accumulate(lam, d, c, w, grad, body) is None
+    lam = src if alias else np.empty_like(src)
+    assert fields.scale_and_accumulate(src, factor, w, grad, lam, body) is None
     _close(lam, lam_ref, _tol(dtype))
     _close(body, body_ref, 2 * _tol(dtype))
+
+
+def test_accumulate_product(dtype):
+    rng = _rng(5)
+    lam, grad, body = _rand(rng, SHAPE, dtype), _rand(rng, (3,) + SHAPE, dtype), _rand(rng, (3,) + SHAPE, dtype)
+    lam64, grad64, body64 = _f64(lam, grad, body)
+    fields.accumulate_product(lam, 0.7, grad, body)
+    _close(body, body64 + 0.7 * lam64 * grad64, 2 * _tol(dtype))
+    np.testing.assert_array_equal(lam, lam64.astype(dtype))  # untouched
 
 
 @pytest.mark.parametrize("alias", [False, True], ids=["out", "out-is-base"])
@@ -130,94 +150,18 @@ def test_det_identity_plus(dtype, out_dtype):
     np.testing.assert_array_equal(out2, out)
 
 
-# ---- FourthOrderGradient -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("ghost", [2, 3])
-@pytest.mark.parametrize("alias", [False, True], ids=["out", "out-is-base"])
-def test_fd4_minus_dot_added(dtype, ghost, alias):
-    rng = _rng(7)
-    m, base, u = _rand(rng, SHAPE, dtype), _rand(rng, SHAPE, dtype), _rand(rng, (3,) + SHAPE, dtype)
-    base64, u64 = _f64(base, u)
-    ref = base64 - 0.9 * np.sum(u64 * _grad4(m, SPACING), axis=0)
-    op = fields.FourthOrderGradient(SPACING, dtype, ghost=ghost)
-    out = base if alias else np.empty_like(base)
-    assert op.minus_dot_added(base, 0.9, u, np.pad(m, ghost, mode="wrap"), out) is out
-    _close(out, ref, 5 * _tol(dtype))
-
-
-@pytest.mark.parametrize("ghost", [2, 3])
-def test_fd4_damp_and_accumulate(dtype, ghost):
-    rng = _rng(8)
-    m, lam, d = _rand(rng, SHAPE, dtype), _rand(rng, SHAPE, dtype), _rand(rng, SHAPE, dtype)
-    body = _rand(rng, (3,) + SHAPE, dtype)
-    lam64, d64, body64 = _f64(lam, d, body)
-    c, w = -0.3, 0.7
-    lam_ref = lam64 / (1 - c * d64)
-    body_ref = body64 + w * lam_ref * _grad4(m, SPACING)
-    op = fields.FourthOrderGradient(SPACING, dtype, ghost=ghost)
-    op.damp_and_accumulate(lam, d, c, w, np.pad(m, ghost, mode="wrap"), body)
-    _close(lam, lam_ref, _tol(dtype))
-    _close(body, body_ref, 5 * _tol(dtype))
-
-
-def test_fd4_convergence_order():
-    """Smooth periodic field on [0, 2 pi)^3: the error against the analytic gradient falls as h^4
-    (float64: in float32 the round-off ~ eps/h meets the truncation error on these grids)."""
-    c = np.array([1.0, -0.5, 2.0])
-    errs_grad, errs_dot = [], []
-    for n in (16, 32, 64):
-        h = 2 * np.pi / n
-        x, y, z = np.meshgrid(*(3 * [np.arange(n) * h]), indexing="ij")
-        m = np.sin(x + 1) * np.cos(2 * y) + 0.5 * np.cos(z) * np.sin(x)
-        exact = np.stack([np.cos(x + 1) * np.cos(2 * y) + 0.5 * np.cos(z) * np.cos(x),
-                          -2 * np.sin(x + 1) * np.sin(2 * y),
-                          -0.5 * np.sin(z) * np.sin(x)])
-        op = fields.FourthOrderGradient((h, h, h), np.float64)
-        mpad = np.pad(m, 2, mode="wrap")
-        body = np.zeros((3, n, n, n))
-        op.damp_and_accumulate(np.ones_like(m), np.zeros_like(m), 0.0, 1.0, mpad, body)  # body = grad m
-        errs_grad.append(np.max(np.abs(body - exact)))
-        u = np.broadcast_to(c[:, None, None, None], body.shape).copy()
-        out = op.minus_dot_added(np.zeros_like(m), -1.0, u, mpad, np.empty_like(m))  # u . grad m
-        errs_dot.append(np.max(np.abs(out - np.tensordot(c, exact, axes=1))))
-    for errs in (errs_grad, errs_dot):
-        orders = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
-        assert np.all(orders >= 3.7), (errs, orders)
-
-
-def test_fd4_rejects_bad_ghost_and_padding(dtype):
-    for ghost in (0, 1):
-        with pytest.raises(ValueError):
-            fields.FourthOrderGradient(SPACING, dtype, ghost=ghost)
-    rng = _rng(9)
-    m, lam, d = _rand(rng, SHAPE, dtype), _rand(rng, SHAPE, dtype), _rand(rng, SHAPE, dtype)
-    u, body = _rand(rng, (3,) + SHAPE, dtype), np.zeros((3,) + SHAPE, dtype)
-    op = fields.FourthOrderGradient(SPACING, dtype, ghost=2)
-    other = np.float32 if np.dtype(dtype) == np.float64 else np.float64
-    bads = (np.pad(m, 1, mode="wrap"), np.pad(m, 3, mode="wrap"), m, np.pad(m, ((2, 2), (2, 2), (2, 3))),
-            np.pad(m, 2, mode="wrap").astype(other))  # wrong shapes, then the right shape in the wrong dtype
-    for bad in bads:
-        with pytest.raises(ValueError):
-            op.minus_dot_added(m, 1.0, u, bad, np.empty_like(m))
-        with pytest.raises(ValueError):
-            op.damp_and_accumulate(lam, d, 0.5, 1.0, bad, body)
-
-
 def test_mismatched_shapes_are_refused(dtype):
     """The kernels run without bounds checks: every array's shape is checked first."""
     rng = np.random.default_rng(30)
     a, small = rng.random(SHAPE).astype(dtype), rng.random((4, 4, 3)).astype(dtype)
     vec = rng.random((3,) + SHAPE).astype(dtype)
     with pytest.raises(ValueError, match="d: expected"):
-        fields.times_one_plus(a, small, 0.5, np.empty_like(a))
+        fields.heun_factor(a, small, 1.0, 0.5, np.empty_like(a))
     with pytest.raises(ValueError, match="out: expected"):
         fields.minus_dot_added(a, 0.5, vec, vec, small)
-    with pytest.raises(ValueError, match="d: expected"):
-        fields.damp_and_accumulate(a.copy(), small, 0.5, 1.0, vec, vec.copy())
-    fd = fields.FourthOrderGradient((1.0, 1.0, 1.0), dtype)
-    mpad = np.pad(a, 2, mode="wrap")
-    with pytest.raises(ValueError, match="out: expected"):
-        fd.minus_dot_added(a, 0.5, vec, mpad, small)
+    with pytest.raises(ValueError, match="factor: expected"):
+        fields.scale_and_accumulate(a, small, 1.0, vec, a.copy(), vec.copy())
     with pytest.raises(ValueError, match="body: expected"):
-        fd.damp_and_accumulate(a.copy(), a, 0.5, 1.0, mpad, vec[:2].copy())
+        fields.scale_and_accumulate(a, a, 1.0, vec, a.copy(), vec[:2].copy())
+    with pytest.raises(ValueError, match="grad: expected"):
+        fields.accumulate_product(a, 1.0, vec[:, :4], vec.copy())

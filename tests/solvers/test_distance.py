@@ -23,7 +23,7 @@ def _taylor_orders(problem, seed=1):
     v, w = random_velocity(d, seed), random_velocity(d, seed + 1)
     problem.set_velocity(v)
     j0, _ = problem.objective()
-    slope = problem.inner(problem.gradient(), w)
+    slope = problem.directional_derivative(problem.gradient(), w)
     errors = []
     for h in [1e-1 / 2 ** i for i in range(5)]:
         problem.set_velocity(v + h * w)

@@ -46,3 +46,23 @@ def test_pcg_negative_curvature_and_overwrite():
 def test_pcg_zero_rhs():
     res = pcg(lambda x: x, np.zeros(4), inner=np.dot)
     assert res.converged and res.iterations == 0 and res.rhs_dot_solution == 0.0
+
+
+def test_flexible_pcg_tolerates_a_preconditioner_that_changes_between_iterations():
+    """M_k^-1 r = r / (diag(A) (1 + 2 u_k)), u_k random per call (SPD, different every time, like
+    an inexact inner solve): the flexible (Polak-Ribiere) update converges, the standard one
+    loses its conjugacy and stalls (122 vs > 500 iterations when measured)."""
+    a, b = _spd(100, 3)  # eigenvalues in [1e-2, 1]
+    exact = np.linalg.solve(a, b)
+    diag = np.diag(a).copy()
+    iterations = {}
+    for flexible in (False, True):
+        rng = np.random.default_rng(7)
+        res = pcg(lambda x: a @ x, b, inner=np.dot, precondition=lambda r: r / (diag * (1 + 2.0 * rng.random(r.size))),
+                  rtol=1e-8, max_iterations=200, flexible=flexible)
+        iterations[flexible] = res.iterations if res.converged else None
+        if flexible:
+            assert res.converged
+            assert np.linalg.norm(res.solution - exact) <= 1e-6 * np.linalg.norm(exact)
+            assert res.rhs_dot_solution == pytest.approx(float(b @ res.solution), rel=1e-8)
+    assert iterations[False] is None and iterations[True] <= 150, iterations
