@@ -154,13 +154,14 @@ class SpectralOperators:
             _k.multiply_i_linear(fhat, *mult, self._scale, out=self._scratch, accumulate=a > 0)
         return self.decomp.backward_destroying(self._scratch, out)
 
-    def _radial(self, f, coeffs, invert, out):
+    def _radial(self, f, coeffs, invert, out, null=0.0):
         self._check(f, f.ndim == 4)
         out = self._out(out, f.ndim == 4)
 
         def apply(fc, oc):
             fhat = self._forward(fc, self._hat)
-            self._backward_from(lambda t: _k.radial_polynomial(fhat, *self.k, coeffs, self._scale, invert, out=t), oc)
+            self._backward_from(lambda t: _k.radial_polynomial(fhat, *self.k, coeffs, self._scale, invert, out=t,
+                                                               null=null), oc)
 
         return self._each_component(f, out, apply)
 
@@ -177,10 +178,11 @@ class SpectralOperators:
         self._check(v, True)
         return self._radial(v, regularization_symbol(norm, beta=beta, gamma=gamma), False, out)
 
-    def inverse_regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, out=None):
-        """``(beta A)^{-1} v``; null-space modes (the zero mode of the seminorms) map to 0."""
+    def inverse_regularization(self, v, norm="h1s", *, beta=1.0, gamma=1e-4, null=0.0, out=None):
+        """``(beta A)^{-1} v``; null-space modes (the zero mode of the seminorms) are multiplied
+        by ``null`` (0 by default; CLAIRE's preconditioner uses ``1 / beta``)."""
         self._check(v, True)
-        return self._radial(v, regularization_symbol(norm, beta=beta, gamma=gamma), True, out)
+        return self._radial(v, regularization_symbol(norm, beta=beta, gamma=gamma), True, out, null)
 
     def leray(self, v, out=None, *, relaxation=0.0, invert=False):
         """Leray projection ``K v = v - grad Delta^{-1} div v`` onto divergence-free fields, or

@@ -14,8 +14,10 @@ solved inexactly (``presolve_tolerance``) except the last, solved to the request
 * **β training** ``reduce``: starting at β = 1, divide β by 10 while the solution's map
   respects the bound ``bound <= det(grad y) <= 1/bound``; keep the last feasible β.
   ``binary``: then bisect (geometrically) between the last feasible β and its infeasible tenth
-  until the bracket is narrower than ``1e-2`` of the feasible β. The chosen β is solved to the
-  requested tolerance and reported.
+  until the bracket is narrower than ``1e-2`` of the feasible β. As in CLAIRE, every training
+  solve runs to the requested tolerance, warm-started from the best feasible solution, and the
+  answer is the solution at the smallest feasible β (the final ``solve`` stage re-evaluates it
+  and stops at its first iterate): the map returned is the one whose det(grad y) was checked.
 """
 
 from __future__ import annotations
@@ -182,7 +184,9 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
 
     v = _coarse_to_fine(problem, v, target, newton, presolve, options, run_on)
     if stages or options.beta_continuation or options.train:
-        problem.set_velocity(problem.decomp.new_vector())  # g(0) = K b(0) does not depend on beta
+        # ||g(0)|| = ||P b(0)||: independent of beta but for the relaxed model's P; as CLAIRE, one
+        # reference (at the configured beta) serves every level
+        problem.set_velocity(problem.decomp.new_vector())
         reference = problem.norm(problem.gradient())
 
     if options.train is None:
@@ -196,44 +200,44 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
         return ContinuationResult(v, history, res.converged, res.stop_reason, matvecs, target, levels, stages)
 
     bound = options.det_bound
+    best = None  # (beta, NewtonResult) of the smallest feasible beta so far
 
-    def feasible_at(beta):
-        run(beta, presolve, "beta training")
+    def trial(beta, v_start):
+        """Solve at ``beta`` from ``v_start`` to the requested tolerance, as CLAIRE's training
+        does, so that the feasibility checked is that of the answer returned."""
+        nonlocal v, best
+        v = v_start
+        res = run(beta, newton, "beta training")
         lo, hi = _det_range(problem)
-        ok = lo >= bound and hi <= 1.0 / bound
+        ok = res.converged and lo >= bound and hi <= 1.0 / bound
         levels.append((beta, lo, hi, ok))
         log.info("beta training: beta = %.3g, det(grad y) in [%.3f, %.3f] -> %s", beta, lo, hi,
-                 "feasible" if ok else "violates the bound")
+                 "feasible" if ok else ("violates the bound" if res.converged else "not converged"))
+        if ok:
+            best = (beta, res)
         return ok
 
-    beta, best, best_v = 1.0, None, None
-    while beta >= options.min_beta:
-        start = v
-        if feasible_at(beta):
-            best, best_v = beta, v
-            beta /= 10
-        else:
-            v = start if best_v is None else best_v
-            break
+    beta = 1.0
+    while beta >= options.min_beta and trial(beta, v if best is None else best[1].velocity):
+        beta /= 10
     if best is None:
         raise ValueError(f"beta training: even beta = 1 violates the det(grad y) bound {bound}; "
                          "check the images (or lower det_bound)")
     if options.train == "binary" and beta >= options.min_beta:
-        lo_beta, hi_beta = best / 10, best  # infeasible, feasible
-        while hi_beta - lo_beta > 1e-2 * best:
+        lo_beta, hi_beta = beta, best[0]  # infeasible, feasible
+        while hi_beta - lo_beta > 1e-2 * hi_beta:
             mid = math.sqrt(lo_beta * hi_beta)
-            v = best_v
-            if feasible_at(mid):
-                hi_beta, best_v = mid, v
+            if trial(mid, best[1].velocity):
+                hi_beta = mid
             else:
                 lo_beta = mid
-        best = hi_beta
-    v = best_v
-    res = run(best, newton)
+    chosen, res = best
+    v = res.velocity
+    res = run(chosen, newton)  # the chosen solution is converged: this stops at its first iterate
     lo, hi = _det_range(problem)
-    levels.append((best, lo, hi, lo >= bound and hi <= 1.0 / bound))
-    log.info("beta training chose beta = %.3g", best)
-    return ContinuationResult(v, history, res.converged, res.stop_reason, matvecs, best, levels, stages)
+    levels.append((chosen, lo, hi, lo >= bound and hi <= 1.0 / bound))
+    log.info("beta training chose beta = %.3g", chosen)
+    return ContinuationResult(v, history, res.converged, res.stop_reason, matvecs, chosen, levels, stages)
 
 
 def _coarse_to_fine(problem, v, beta, newton, presolve, options, run_on):

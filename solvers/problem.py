@@ -94,11 +94,6 @@ class RegularizationOptions:
         """True for CLAIRE's relaxed model (``h1s-div`` and not incompressible)."""
         return self.norm == "h1s-div" and not self.incompressible
 
-    @property
-    def has_null_space(self):
-        """True for the seminorms, whose operator vanishes on constant velocities."""
-        return self.operator in ("h1s", "h2s", "h3s")
-
 
 @dataclass(frozen=True)
 class DistanceOptions:
@@ -268,14 +263,11 @@ class RegistrationProblem:
             return 0.5 * self.options.beta_div * (self.inner(grad, grad) + self.inner(div, div))
 
     def apply_inverse_regularization(self, r):
-        """``(beta A)^{-1} r`` on the regularisation's range; on its null space (constant
-        velocities, for the seminorms) the identity. The spectral preconditioner."""
+        """``(beta A)^{-1} r`` on the regularisation's range and ``r / beta`` on its null space
+        (constant velocities, for the seminorms), as CLAIRE's: the spectral preconditioner."""
         o = self.options
         with self.workload.timer("preconditioner"):
-            out = self.spectral.inverse_regularization(r, o.operator, beta=o.beta, gamma=o.gamma)
-            if o.has_null_space:
-                for a in range(3):
-                    out[a] += self.decomp.allreduce(float(r[a].sum(dtype=np.float64))) / self.decomp.num_points / o.beta
+            out = self.spectral.inverse_regularization(r, o.operator, beta=o.beta, gamma=o.gamma, null=1.0 / o.beta)
             return self.project(out)
 
     def project(self, v):

@@ -38,9 +38,8 @@ def _add_multiply_i_linear(uhat, a0, a1, a2, iscale, out):
 
 
 @jit_parallel
-def _radial_polynomial(uhat, k0, k1, k2, c0, c1, c2, c3, scale, invert, out):
+def _radial_polynomial(uhat, k0, k1, k2, c0, c1, c2, c3, scale, invert, null, out):
     n0, n1, n2 = uhat.shape
-    zero = uhat.dtype.type(0)
     for i in prange(n0):
         for j in range(n1):
             qij = k0[i] * k0[i] + k1[j] * k1[j]
@@ -48,7 +47,7 @@ def _radial_polynomial(uhat, k0, k1, k2, c0, c1, c2, c3, scale, invert, out):
                 q = qij + k2[l] * k2[l]
                 s = c0 + q * (c1 + q * (c2 + q * c3))
                 if invert:
-                    out[i, j, l] = zero if s == 0 else (scale / s) * uhat[i, j, l]
+                    out[i, j, l] = (scale * null if s == 0 else scale / s) * uhat[i, j, l]
                 else:
                     out[i, j, l] = (scale * s) * uhat[i, j, l]
 
@@ -130,16 +129,17 @@ def multiply_i_linear(uhat, a0, a1, a2, scale=1.0, out=None, accumulate=False):
     return out
 
 
-def radial_polynomial(uhat, k0, k1, k2, coeffs, scale=1.0, invert=False, out=None):
+def radial_polynomial(uhat, k0, k1, k2, coeffs, scale=1.0, invert=False, out=None, null=0.0):
     """Multiply by ``scale * s(|k|^2)`` or, with ``invert``, by ``scale / s(|k|^2)`` where
-    ``s(q) = c0 + c1 q + c2 q^2 + c3 q^3``. Modes where ``s == 0`` map to 0 when inverting
-    (pseudo-inverse on the complement of the null space, e.g. the zero mode of ``-Delta``)."""
+    ``s(q) = c0 + c1 q + c2 q^2 + c3 q^3``. Modes where ``s == 0`` (the null space, e.g. the
+    zero mode of ``-Delta``) map to ``scale * null`` times themselves when inverting (0: the
+    pseudo-inverse)."""
     _check_block("uhat", uhat)
     k0, k1, k2 = _wavenumbers(uhat, (k0, k1, k2))
     rt = _real_of(uhat)
     c0, c1, c2, c3 = (rt(c) for c in coeffs)
     out = _out_like(uhat, out)
-    _radial_polynomial(uhat, k0, k1, k2, c0, c1, c2, c3, rt(scale), bool(invert), out)
+    _radial_polynomial(uhat, k0, k1, k2, c0, c1, c2, c3, rt(scale), bool(invert), rt(null), out)
     return out
 
 
