@@ -82,6 +82,8 @@ def worker(args):
         overrides.setdefault("newton", {})["krylov"] = {"max_iterations": args.krylov_max}
     if args.nt is not None:
         overrides["transport"] = {"nt": args.nt}
+    if args.recompute_gradients:
+        overrides.setdefault("transport", {})["store_gradients"] = False
     cfg = claire_py.RegistrationConfig.from_dict(overrides)
     # warm-up: load numba's cached kernels, FFTW wisdom, etc. (not counted)
     wf, wm = synthetic_pair(16) if comm.rank == 0 else (None, None)
@@ -165,6 +167,8 @@ def main():
     parser.add_argument("--max-iterations", type=int, default=None)
     parser.add_argument("--krylov-max", type=int, default=None)
     parser.add_argument("--nt", type=int, default=None, help="time steps (default: the config's, 4)")
+    parser.add_argument("--recompute-gradients", action="store_true",
+                        help="transport.store_gradients off: grad m(t_j) by FFT at every use")
     parser.add_argument("--no-pair", action="store_true")
     parser.add_argument("--no-dipy", action="store_true")
     parser.add_argument("--json")
@@ -182,6 +186,8 @@ def main():
             out += ["--krylov-max", args.krylov_max]
         if args.nt is not None:
             out += ["--nt", args.nt]
+        if args.recompute_gradients:
+            out += ["--recompute-gradients"]
         return out
 
     script = os.path.abspath(__file__)

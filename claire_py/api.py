@@ -12,7 +12,6 @@ import numpy as np
 from .config import RegistrationConfig
 from .errors import UserInputError
 from .kernels import Decomposition, SpectralOperators
-from .kernels.decomposition import choose_proc_grid
 from .solvers.monitor import Workload
 from .solvers import continuation
 from .solvers.problem import RegistrationProblem
@@ -208,36 +207,36 @@ def _as_array(image, comm, name, channels=False):
 _BASE_BYTES = 190 * 2 ** 20
 
 
-def _fields_per_point(nt, components, local_shape, ranks=1):
+def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=True):
     """Scalar fields (of the working precision) per local grid point at the peak of a
-    registration, the Gauss-Newton matvec: ghost-padded state ``m(t_j)`` (``m(0)`` is the
-    moving image), two interpolation plans (4 values per point, 3 % slack), the Newton and PCG
-    vectors ``v, x, r, p, Hp`` (``-g`` serves as PCG's residual), FFT work arrays and spectral
-    scratch (measured: 4.15 on one rank, 8.65 on several, where mpi4py-fft adds transposed
-    stage arrays), the fixed image, and ``div v``, the distance's residual and matvec
-    temporaries."""
-    padded = math.prod(n + 4 for n in local_shape) / math.prod(local_shape)
+    registration, the Gauss-Newton matvec. Per image component: ``m(1)`` and the stored
+    ``grad m(t_j)`` (``3 (nt + 1)``; without ``store_gradients`` the state ``m(t_j)``, ``j >=
+    1``, and one gradient work vector instead), the fixed and the moving image (``m(0)``).
+    Then two interpolation plans (4 values per point, 3 % slack), the adjoint's Heun factor,
+    the Newton and PCG vectors ``v, x, r, p, Hp`` (``-g`` serves as PCG's residual, except for
+    the relaxed model, whose Armijo slope needs ``g`` after the solve), FFT work arrays and
+    spectral scratch (measured: 4.15 on one rank, 8.65 on several, where mpi4py-fft adds
+    transposed stage arrays), and the matvec's temporaries (body force, the spectral vector of
+    the projection, the incremental state's and adjoint's work arrays: 8)."""
+    state = 1 + 3 * (nt + 1) if store_gradients else nt + 3
     fft = 4.15 if ranks == 1 else 8.65
-    return (nt + 1) * padded * components + 2 * 4 * 1.03 + 5 * 3 + fft + components + 8
+    newton = 5 * 3 + (3 if relaxed else 0)
+    return components * (state + 2) + 2 * 4 * 1.03 + 1 + newton + fft + 8
 
 
-def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):
+def estimate_memory(shape, ranks, precision="float32", components=1, nt=4, *, store_gradients=True, relaxed=True):
     """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``.
 
     Per rank: a fixed ~190 MiB plus :func:`_fields_per_point` fields of the working precision
-    per local point (about 165 bytes in float32 with ``nt = 4``: the matvec's peak). Rank 0
-    also holds the global input images (4 bytes per point and component) and, after the
-    solve, the gathered outputs (velocity, displacement, warped image, det: 32 bytes per point
-    in float32); the extra is the larger of the two phases over the others' peak.
+    per local point (about 230 bytes in float32 with ``nt = 4``, CLAIRE's default model and
+    stored gradients, 195 without them: the matvec's peak). Rank 0 also holds the global
+    input images (4 bytes per point and component) and, after the solve, the gathered outputs
+    (velocity, displacement, warped image, det: 32 bytes per point in float32); the extra is
+    the larger of the two phases over the others' peak.
     """
     points = float(np.prod(shape))
     itemsize = 4 if precision == "float32" else 8
-    try:
-        p1, p2 = choose_proc_grid(tuple(shape), ranks)
-    except ValueError:  # a grid too small for these ranks: the run would refuse it anyway
-        p1, p2 = ranks, 1
-    local = (-(-shape[0] // p1), -(-shape[1] // p2), shape[2])
-    per_point = _fields_per_point(nt, components, local, ranks) * itemsize
+    per_point = _fields_per_point(nt, components, ranks, store_gradients=store_gradients, relaxed=relaxed) * itemsize
     per_rank = _BASE_BYTES + points / ranks * per_point
     inputs = 4.0 * components * points
     # outputs phase on rank 0: inputs + gathered outputs + ~20 local fields (plans, v, u, det)
@@ -245,8 +244,12 @@ def estimate_memory(shape, ranks, precision="float32", components=1, nt=4):
     return per_rank, max(inputs, outputs - points / ranks * per_point)
 
 
-def _check_memory(shape, comm, precision, components=1, nt=4):
-    """Refuse, before allocating, a grid whose predicted peak exceeds this node's memory."""
+def _check_memory(shape, comm, config, components=1):
+    """The configuration to run with: ``config`` itself, or, when its predicted peak exceeds
+    this node's memory but recomputing ``grad m(t_j)`` fits, ``config`` with
+    ``transport.store_gradients`` off; refuse (before allocating) a grid that fits neither."""
+    import dataclasses
+
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm
@@ -255,9 +258,13 @@ def _check_memory(shape, comm, precision, components=1, nt=4):
         node_ranks, holds_root = node.Get_size(), node.allreduce(comm.Get_rank() == 0, op=MPI.LOR)
     finally:
         node.Free()
-    per_rank, root = estimate_memory(shape, comm.Get_size(), precision, components, nt)
     resident = 4.0 * components * math.prod(shape)  # rank 0's input images: read already
-    need = node_ranks * per_rank + (max(root - resident, 0.0) if holds_root else 0)
+
+    def need(store):
+        per_rank, root = estimate_memory(shape, comm.Get_size(), config.precision, components, config.transport.nt,
+                                         store_gradients=store, relaxed=config.regularization.relaxed)
+        return node_ranks * per_rank + (max(root - resident, 0.0) if holds_root else 0)
+
     available = float("inf")  # unknown (not Linux): no refusal
     try:
         with open("/proc/meminfo") as fh:
@@ -266,13 +273,21 @@ def _check_memory(shape, comm, precision, components=1, nt=4):
                     available = int(line.split()[1]) * 1024
     except OSError:  # pragma: no cover - not Linux
         pass
-    # every rank takes part (no early return inside the collective) and reports alike
-    need, available = comm.allreduce(need, op=MPI.MAX), comm.allreduce(available, op=MPI.MIN)
-    if need > available:
-        gib = 2.0 ** 30
-        raise UserInputError(f"a {'x'.join(map(str, shape))} registration needs about {need / gib:.1f} GiB on a "
-                             f"node ({node_ranks} rank(s), {precision}) but {available / gib:.1f} GiB is "
-                             "available; use more nodes (mpiexec -n P across nodes) or a smaller/cropped grid")
+    # every rank takes part (no early return inside the collective) and decides alike
+    store = config.transport.store_gradients
+    needs = [comm.allreduce(need(s), op=MPI.MAX) for s in ((True, False) if store else (False,))]
+    available = comm.allreduce(available, op=MPI.MIN)
+    gib = 2.0 ** 30
+    if needs[0] <= available:
+        return config
+    if len(needs) == 2 and needs[1] <= available:
+        log.info("%s: %.1f GiB per node with stored grad m(t_j), %.1f GiB available: recomputing them at every "
+                 "matvec instead (%.1f GiB, slower matvecs)", "x".join(map(str, shape)), needs[0] / gib,
+                 available / gib, needs[1] / gib)
+        return dataclasses.replace(config, transport=dataclasses.replace(config.transport, store_gradients=False))
+    raise UserInputError(f"a {'x'.join(map(str, shape))} registration needs about {needs[-1] / gib:.1f} GiB on a "
+                         f"node ({node_ranks} rank(s), {config.precision}) but {available / gib:.1f} GiB is "
+                         "available; use more nodes (mpiexec -n P across nodes) or a smaller/cropped grid")
 
 
 def _image_geometry(array, comm, name):
@@ -408,7 +423,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
             raise UserInputError(f"the mask must be a 3-D image on FIXED's grid {shape}")
     pad = config.preprocess.pad
     grid = tuple(n + 2 * pad for n in shape)
-    _check_memory(grid, comm, config.precision, components or 1, config.transport.nt)
+    config = _check_memory(grid, comm, config, components or 1)
     t0 = time.perf_counter()
     workload = Workload()
     decomp = Decomposition(grid, comm=comm, dtype=np.dtype(config.precision))

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels.fields import axpy
 from ..kernels.spectral import REGULARIZATION_NORMS
 from .distance import DISTANCES, make_distance
 from .monitor import Workload
@@ -294,13 +293,12 @@ class RegistrationProblem:
         return self.inner(g, w)
 
     def _plus_regularization(self, body, v):
-        """``beta A v + P body`` (see the module docstring), in ``body``'s storage where it can."""
+        """``beta A v + P body`` (see the module docstring; ``K (beta A v + body)`` for the
+        incompressible variant), in ``body``'s storage."""
         o = self.options
-        if o.relaxed:
-            with self.workload.timer("leray"):
-                body = self.spectral.leray(body, out=body, relaxation=o.beta / o.beta_div)
-            return axpy(1.0, self.regularization(v), body)
-        return self.project(axpy(1.0, self.regularization(v), body))  # K (beta A v + b) = beta A v + K b
+        leray = (o.beta / o.beta_div) if o.relaxed else (0.0 if o.incompressible else None)
+        with self.workload.timer("regularization"):
+            return self.spectral.regularization_plus(v, body, o.operator, beta=o.beta, gamma=o.gamma, leray=leray)
 
     # --------------------------------------------------------------- state
     def set_velocity(self, v):

@@ -14,7 +14,7 @@ from numba import prange
 
 from ._jit import jit_parallel
 
-__all__ = ["multiply_i_linear", "radial_polynomial", "separable_multiply", "leray"]
+__all__ = ["multiply_i_linear", "radial_polynomial", "radial_axpy", "separable_multiply", "leray"]
 
 
 @jit_parallel
@@ -50,6 +50,18 @@ def _radial_polynomial(uhat, k0, k1, k2, c0, c1, c2, c3, scale, invert, null, ou
                     out[i, j, l] = (scale * null if s == 0 else scale / s) * uhat[i, j, l]
                 else:
                     out[i, j, l] = (scale * s) * uhat[i, j, l]
+
+
+@jit_parallel
+def _radial_axpy(uhat, k0, k1, k2, c0, c1, c2, c3, scale, w, wscale, out):
+    n0, n1, n2 = uhat.shape
+    for i in prange(n0):
+        for j in range(n1):
+            qij = k0[i] * k0[i] + k1[j] * k1[j]
+            for l in range(n2):
+                q = qij + k2[l] * k2[l]
+                s = c0 + q * (c1 + q * (c2 + q * c3))
+                out[i, j, l] = (scale * s) * uhat[i, j, l] + wscale * w[i, j, l]
 
 
 @jit_parallel
@@ -140,6 +152,22 @@ def radial_polynomial(uhat, k0, k1, k2, coeffs, scale=1.0, invert=False, out=Non
     c0, c1, c2, c3 = (rt(c) for c in coeffs)
     out = _out_like(uhat, out)
     _radial_polynomial(uhat, k0, k1, k2, c0, c1, c2, c3, rt(scale), bool(invert), rt(null), out)
+    return out
+
+
+def radial_axpy(uhat, k0, k1, k2, coeffs, scale, w, wscale=1.0, out=None):
+    """``out = scale * s(|k|^2) * uhat + wscale * w`` (``s`` as in :func:`radial_polynomial`;
+    ``out`` may be ``uhat`` or ``w``): a regularisation operator applied and added to another
+    spectral field in one pass."""
+    _check_block("uhat", uhat)
+    _check_block("w", w, uhat.shape)
+    if w.dtype != uhat.dtype:
+        raise TypeError(f"w: dtype {w.dtype}, expected {uhat.dtype}")
+    k0, k1, k2 = _wavenumbers(uhat, (k0, k1, k2))
+    rt = _real_of(uhat)
+    c0, c1, c2, c3 = (rt(c) for c in coeffs)
+    out = _out_like(uhat, out)
+    _radial_axpy(uhat, k0, k1, k2, c0, c1, c2, c3, rt(scale), w, rt(wscale), out)
     return out
 
 

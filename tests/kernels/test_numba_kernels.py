@@ -67,6 +67,20 @@ def test_radial_polynomial(cdtype, invert):
                                atol=_tol(cdtype) * np.abs(expected).max())
 
 
+def test_radial_axpy(cdtype):
+    z, ks = _data(cdtype)
+    w = (z[::-1] * 0.5).copy()
+    K = _grid(ks)
+    q = K[0] ** 2 + K[1] ** 2 + K[2] ** 2
+    c = (0.1, 1.0, 0.5, 0.0)
+    expected = 2.0 * (c[0] + c[1] * q + c[2] * q ** 2) * z - 0.3 * w
+    np.testing.assert_allclose(k.radial_axpy(z, *ks, c, 2.0, w, -0.3), expected, rtol=_tol(cdtype) * 10,
+                               atol=_tol(cdtype) * np.abs(expected).max())
+    out = k.radial_axpy(z, *ks, c, 2.0, w, -0.3, out=w)  # out may be w
+    assert out is w
+    np.testing.assert_allclose(w, expected, rtol=_tol(cdtype) * 10, atol=_tol(cdtype) * np.abs(expected).max())
+
+
 def test_separable_multiply(cdtype):
     z, ks = _data(cdtype)
     m = [np.exp(-0.1 * kk ** 2) for kk in ks]

@@ -242,3 +242,19 @@ def test_operators_refuse_wrong_shapes():
         ops.gradient(d.new_vector())
     with pytest.raises(ValueError, match="unknown regularisation norm"):
         ops.regularization(d.new_vector(), "h4s")
+
+
+@pytest.mark.parametrize("leray", [None, 0.0, 30.0], ids=["identity", "leray", "relaxed"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_regularization_plus_equals_its_parts(shape, dtype, leray):
+    """The fused beta A v + L b against the numpy reference of each part."""
+    d, ops, _ = _setup(shape, dtype)
+    rng = np.random.default_rng(11)
+    v, b = rng.standard_normal((2, 3) + shape)
+    part = lambda f: f[(slice(None),) + d.real_slice].astype(dtype)  # noqa: E731
+    out = ops.regularization_plus(part(v), part(b), "h2", beta=0.3, gamma=1e-2, leray=leray)
+    av = reference.regularization(v, "h2", beta=0.3, gamma=1e-2)
+    expected = {None: av + b, 0.0: reference.leray(av + b), 30.0: av + reference.leray(b, relaxation=30.0)}[leray]
+    full = d.gather(np.ascontiguousarray(out))
+    err = COMM.bcast(rel_err(full, expected) if d.rank == 0 else None)
+    assert err <= (1e-12 if dtype == np.float64 else 2e-5), err
