@@ -3,7 +3,7 @@
 Cases (each in its own MPI job, so that peak RSS is the case's own):
 
 * ``pair``: the bundled brain pair (MNI152 2009 fixed, Colin 27 moving, 99x117x95 at 2 mm)
-  with the README Quick start settings (``--beta 3e-2``, defaults otherwise: h1s, nt = 4,
+  with the README Quick start settings (CLAIRE's defaults: h1s-div, beta = 1e-2, nt = 4,
   float32, ||g||/||g0|| <= 5e-2);
 * ``synthetic N``: ``fixed = f(x)``, ``moving = f(x + u(x))`` on N^3 (``f`` a few periodic
   blobs, ``u`` a smooth displacement of 0.2 rad, i.e. 2 voxels at 64^3, 8 at 256^3), default
@@ -162,8 +162,7 @@ def main():
     parser.add_argument("--sizes", default="64,128", help="synthetic grid sizes (add 256 for the large case)")
     parser.add_argument("--ranks", default="2,1")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--beta", type=float, default=None, help="beta (default: 3e-2 for the pair, config default "
-                        "for synthetic)")
+    parser.add_argument("--beta", type=float, default=None, help="beta (default: the config's, 1e-2)")
     parser.add_argument("--max-iterations", type=int, default=None)
     parser.add_argument("--krylov-max", type=int, default=None)
     parser.add_argument("--nt", type=int, default=None, help="time steps (default: the config's, 4)")
@@ -194,7 +193,7 @@ def main():
     results = []
     for ranks in (int(r) for r in args.ranks.split(",")):
         if not args.no_pair:
-            results.append(run_worker(script, ranks, ["--case", "pair"] + extra(args.beta or 3e-2)))
+            results.append(run_worker(script, ranks, ["--case", "pair"] + extra(args.beta)))
             print_row(results[-1], flush=True)
         for n in (int(s) for s in args.sizes.split(",") if s):
             results.append(run_worker(script, ranks, ["--case", "synthetic", "--n", n] + extra(args.beta)))

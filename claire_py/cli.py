@@ -322,7 +322,7 @@ def _build_parser():
                         f"divergence term, relaxed projection), h1s = CLAIRE's compressible H1 seminorm, "
                         f"h2s/h3s seminorms, h1/h2/h3 norms, l2 (default {d.regularization.norm})")
     p.add_argument("--beta-div", type=float,
-                   help=f"weight beta_w of h1s-div's divergence term (CLAIRE's -betaw; default "
+                   help=f"weight beta_w of h1s-div's divergence term (CLAIRE's -beta-div; default "
                         f"{d.regularization.beta_div:g})")
     p.add_argument("--incompressible", action="store_true", help="volume-preserving (div v = 0)")
     p.add_argument("--train", choices=("reduce", "binary"),

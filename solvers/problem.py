@@ -245,21 +245,13 @@ class RegistrationProblem:
         return math.sqrt(max(self.inner(a, a), 0.0))
 
     # ------------------------------------------------------------ operators
-    def regularization(self, v):
-        """``beta A v``."""
+    def regularization_value(self, v):
+        """``R(v) = beta/2 <A v, v>``, plus ``beta_div/2 (||grad div v||^2 + ||div v||^2)`` for the
+        relaxed model."""
         o = self.options
         with self.workload.timer("regularization"):
-            return self.spectral.regularization(v, o.operator, beta=o.beta, gamma=o.gamma)
-
-    def divergence_penalty(self, v):
-        """``R_div(v) = beta_div/2 (||grad div v||^2 + ||div v||^2)`` of the relaxed model (0
-        for the others)."""
-        if not self.options.relaxed:
-            return 0.0
-        with self.workload.timer("regularization"):
-            div = self.spectral.divergence(v)
-            grad = self.spectral.gradient(div)
-            return 0.5 * self.options.beta_div * (self.inner(grad, grad) + self.inner(div, div))
+            return self.spectral.regularization_energy(v, o.operator, beta=o.beta, gamma=o.gamma,
+                                                       beta_div=o.beta_div if o.relaxed else 0.0)
 
     def apply_inverse_regularization(self, r):
         """``(beta A)^{-1} r`` on the regularisation's range and ``r / beta`` on its null space
@@ -325,7 +317,7 @@ class RegistrationProblem:
         (``D_0`` the distance before registration)."""
         distance = self._current_distance
         v = self.velocity
-        reg = 0.5 * self.inner(self.regularization(v), v) + self.divergence_penalty(v)
+        reg = self.regularization_value(v)
         mismatch = math.sqrt(distance / self.initial_distance) if self.initial_distance > 0 else 0.0
         return distance + reg, mismatch
 

@@ -14,7 +14,8 @@ from numba import prange
 
 from ._jit import jit_parallel
 
-__all__ = ["multiply_i_linear", "radial_polynomial", "radial_axpy", "separable_multiply", "leray"]
+__all__ = ["multiply_i_linear", "radial_polynomial", "radial_axpy", "regularization_energy", "separable_multiply",
+           "leray"]
 
 
 @jit_parallel
@@ -62,6 +63,30 @@ def _radial_axpy(uhat, k0, k1, k2, c0, c1, c2, c3, scale, w, wscale, out):
                 q = qij + k2[l] * k2[l]
                 s = c0 + q * (c1 + q * (c2 + q * c3))
                 out[i, j, l] = (scale * s) * uhat[i, j, l] + wscale * w[i, j, l]
+
+
+@jit_parallel
+def _regularization_energy(v0, v1, v2, k0, k1, k2, d0, d1, d2, w2, c0, c1, c2, c3, bdiv):
+    n0, n1, n2 = v0.shape
+    partial = np.zeros(n0)
+    for i in prange(n0):
+        total = 0.0
+        for j in range(n1):
+            qij = k0[i] * k0[i] + k1[j] * k1[j]
+            ddij = d0[i] * d0[i] + d1[j] * d1[j]
+            for l in range(n2):
+                q = np.float64(qij + k2[l] * k2[l])
+                s = c0 + q * (c1 + q * (c2 + q * c3))
+                a = v0[i, j, l]
+                b = v1[i, j, l]
+                c = v2[i, j, l]
+                energy = (a.real * a.real + a.imag * a.imag + b.real * b.real + b.imag * b.imag
+                          + c.real * c.real + c.imag * c.imag)
+                dv = d0[i] * a + d1[j] * b + d2[l] * c
+                dd = np.float64(ddij + d2[l] * d2[l])
+                total += w2[l] * (s * energy + bdiv * (1.0 + dd) * (dv.real * dv.real + dv.imag * dv.imag))
+        partial[i] = total
+    return partial.sum()
 
 
 @jit_parallel
@@ -169,6 +194,24 @@ def radial_axpy(uhat, k0, k1, k2, coeffs, scale, w, wscale=1.0, out=None):
     out = _out_like(uhat, out)
     _radial_axpy(uhat, k0, k1, k2, c0, c1, c2, c3, rt(scale), w, rt(wscale), out)
     return out
+
+
+def regularization_energy(vhat, k0, k1, k2, d0, d1, d2, w2, coeffs, bdiv=0.0):
+    """``sum_k w2[l] (s(|k|^2) |vhat_k|^2 + bdiv (1 + |d|^2) |d . vhat_k|^2)`` over a spectral
+    vector block ``(3, n1, n2, n3c)``, accumulated in float64: with the r2c weights ``w2`` (2
+    for the modes whose conjugates the half spectrum omits, else 1) and unnormalised
+    coefficients, ``N`` times ``sum_x`` of the real fields' pointwise form (Parseval)."""
+    _check_block("vhat", vhat)
+    if vhat.ndim != 4 or vhat.shape[0] != 3:
+        raise ValueError(f"vhat must have shape (3, n1, n2, n3c), got {vhat.shape}")
+    k0, k1, k2 = _wavenumbers(vhat[0], (k0, k1, k2))
+    d0, d1, d2 = _wavenumbers(vhat[0], (d0, d1, d2))
+    w2 = np.ascontiguousarray(w2, dtype=np.float64)
+    if w2.shape != (vhat.shape[-1],):
+        raise ValueError(f"w2 of length {w2.shape[0]} for an axis of length {vhat.shape[-1]}")
+    c0, c1, c2, c3 = (float(c) for c in coeffs)
+    return float(_regularization_energy(vhat[0], vhat[1], vhat[2], k0, k1, k2, d0, d1, d2, w2, c0, c1, c2, c3,
+                                        float(bdiv)))
 
 
 def separable_multiply(uhat, m0, m1, m2, scale=1.0, out=None):

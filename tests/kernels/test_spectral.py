@@ -258,3 +258,21 @@ def test_regularization_plus_equals_its_parts(shape, dtype, leray):
     full = d.gather(np.ascontiguousarray(out))
     err = COMM.bcast(rel_err(full, expected) if d.rank == 0 else None)
     assert err <= (1e-12 if dtype == np.float64 else 2e-5), err
+
+
+@pytest.mark.parametrize("beta_div", [0.0, 0.2])
+@pytest.mark.parametrize("shape", SHAPES + [(8, 8, 8)], ids=str)
+def test_regularization_energy_is_the_real_space_value(shape, dtype, beta_div):
+    """Parseval on the half spectrum (odd and even axes, Nyquist included) against the same
+    quantity from real fields: 1/2 <beta A v, v> + beta_div/2 (||grad div v||^2 + ||div v||^2)."""
+    d, ops, _ = _setup(shape, dtype)
+    rng = np.random.default_rng(12)
+    v = rng.standard_normal((3,) + shape)[(slice(None),) + d.real_slice].astype(dtype)
+    cell = np.prod([2 * np.pi / n for n in shape])
+    inner = lambda a, b: cell * d.allreduce(float(np.sum(a.astype(float) * b.astype(float))))  # noqa: E731
+    div = ops.divergence(v)
+    grad = ops.gradient(div)
+    expected = 0.5 * inner(ops.regularization(v, "h2", beta=0.3, gamma=1e-2), v)
+    expected += 0.5 * beta_div * (inner(grad, grad) + inner(div, div))
+    value = ops.regularization_energy(v, "h2", beta=0.3, gamma=1e-2, beta_div=beta_div)
+    assert value == pytest.approx(expected, rel=1e-10 if dtype == np.float64 else 1e-5)

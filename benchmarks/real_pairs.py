@@ -1,0 +1,96 @@
+"""Real T1 brain pairs for the benchmarks, built from packages (nothing here is committed data).
+
+* ``mni_colin_2mm``, ``colin_mni_2mm``: the bundled pair of ``data/`` (99x117x95, 2 mm), both
+  directions.
+* ``mni_colin_1mm``, ``colin_mni_1mm``: the MNI ICBM152 2009 template at 1 mm from the PyPI
+  wheel of nilearn 0.14.1 and Colin 27 (``ch2bet.nii.gz``) from Debian's ``mricron-data``,
+  resampled onto MNI's grid by world coordinates (trilinear) and both cropped to the brain's
+  box, 160x192x160 (FFT-friendly; MNI's own 197x233x189 has prime factors 197 and 233).
+* ``na01_na02``, ``na02_na01`` (128x150x128) and ``na01_na02_x2`` (256x300x256, the pair
+  upsampled by cubic splines): CLAIRE's bundled brains (GPL-3.0), when ``claire_inputs`` names
+  a folder holding ``brain01.nii.gz`` and ``brain02.nii.gz``.
+
+Tissue labels (1 CSF, 2 GM, 3 WM) of every image come from ``scripts/make_tissue_labels.py``'s
+intensity k-means, for Dice. :func:`prepare` downloads what is missing into ``cache``
+(``pip download``, ``apt-get download``) and returns ``{pair: (fixed, moving)}`` of file
+stems (``stem.nii.gz``, ``stem_tissues.nii.gz``).
+"""
+
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from make_tissue_labels import tissue_labels  # noqa: E402
+
+NILEARN = "nilearn==0.14.1"
+MNI_1MM = "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+COLIN_1MM = "usr/share/mricron/templates/ch2bet.nii.gz"
+CROP_1MM = (slice(18, 178), slice(20, 212), slice(0, 160))  # MNI voxels: the brain's box, 160x192x160
+
+
+def _save(path_stem, data, affine):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine), path_stem + ".nii.gz")
+    nib.save(nib.Nifti1Image(tissue_labels(np.asarray(data, float)), affine), path_stem + "_tissues.nii.gz")
+
+
+def _fetch(cache):
+    """The 1 mm MNI template and Colin 27 files, downloaded into ``cache`` when missing."""
+    mni, colin = os.path.join(cache, MNI_1MM), os.path.join(cache, COLIN_1MM)
+    if not os.path.exists(mni):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", NILEARN, "-d", cache],
+                       check=True)
+        wheel = sorted(glob.glob(os.path.join(cache, "nilearn-*.whl")))[-1]
+        with zipfile.ZipFile(wheel) as zf:
+            zf.extract(MNI_1MM, cache)
+    if not os.path.exists(colin):
+        subprocess.run(["apt-get", "download", "mricron-data"], check=True, cwd=cache, capture_output=True)
+        deb = sorted(glob.glob(os.path.join(cache, "mricron-data_*.deb")))[-1]
+        subprocess.run(["dpkg", "-x", deb, cache], check=True)
+    return mni, colin
+
+
+def prepare(cache, claire_inputs=None):
+    """Build the pairs into ``cache`` (once) and return ``{pair: (fixed_stem, moving_stem)}``."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    os.makedirs(cache, exist_ok=True)
+    stem = lambda name: os.path.join(cache, name)  # noqa: E731
+    pairs = {}
+    for name, src in (("mni_2mm", "mni152_2009_t1_2mm"), ("colin_2mm", "colin27_t1_2mm")):
+        if not os.path.exists(stem(name) + "_tissues.nii.gz"):
+            img = nib.load(os.path.join(ROOT, "data", src + ".nii.gz"))
+            _save(stem(name), np.asanyarray(img.dataobj), img.affine)
+    pairs.update(mni_colin_2mm=(stem("mni_2mm"), stem("colin_2mm")), colin_mni_2mm=(stem("colin_2mm"), stem("mni_2mm")))
+    if not os.path.exists(stem("colin_1mm") + "_tissues.nii.gz"):
+        mni_path, colin_path = _fetch(cache)
+        mni, colin = nib.load(mni_path), nib.load(colin_path)
+        to_colin = np.linalg.inv(colin.affine) @ mni.affine  # MNI voxel -> Colin voxel
+        moved = ndimage.affine_transform(np.asanyarray(colin.dataobj).astype(float), to_colin[:3, :3],
+                                         to_colin[:3, 3], output_shape=mni.shape, order=1)
+        affine = mni.affine.copy()
+        affine[:3, 3] = mni.affine[:3, :3] @ np.array([s.start for s in CROP_1MM]) + mni.affine[:3, 3]
+        _save(stem("mni_1mm"), np.asanyarray(mni.dataobj)[CROP_1MM], affine)
+        _save(stem("colin_1mm"), moved[CROP_1MM], affine)
+    pairs.update(mni_colin_1mm=(stem("mni_1mm"), stem("colin_1mm")), colin_mni_1mm=(stem("colin_1mm"), stem("mni_1mm")))
+    if claire_inputs:
+        for name in ("brain01", "brain02"):
+            if not os.path.exists(stem(name + "_x2") + "_tissues.nii.gz"):
+                img = nib.load(os.path.join(claire_inputs, name + ".nii.gz"))
+                a = np.asanyarray(img.dataobj).astype(float)
+                _save(stem(name), a, img.affine)
+                up = np.clip(ndimage.zoom(a, 2, order=3, grid_mode=True, mode="grid-wrap"), 0, None)
+                affine = img.affine.copy()
+                affine[:3, :3] /= 2
+                _save(stem(name + "_x2"), up, affine)
+        pairs.update(na01_na02=(stem("brain01"), stem("brain02")), na02_na01=(stem("brain02"), stem("brain01")),
+                     na01_na02_x2=(stem("brain01_x2"), stem("brain02_x2")))
+    return pairs
