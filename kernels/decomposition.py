@@ -97,11 +97,21 @@ class _FFTWWisdom:
         world = MPI.COMM_WORLD
         self.directory = None if root == "off" else os.path.join(root, "fftw-wisdom")
         self.suffix = f"rank{world.Get_rank()}of{world.Get_size()}.wisdom"
+        #: per precision key ("F", "D", "G"): whether a wisdom file was found and imported
+        self.imported = {}
         if self.directory is not None:
+            from mpi4py_fft import fftw
+
             for key, lib in self.libs.items():
+                # FFTW registers its threaded solvers at the first fftw_plan_with_nthreads, which
+                # every mpi4py-fft plan calls; wisdom exported after that does not import before
+                # it (the planner's configuration differs: import_wisdom returns 0, every run
+                # measured afresh and rounded differently). A throwaway plan comes first.
+                fftw.rfftn(fftw.aligned(4, dtype=np.dtype(key.lower() if key != "G" else "g")),
+                           flags=(fftw.FFTW_ESTIMATE,))
                 path = self._path(key)
-                if os.path.isfile(path):
-                    lib.import_wisdom(bytearray(path, "utf-8"))  # returns 0 for a damaged file: ignored
+                if os.path.isfile(path):  # 0 for a damaged file: ignored
+                    self.imported[key] = bool(lib.import_wisdom(bytearray(path, "utf-8")))
 
     def _path(self, key):
         return os.path.join(self.directory, f"{key}{self.suffix}")

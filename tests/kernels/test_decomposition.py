@@ -174,3 +174,34 @@ def test_a_grid_too_thin_for_the_ranks_is_a_clear_error_on_every_rank():
         else:
             with pytest.raises(ValueError, match="last axis has 2 points"):
                 Decomposition(shape)
+
+
+_WISDOM_CHILD = """
+import hashlib, numpy as np
+from claire_py.kernels import Decomposition
+from claire_py.kernels.decomposition import _FFTWWisdom
+imported = _FFTWWisdom().imported.get("D", False)
+d = Decomposition((32, 30, 28), dtype=np.float64, threads=1)
+fhat = d.forward(np.random.default_rng(0).standard_normal((32, 30, 28)))
+fhat *= 1j
+print(imported, hashlib.md5(d.backward(fhat).tobytes()).hexdigest())
+"""
+
+
+def test_fftw_wisdom_is_imported_by_the_next_process(tmp_path):
+    """A measured plan is timing-dependent and two plans round differently: the wisdom a run
+    saves must be what the next process plans from, or the same inputs give different results
+    in two runs (and a resumed run differs from an uninterrupted one). FFTW only imports it
+    after its threaded solvers are registered (at the first plan)."""
+    import subprocess
+    import sys
+
+    from claire_py._testing import clean_subprocess_env
+
+    if COMM.rank == 0:
+        env = dict(clean_subprocess_env(), CLAIRE_PY_CACHE=str(tmp_path))
+        runs = [subprocess.run([sys.executable, "-c", _WISDOM_CHILD], env=env, capture_output=True, text=True,
+                               check=True).stdout.split() for _ in range(3)]
+        assert [r[0] for r in runs] == ["False", "True", "True"], runs  # nothing to import in the first run
+        assert len({r[1] for r in runs}) == 1, runs
+    COMM.Barrier()
