@@ -187,6 +187,7 @@ class RegistrationProblem:
         self.initial_mismatch = math.sqrt(2 * self.initial_distance)
         self.velocity = None
         self._state = None
+        self._spare = []
 
     def _smoothed(self, images):
         if self.sigma <= 0:
@@ -298,12 +299,14 @@ class RegistrationProblem:
         of every component for the gradient and every Hessian matvec). The previous velocity's
         state goes first, so that two never coexist."""
         v = np.ascontiguousarray(v, dtype=self.decomp.dtype)
+        if self._state:  # the stored gradients' arrays serve the next state (no fresh pages to touch)
+            self._spare = [g for state in self._state for g in state.take_gradients()]
         self.velocity, self._state = None, []
         with self.workload.timer("set_velocity"):
             self.transport.set_velocity(v)
         for m0 in self.moving:
             with self.workload.timer("state_solve"):
-                self._state.append(self.transport.state_history(m0))
+                self._state.append(self.transport.state_history(m0, spare=self._spare))
         self.velocity = v
         self._current_distance = self._distance([state.final for state in self._state])
 

@@ -42,10 +42,10 @@ class TransportOptions:
         Tricubic Lagrange (default) or cubic B-spline with spectral prefilter.
     store_gradients : bool
         Keep ``grad m(t_j)`` of the current velocity (``3 (nt + 1)`` fields per image
-        component, ``2 (nt - 1)`` more than the state itself) so that every Gauss-Newton matvec
+        component, in place of the state's ``nt - 1`` inner time points) so that every Gauss-Newton matvec
         reads them, instead of recomputing them by FFT at every use (``2 (nt + 1)`` spectral
-        gradients per matvec: about 1.9x the matvec time at 128^3-256^3). Same results
-        either way.
+        gradients per matvec: 2.7x the matvec time at 256^3, 3.5x on the bundled 2 mm pair,
+        measured). Same results either way.
     """
 
     nt: int = 4
@@ -76,14 +76,24 @@ class StateHistory:
         Keep each ``grad m(t_j)`` once computed (3 fields per time point) and drop the
         ``m(t_j)`` of ``0 < j < nt``, which nothing reads after that; otherwise recompute
         ``grad m(t_j)`` (one forward and three inverse FFTs) at every use.
+    spare : list of arrays ``(3, *local_shape)``, optional
+        Arrays to store the gradients in (taken from the list), e.g. the previous velocity's
+        (:meth:`take_gradients`): touching fresh memory for them cost as much as the FFTs.
     """
 
-    def __init__(self, fields, spectral, *, store_gradients=True):
+    def __init__(self, fields, spectral, *, store_gradients=True, spare=None):
         self._fields = list(fields)
         self.spectral = spectral
         self.store_gradients = bool(store_gradients)
         self._gradients = [None] * len(self._fields)
+        self._spare = [] if spare is None else spare
         self._work = None
+
+    def take_gradients(self):
+        """The stored gradient arrays (for another state to reuse); this state keeps none."""
+        taken = [g for g in self._gradients if g is not None]
+        self._gradients = [None] * len(self._fields)
+        return taken
 
     def __len__(self):
         return len(self._fields)
@@ -106,7 +116,8 @@ class StateHistory:
         if g is not None:
             return g
         if self.store_gradients:
-            g = self._gradients[j] = self.spectral.gradient(self[j])
+            out = self._spare.pop() if self._spare else None
+            g = self._gradients[j] = self.spectral.gradient(self[j], out=out)
             if 0 < j < len(self._fields) - 1:
                 self._fields[j] = None
             return g
@@ -235,16 +246,16 @@ class SemiLagrangianTransport:
             self._interpolate(self.backward_plan, hist[j], out=hist[j + 1])
         return hist
 
-    def state_history(self, m0, *, store_gradients=None):
+    def state_history(self, m0, *, store_gradients=None, spare=None):
         """:class:`StateHistory` of ``m0`` (``(*local_shape)``, the working precision: kept as
         ``m(t_0)`` itself, not copied, so that every velocity's state shares it);
-        ``store_gradients`` defaults to the options'."""
+        ``store_gradients`` defaults to the options', ``spare`` as in :class:`StateHistory`."""
         store_gradients = self.options.store_gradients if store_gradients is None else store_gradients
         self._require_velocity()
         history = [np.ascontiguousarray(m0, dtype=self.decomp.dtype)]
         for _ in range(self.nt):  # one array per time point, so that each can be released alone
             history.append(self._interpolate(self.backward_plan, history[-1]))
-        return StateHistory(history, self.spectral, store_gradients=store_gradients)
+        return StateHistory(history, self.spectral, store_gradients=store_gradients, spare=spare)
 
     def solve_adjoint(self, lam1, state, body=None, *, overwrite=False):
         """Continuity-form adjoint backward from ``lam(1) = lam1``.
