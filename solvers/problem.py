@@ -264,7 +264,8 @@ class RegistrationProblem:
 
     def project(self, v):
         """``K v``: Leray projection when incompressible, else ``v`` itself (the velocity's
-        constraint; see :meth:`project_body_force` for the relaxed model's projection)."""
+        constraint; the relaxed model projects the body force only, in :meth:`gradient` and
+        :meth:`hessian_matvec`)."""
         if not self.options.incompressible:
             return v
         with self.workload.timer("leray"):
@@ -319,8 +320,7 @@ class RegistrationProblem:
         """``J(v)`` at the current velocity, and the relative mismatch ``sqrt(D / D_0)``
         (``D_0`` the distance before registration)."""
         distance = self._current_distance
-        v = self.velocity
-        reg = self.regularization_value(v)
+        reg = self.regularization_value(self.velocity)
         mismatch = math.sqrt(distance / self.initial_distance) if self.initial_distance > 0 else 0.0
         return distance + reg, mismatch
 
