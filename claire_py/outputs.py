@@ -7,9 +7,10 @@ All images are on FIXED's grid with its affine. Conventions:
 * ``velocity.nii.gz``: the stationary velocity, 4-D ``(n1, n2, n3, 3)``, component ``a`` along
   array axis ``a``, in voxels per unit time (the map ``y`` is its flow over ``t in [0, 1]``).
 * ``det_grad_y.nii.gz``: ``det(grad y)`` of the pull-back map (< 1: FIXED's voxel maps onto a
-  smaller region of MOVING), transported along the characteristics of the velocity (as CLAIRE
-  computes it, but for ``y`` itself: CLAIRE's own output is that of the inverse map);
-  ``registration.json`` also holds the range by central differences of ``deformation_map``.
+  smaller region of MOVING), computed along the characteristics of the velocity as the
+  exponential of the transported integral of ``-div v`` (CLAIRE transports ``J`` itself, and
+  for the inverse map); ``registration.json`` also holds the range by central differences of
+  ``deformation_map``.
 * ``deformation_map.nii.gz``: ``y(x)`` as world (RAS, mm) coordinates, 4-D ``(n1, n2, n3, 3)``:
   the point of MOVING that FIXED's voxel ``x`` takes its value from (SPM-style ``y_`` field).
 * ``displacement.nii.gz``: ``y(x) - x`` in the ITK/ANTs convention: physical millimetres in
