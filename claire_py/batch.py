@@ -98,6 +98,7 @@ OPTIONS = {
     "incompressible": (("regularization", "incompressible"), _bool),
     "distance": (("distance", "name"), _text),
     "weights": (("distance", "weights"), _floats),
+    "lncc_sigma": (("distance", "lncc_sigma"), _float),
     "nt": (("transport", "nt"), _int),
     "interpolation": (("transport", "interpolation"), _text),
     "gtol": (("newton", "gradient_tolerance"), _float),

@@ -97,7 +97,8 @@ def _register_config(args):
     for flag in ("beta_continuation", "grid_continuation", "scale_continuation"):
         if getattr(args, flag):
             cont[flag] = True
-    distance = {k: v for k, v in (("name", args.distance), ("weights", args.weights)) if v is not None}
+    distance = {k: v for k, v in (("name", args.distance), ("weights", args.weights),
+                                  ("lncc_sigma", args.lncc_sigma)) if v is not None}
     krylov = {k: v for k, v in (("max_iterations", args.krylov_max_iter), ("forcing", args.forcing)) if v is not None}
     return dataclasses.replace(
         cfg,
@@ -342,8 +343,12 @@ def _build_parser():
                    help=f"Krylov preconditioner: invreg = (beta A)^-1, 2level = coarse-grid Hessian solve for the "
                         f"low frequencies (small beta) (default {d.newton.preconditioner})")
     p.add_argument("--distance", choices=DISTANCES,
-                   help=f"l2 = squared L2, ncc = normalised cross-correlation (intensity-affine invariant) "
+                   help=f"l2 = squared L2, ncc = normalised cross-correlation (intensity-affine invariant), "
+                        f"lncc = local NCC in a Gaussian window (invariant to bias fields; what SyN uses) "
                         f"(default {d.distance.name})")
+    p.add_argument("--lncc-sigma", type=float,
+                   help=f"lncc's window: Gaussian sigma in voxels; ANTs' CC radius r is sigma = sqrt(r(r+1)/3), "
+                        f"radius 4 = 2.6 (default {d.distance.lncc_sigma:g})")
     p.add_argument("--weights", type=_weights,
                    help="comma-separated weights of the components of 4-D (multi-channel) images (default: all 1)")
     p.add_argument("--mask", help="weight image in [0, 1] on FIXED's grid restricting the distance")
