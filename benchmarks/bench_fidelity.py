@@ -14,8 +14,7 @@ Run (the before/after table of benchmarks/RESULTS.md; an older checkout as ``--t
 
     .venv/bin/python benchmarks/bench_fidelity.py --pairs mni_colin_2mm,mni_colin_1mm --json /tmp/fid.json
     .venv/bin/python benchmarks/bench_fidelity.py --tree /tmp/old --pairs mni_colin_2mm --flags="--train binary"
-    .venv/bin/python benchmarks/bench_fidelity.py --claire-inputs ../shared/claire_reference/inputs \\
-        --pairs na01_na02,na01_na02_x2
+    .venv/bin/python benchmarks/bench_fidelity.py --pairs na01_na02,na01_na02_x2
 """
 
 import argparse
@@ -89,11 +88,10 @@ def main():
     parser.add_argument("--flags", default="", help="extra claire register flags, e.g. '--train binary'")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "claire_py", "real_pairs"))
-    parser.add_argument("--claire-inputs", help="folder with CLAIRE's brain01/brain02.nii.gz (the na01_* pairs)")
     parser.add_argument("--out", default="/tmp/claire_fidelity", help="where the registrations are written")
     parser.add_argument("--json")
     args = parser.parse_args()
-    pairs = prepare(args.cache, args.claire_inputs)
+    pairs = prepare(args.cache)
     flags = shlex.split(args.flags)
     print(f"{'tree':>8} {'pair':>14} {'grid':>12} {'wall':>6} {'solve':>6} {'GN':>3} {'mv':>4} {'conv':>5} "
           f"{'mismatch':>8} {'Dice':>13} {'det min':>8} {'(<=0)':>5} {'cd min':>7} {'(<=0)':>5} {'det max':>7} "

@@ -7,8 +7,8 @@
   resampled onto MNI's grid by world coordinates (trilinear) and both cropped to the brain's
   box, 160x192x160 (FFT-friendly; MNI's own 197x233x189 has prime factors 197 and 233).
 * ``na01_na02``, ``na02_na01`` (128x150x128) and ``na01_na02_x2`` (256x300x256, the pair
-  upsampled by cubic splines): CLAIRE's bundled brains (GPL-3.0), when ``claire_inputs`` names
-  a folder holding ``brain01.nii.gz`` and ``brain02.nii.gz``.
+  upsampled by cubic splines): CLAIRE's bundled brains (GPL-3.0), ``data/claire_brain01.nii.gz``
+  and ``data/claire_brain02.nii.gz``.
 
 Tissue labels (1 CSF, 2 GM, 3 WM) of every image come from ``scripts/make_tissue_labels.py``'s
 intensity k-means, for Dice. :func:`prepare` downloads what is missing into ``cache``
@@ -57,7 +57,7 @@ def _fetch(cache):
     return mni, colin
 
 
-def prepare(cache, claire_inputs=None):
+def prepare(cache):
     """Build the pairs into ``cache`` (once) and return ``{pair: (fixed_stem, moving_stem)}``."""
     import nibabel as nib
     from scipy import ndimage
@@ -81,16 +81,15 @@ def prepare(cache, claire_inputs=None):
         _save(stem("mni_1mm"), np.asanyarray(mni.dataobj)[CROP_1MM], affine)
         _save(stem("colin_1mm"), moved[CROP_1MM], affine)
     pairs.update(mni_colin_1mm=(stem("mni_1mm"), stem("colin_1mm")), colin_mni_1mm=(stem("colin_1mm"), stem("mni_1mm")))
-    if claire_inputs:
-        for name in ("brain01", "brain02"):
-            if not os.path.exists(stem(name + "_x2") + "_tissues.nii.gz"):
-                img = nib.load(os.path.join(claire_inputs, name + ".nii.gz"))
-                a = np.asanyarray(img.dataobj).astype(float)
-                _save(stem(name), a, img.affine)
-                up = np.clip(ndimage.zoom(a, 2, order=3, grid_mode=True, mode="grid-wrap"), 0, None)
-                affine = img.affine.copy()
-                affine[:3, :3] /= 2
-                _save(stem(name + "_x2"), up, affine)
-        pairs.update(na01_na02=(stem("brain01"), stem("brain02")), na02_na01=(stem("brain02"), stem("brain01")),
-                     na01_na02_x2=(stem("brain01_x2"), stem("brain02_x2")))
+    for name in ("brain01", "brain02"):
+        if not os.path.exists(stem(name + "_x2") + "_tissues.nii.gz"):
+            img = nib.load(os.path.join(ROOT, "data", f"claire_{name}.nii.gz"))
+            a = np.asanyarray(img.dataobj).astype(float)
+            _save(stem(name), a, img.affine)
+            up = np.clip(ndimage.zoom(a, 2, order=3, grid_mode=True, mode="grid-wrap"), 0, None)
+            affine = img.affine.copy()
+            affine[:3, :3] /= 2
+            _save(stem(name + "_x2"), up, affine)
+    pairs.update(na01_na02=(stem("brain01"), stem("brain02")), na02_na01=(stem("brain02"), stem("brain01")),
+                 na01_na02_x2=(stem("brain01_x2"), stem("brain02_x2")))
     return pairs

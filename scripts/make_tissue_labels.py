@@ -27,7 +27,7 @@ def tissue_labels(a):
 
 
 if __name__ == "__main__":
-    for name in ("mni152_2009_t1_2mm", "colin27_t1_2mm"):
+    for name in ("mni152_2009_t1_2mm", "colin27_t1_2mm", "claire_brain01", "claire_brain02"):
         img = nib.load(f"data/{name}.nii.gz")
         out = tissue_labels(np.asarray(img.dataobj, float))
         print(name, [(out == k).sum() for k in (1, 2, 3)])
