@@ -207,7 +207,7 @@ def _as_array(image, comm, name, channels=False):
 _BASE_BYTES = 190 * 2 ** 20
 
 
-def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=True):
+def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=True, distance="l2"):
     """Scalar fields (of the working precision) per local grid point at the peak of a
     registration, the Gauss-Newton matvec. Per image component: ``m(1)`` and the stored
     ``grad m(t_j)`` (``3 (nt + 1)``; without ``store_gradients`` the state ``m(t_j)``, ``j >=
@@ -217,26 +217,33 @@ def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=
     the relaxed model, whose Armijo slope needs ``g`` after the solve), FFT work arrays and
     spectral scratch (measured: 4.15 on one rank, 8.65 on several, where mpi4py-fft adds
     transposed stage arrays), and the matvec's temporaries (body force, the spectral vector of
-    the projection, the incremental state's and adjoint's work arrays: 8)."""
+    the projection, the incremental state's and adjoint's work arrays: 8). ``lncc`` keeps 8
+    more per component (the fixed image's local mean, variance and window weight; the local
+    mean, ``alpha`` and ``1 / B`` at ``m(1)``; the Gauss-Newton weight and its smoothing) and
+    its matvec 3 more temporaries."""
     state = 1 + 3 * (nt + 1) if store_gradients else nt + 3
     fft = 4.15 if ranks == 1 else 8.65
     newton = 5 * 3 + (3 if relaxed else 0)
-    return components * (state + 2) + 2 * 4 * 1.03 + 1 + newton + fft + 8
+    lncc = 8 * components + 3 if distance == "lncc" else 0
+    return components * (state + 2) + 2 * 4 * 1.03 + 1 + newton + fft + 8 + lncc
 
 
-def estimate_memory(shape, ranks, precision="float32", components=1, nt=4, *, store_gradients=True, relaxed=True):
+def estimate_memory(shape, ranks, precision="float32", components=1, nt=4, *, store_gradients=True, relaxed=True,
+                    distance="l2"):
     """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``.
 
     Per rank: a fixed ~190 MiB plus :func:`_fields_per_point` fields of the working precision
     per local point (about 230 bytes in float32 with ``nt = 4``, CLAIRE's default model and
-    stored gradients, 195 without them: the matvec's peak). Rank 0 also holds the global
+    stored gradients, 195 without them, 274 with ``distance="lncc"``: the matvec's peak). Rank
+    0 also holds the global
     input images (4 bytes per point and component) and, after the solve, the gathered outputs
     (velocity, displacement, warped image, det: 32 bytes per point in float32); the extra is
     the larger of the two phases over the others' peak.
     """
     points = float(np.prod(shape))
     itemsize = 4 if precision == "float32" else 8
-    per_point = _fields_per_point(nt, components, ranks, store_gradients=store_gradients, relaxed=relaxed) * itemsize
+    per_point = _fields_per_point(nt, components, ranks, store_gradients=store_gradients, relaxed=relaxed,
+                                  distance=distance) * itemsize
     per_rank = _BASE_BYTES + points / ranks * per_point
     inputs = 4.0 * components * points
     # outputs phase on rank 0: inputs + gathered outputs + ~20 local fields (plans, v, u, det)
@@ -262,7 +269,8 @@ def _check_memory(shape, comm, config, components=1):
 
     def need(store):
         per_rank, root = estimate_memory(shape, comm.Get_size(), config.precision, components, config.transport.nt,
-                                         store_gradients=store, relaxed=config.regularization.relaxed)
+                                         store_gradients=store, relaxed=config.regularization.relaxed,
+                                         distance=config.distance.name)
         return node_ranks * per_rank + (max(root - resident, 0.0) if holds_root else 0)
 
     available = float("inf")  # unknown (not Linux): no refusal

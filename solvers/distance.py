@@ -32,12 +32,14 @@ Inner products are the L2 ones of the box (grid sum times cell volume, via ``inn
   contrast (as ANTs' and DIPY's CC do), fading windows where ``mR`` is flat (``C << eps``). As
   ``sigma`` grows the windows become the whole box and ``lncc`` becomes ``ncc`` (to ``eps/V``).
   With ``alpha = A / B``, ``p = u alpha`` and ``q = u alpha^2 / 2``,
-  ``lam(1) = J G*p - G*(p G*J) - 2 I G*q + 2 G*(q G*I)`` (``-dD/dI``; ``G`` is self-adjoint),
+  ``lam(1) = J G*p - G*(p G*J) - 2 I G*q + 2 G*(q G*I)`` (``-dD/dI``; ``G`` is self-adjoint;
+  3 smoothings, 3 more in ``prepare``),
   and the Gauss-Newton term of variable projection, window by window,
   ``lt(1) = -(mt G*u2 - G*(u2 G*mt) - I G*r + G*(r G*I))``, ``u2 = u alpha^2``,
-  ``r = u2 (G*(mt I) - G*mt G*I) / B``: the second variation of
+  ``r = u2 (G*(mt I) - G*mt G*I) / B`` (4 smoothings per matvec): the second variation of
   ``1/2 int u2 (G*(mt^2) - (G*mt)^2 - (G*(mt I) - G*mt G*I)^2 / B)``, a weighted sum of squared
-  projections, hence symmetric positive semidefinite and exact at a zero residual.
+  projections, hence symmetric positive semidefinite and exact at a zero residual (up to the
+  ridge ``eps`` in ``B``, which keeps flat windows of ``m1`` finite).
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ class LocalNormalizedCrossCorrelation:
     mask : ndarray, optional
         ``w``, weighting the integral over the windows' centres.
     sigma : float
-        Standard deviation of the window in voxels (per axis: a scalar or three).
+        Standard deviation of the window in voxels.
     smooth : callable
         ``smooth(f, sigma)``, the (distributed, periodic) Gaussian smoothing of a local block.
     """
