@@ -315,7 +315,8 @@ def _build_parser():
     p.add_argument("--config", help="JSON or YAML file with a RegistrationConfig")
     p.add_argument("--preset", choices=tuple(PRESETS),
                    help="start from a named configuration: fast (||g||/||g0|| 5e-2, <= 10 PCG iterations per "
-                        "step), accurate (1e-2, grid continuation); -smooth: H2 seminorm, beta 1e-3")
+                        "step), fast-smooth (the same with the H2 seminorm, beta 1e-3), accurate (distance lncc, the "
+                        "metric of SyN)")
     p.add_argument("--dump-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--beta", type=float, help=f"regularisation weight (default {d.regularization.beta:g})")
     p.add_argument("--regnorm", choices=REGULARIZATION_MODELS,

@@ -39,9 +39,10 @@ def test_presets_resolve_and_flags_refine_them(capsys, preset):
     assert main(["register", "f.nii", "m.nii", "--dump-config", "--preset", preset, "--nt", "6"]) == 0
     if COMM.rank == 0:
         cfg = json.loads(capsys.readouterr().out)
-        assert cfg["newton"]["gradient_tolerance"] == (5e-2 if preset.startswith("fast") else 1e-2)
+        assert cfg["newton"]["gradient_tolerance"] == 5e-2
+        assert cfg["newton"]["krylov"]["max_iterations"] == (10 if preset.startswith("fast") else 50)
         assert cfg["regularization"]["norm"] == ("h2s" if preset.endswith("smooth") else "h1s-div")
-        assert cfg["continuation"]["grid_continuation"] == preset.startswith("accurate")
+        assert cfg["distance"]["name"] == ("lncc" if preset.startswith("accurate") else "l2")
         assert cfg["transport"]["nt"] == 6  # the flag wins over the preset
     assert RegistrationConfig.preset(preset).to_dict() == RegistrationConfig.preset(preset, {}).to_dict()
 
