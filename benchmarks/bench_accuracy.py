@@ -21,10 +21,14 @@ relative mismatch ``||warped - fixed|| / ||moving - fixed||`` of the intensities
 differences of the map (the same code for every tool), and the wall time of the registration
 (claire_py: the whole command; DIPY/ANTs: the library call plus warping the image and labels).
 
+The peers come with ``.venv/bin/pip install -e ".[peers]"`` (dipy, antspyx); without antspyx
+the ANTs rows, without dipy the DIPY rows are skipped with a message.
+
 Run (the accuracy table of benchmarks/RESULTS.md)::
 
-    .venv/bin/python benchmarks/bench_accuracy.py --pairs mni_colin_2mm,na01_na02 \\
-        --settings "defaults;--preset accurate" --json /tmp/acc.json
+    .venv/bin/python benchmarks/bench_accuracy.py --pairs mni_colin_2mm,colin_mni_2mm,na01_na02,na02_na01 \\
+        --settings "defaults;--preset accurate" --peers dipy --json /tmp/acc.json
+    .venv/bin/python benchmarks/bench_accuracy.py --pairs mni_colin_2mm,na01_na02 --peers dipy,ants
 """
 
 import argparse
@@ -173,7 +177,12 @@ def main():
             flags = [] if setting.strip() == "defaults" else shlex.split(setting)
             report(pair, claire(pair, pairs[pair], flags, args.ranks, args.out))
         if "dipy" in peers:
-            report(pair, dipy_syn(pair, pairs[pair]))
+            try:
+                import dipy  # noqa: F401
+            except ImportError:
+                print("(dipy is not installed: pip install dipy for the DIPY rows)")
+            else:
+                report(pair, dipy_syn(pair, pairs[pair]))
         if "ants" in peers and (not args.ants_pairs or pair in args.ants_pairs.split(",")):
             try:
                 import ants  # noqa: F401

@@ -63,15 +63,18 @@ def test_preset_and_option_errors_list_the_valid_choices(capsys):
         assert "invalid choice: 'amg'" in capsys.readouterr().err
 
 
-def test_ncc_registers_images_with_different_contrast():
+def test_ncc_and_lncc_register_images_with_different_contrast():
     fixed, moving = _pair()
-    fixed = 3.0 - 2.0 * fixed  # inverted and rescaled contrast: NCC does not mind
+    fixed = 3.0 - 2.0 * fixed  # inverted and rescaled contrast: NCC and local NCC do not mind
     out = {}
-    for name in ("ncc", "l2"):
+    for name in ("ncc", "lncc", "l2"):
         cfg = RegistrationConfig.from_dict({"distance": {"name": name}, "regularization": {"beta": 1e-3},
                                             "preprocess": {"normalize": False}, "precision": "float64"})
         out[name] = claire_py.register(_root(fixed), _root(moving), config=cfg)
-    assert out["ncc"].converged and out["ncc"].history[-1].mismatch < 0.3, out["ncc"].history[-1]
+    # each relative to its own distance before registration (measured: ncc 0.03; lncc 0.30, whose
+    # ridge eps leaves a floor in the flat windows around the extrema of sin^2 even at the truth)
+    for name, most in (("ncc", 0.3), ("lncc", 0.35)):
+        assert out[name].converged and out[name].history[-1].mismatch < most, (name, out[name].history[-1])
     # L2 cannot explain a contrast change: most of the mismatch stays (0.75 when measured, with an
     # unresolved, folding map at this beta; 0.87 before the adjoint lost its pole, which kept the
     # step small)
