@@ -42,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import append_json  # noqa: E402
 from _launch import ROOT  # noqa: E402
-from bench_fidelity import central_difference_det, run  # noqa: E402
+from bench_fidelity import central_difference_det, map_det, run  # noqa: E402
 from real_pairs import prepare  # noqa: E402
 
 
@@ -79,8 +79,7 @@ def claire(pair, stems, flags, ranks, outroot):
     import nibabel as nib
 
     meta = run(ROOT, pair, *stems, flags, ranks, outroot)
-    tag = "".join(c if c.isalnum() else "_" for c in " ".join(flags)).strip("_")
-    out = os.path.join(outroot, f"{os.path.basename(ROOT)}_{pair}" + (f"_{tag}" if tag else ""))
+    out = meta["out"]
     (fixed, fl, _), (moving, ml, _) = _load(stems[0]), _load(stems[1])
     warped = _unit(np.asanyarray(nib.load(os.path.join(out, "warped.nii.gz")).dataobj).astype(np.float64),
                    np.asanyarray(nib.load(stems[1] + ".nii.gz").dataobj))
@@ -91,18 +90,6 @@ def claire(pair, stems, flags, ranks, outroot):
     row.update(dice=meta["dice"], dice_labels=meta["dice_labels"], solve=meta["solve"], gn=meta["gn"],
                matvecs=meta["matvecs"], beta=meta["beta"])
     return row
-
-
-def _map_det(y_world, affine):
-    """Central-difference det of a world-mm map ``y`` (``(*shape, 3)``) on a grid with ``affine``."""
-    import tempfile
-
-    import nibabel as nib
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "map.nii.gz")
-        nib.save(nib.Nifti1Image(y_world.astype(np.float32), affine), path)
-        return central_difference_det(path)
 
 
 def dipy_syn(pair, stems):
@@ -118,7 +105,7 @@ def dipy_syn(pair, stems):
     seconds = time.perf_counter() - t0
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in fixed.shape], indexing="ij"), axis=-1)
     x_world = grid @ affine[:3, :3].T + affine[:3, 3]
-    cd = _map_det(x_world + mapping.get_forward_field(), affine)
+    cd = map_det(x_world + mapping.get_forward_field(), affine)
     return _row("dipy SyN CC r4", pair, fixed, moving, fl, ml, warped, wl.astype(np.int32), float("nan"), cd,
                 seconds)
 
@@ -143,7 +130,7 @@ def ants_syn(pair, stems, ranks):
     u = np.squeeze(np.asanyarray(nib.load(reg["fwdtransforms"][0]).dataobj)).astype(np.float64)
     u[..., :2] *= -1
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in fixed.shape], indexing="ij"), axis=-1)
-    cd = _map_det(grid @ affine[:3, :3].T + affine[:3, 3] + u, affine)
+    cd = map_det(grid @ affine[:3, :3].T + affine[:3, 3] + u, affine)
     return _row("ants SyN CC r4", pair, fixed, moving, fl, ml, warped, wl.astype(np.int32), float(det.min()), cd,
                 seconds)
 
@@ -190,6 +177,7 @@ def main():
                 print("(antspyx is not installed: pip install antspyx for the ANTs rows)")
             else:
                 report(pair, ants_syn(pair, pairs[pair], args.ranks))
+
 
 if __name__ == "__main__":
     main()

@@ -39,8 +39,12 @@ def central_difference_det(deformation_map_path):
     import nibabel as nib
 
     img = nib.load(deformation_map_path)
-    y = np.asanyarray(img.dataobj).astype(np.float64)
-    a = img.affine
+    return map_det(np.asanyarray(img.dataobj).astype(np.float64), img.affine)
+
+
+def map_det(y, a):
+    """``det(grad y)`` of a world-mm map ``y`` (``(*shape, 3)``) on a grid with affine ``a``, by
+    periodic central differences of ``u = y - x`` in voxels."""
     y_vox = np.einsum("ab,...b->...a", np.linalg.inv(a[:3, :3]), y - a[:3, 3])
     u = y_vox - np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in y.shape[:3]], indexing="ij"), axis=-1)
     jac = np.empty(u.shape[:3] + (3, 3))
@@ -69,7 +73,7 @@ def run(tree, pair, fixed, moving, flags, ranks, outroot):
     det = np.asanyarray(nib.load(os.path.join(out, "det_grad_y.nii.gz")).dataobj)
     cd = central_difference_det(os.path.join(out, "deformation_map.nii.gz"))
     hist = meta["history"]
-    return dict(name="register_real_pair", tree=os.path.abspath(tree), pair=pair, flags=" ".join(flags),
+    return dict(name="register_real_pair", tree=os.path.abspath(tree), pair=pair, flags=" ".join(flags), out=out,
                 shape="x".join(map(str, det.shape)), ranks=ranks, wall=wall, solve=meta["seconds"],
                 gn=sum(1 for h in hist if h["iteration"] > 0), matvecs=meta["workload"]["hessian_matvec"]["pcg_iterations"],
                 converged=meta["converged"], stop=meta["stop_reason"], grad_rel=hist[-1]["grad_rel"],

@@ -234,11 +234,10 @@ def estimate_memory(shape, ranks, precision="float32", components=1, nt=4, *, st
 
     Per rank: a fixed ~190 MiB plus :func:`_fields_per_point` fields of the working precision
     per local point (about 230 bytes in float32 with ``nt = 4``, CLAIRE's default model and
-    stored gradients, 195 without them, 274 with ``distance="lncc"``: the matvec's peak). Rank
-    0 also holds the global
-    input images (4 bytes per point and component) and, after the solve, the gathered outputs
-    (velocity, displacement, warped image, det: 32 bytes per point in float32); the extra is
-    the larger of the two phases over the others' peak.
+    stored gradients, 195 without them, 274 with ``distance="lncc"``: the matvec's peak). Rank 0
+    also holds the global input images (4 bytes per point and component) and, after the solve,
+    the gathered outputs (velocity, displacement, warped image, det: 32 bytes per point in
+    float32); the extra is the larger of the two phases over the others' peak.
     """
     points = float(np.prod(shape))
     itemsize = 4 if precision == "float32" else 8
