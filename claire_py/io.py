@@ -265,29 +265,95 @@ def write_text(path, text):
         raise
 
 
+#: A ``.nii.gz`` is deflated only where deflate pays: a sample that shrinks to less than this
+#: share of its size. Images (mostly background) shrink to ~0.4; float fields (velocities,
+#: displacements, det) to ~0.92 at ~30 MB/s, and are written as stored deflate blocks instead
+#: (valid gzip, ~1 GB/s).
+DEFLATE_WORTH = 0.85
+_SAMPLE_BYTES = 1 << 20
+
+
+def _deflate_level(data):
+    """zlib level for a ``.nii.gz`` of ``data``: 1 (with the run-length strategy: as small as
+    zlib's default on images at 2-3x its speed) when a 1 MiB sample from the middle compresses
+    below :data:`DEFLATE_WORTH`, else 0 (stored)."""
+    import zlib
+
+    flat = np.ravel(data, order="K")
+    start = max(0, flat.size // 2 - _SAMPLE_BYTES // (2 * flat.itemsize))
+    sample = np.ascontiguousarray(flat[start:start + _SAMPLE_BYTES // flat.itemsize]).tobytes()
+    if not sample:
+        return 0
+    z = zlib.compressobj(1, zlib.DEFLATED, -15, 9, zlib.Z_RLE)
+    return 1 if len(z.compress(sample) + z.flush()) < DEFLATE_WORTH * len(sample) else 0
+
+
+class _GzipStream:
+    """A write-only file object that gzips what is written to ``raw`` with zlib at ``level``
+    (strategy Z_RLE); ``seek`` only moves forward (padding with zeros), as nibabel needs to
+    reach the voxel offset. The gzip header holds no name and no time: same data, same bytes."""
+
+    def __init__(self, raw, level):
+        import zlib
+
+        self.raw, self.size = raw, 0
+        self._z = zlib.compressobj(level, zlib.DEFLATED, 31, 9, zlib.Z_RLE)
+
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        self.size += len(data)
+        self.raw.write(self._z.compress(data))
+        return len(data)
+
+    def read(self, *args):  # nibabel recognises file objects by read and write
+        raise OSError("_GzipStream is write-only")
+
+    def tell(self):
+        return self.size
+
+    def seek(self, pos, whence=0):
+        if whence != 0 or pos < self.size:
+            raise OSError("_GzipStream seeks forward only")
+        self.write(bytes(pos - self.size))
+        return self.size
+
+    def flush(self):
+        pass
+
+    def finish(self):
+        self.raw.write(self._z.flush())
+
+
 def write_image(path, data, affine, header=None, intent=None):
     """Write ``data`` as NIfTI at ``path`` atomically (temporary name, then rename): a
-    reader sees either the complete file or none. Call on one rank only. ``intent`` sets the
-    NIfTI intent code by name (e.g. ``"vector"`` for displacement fields)."""
+    reader sees either the complete file or none. Call on one rank only; several calls may
+    run in threads (compression releases the GIL). ``intent`` sets the NIfTI intent code by
+    name (e.g. ``"vector"`` for displacement fields). A ``.nii.gz`` is one standard gzip
+    member, deflated where that pays (see :data:`DEFLATE_WORTH`)."""
     import nibabel as nib
 
-    if _suffix(path) is None:
+    suffix = _suffix(path)
+    if suffix is None:
         raise UserInputError(f"{path}: output must end in .nii or .nii.gz")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserInputError(f"{directory}: output directory does not exist")
-    img = nib.Nifti1Image(np.asarray(data), affine, header=header)
-    img.set_data_dtype(np.asarray(data).dtype)
+    data = np.asarray(data)
+    img = nib.Nifti1Image(data, affine, header=header)
+    img.set_data_dtype(data.dtype)
     if intent is not None:
         img.header.set_intent(intent)
     tmp = atomic_path(path)
     try:
-        nib.save(img, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:  # on disk before the rename: a crash of the node cannot leave a renamed empty file
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(tmp, "wb") as raw:
+            stream = _GzipStream(raw, _deflate_level(data)) if suffix == ".nii.gz" else raw
+            file_map = nib.Nifti1Image.make_file_map()
+            file_map["image"].fileobj = stream
+            img.to_file_map(file_map)
+            if stream is not raw:
+                stream.finish()
+            raw.flush()
+            os.fsync(raw.fileno())  # on disk before the rename: a crash cannot leave a renamed empty file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
