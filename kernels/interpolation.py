@@ -19,7 +19,7 @@ import numpy as np
 from ._numba import interp as _interp
 from ._numba import routing as _routing
 
-__all__ = ["InterpolationPlan", "INTERPOLATION_KINDS"]
+__all__ = ["InterpolationPlan", "IdentityPlan", "INTERPOLATION_KINDS"]
 
 #: ``lagrange``: periodic tricubic Lagrange (64-point stencil, interpolates the nodes);
 #: ``bspline``: cubic B-spline on prefiltered coefficients (the plan prefilters spectrally);
@@ -246,4 +246,26 @@ class InterpolationPlan:
             target[k, after] = back[start:]
         if target is not flat:
             out[...] = target.reshape(shape)
+        return out
+
+
+class IdentityPlan:
+    """The plan of a zero displacement: every point is its own grid node, so interpolating
+    is copying (exactly what every interpolating kind gives there, without building a plan
+    or exchanging a halo). Same ``interpolate`` interface as :class:`InterpolationPlan`."""
+
+    def __init__(self, decomp):
+        self.decomp = decomp
+        self.out_shape = decomp.local_shape
+
+    def interpolate(self, field, out=None):
+        """A copy of ``field`` (``(n1, n2, n3)`` or ``(C, n1, n2, n3)``), into ``out`` when given."""
+        if field.shape[-3:] != self.decomp.local_shape or field.ndim not in (3, 4):
+            raise ValueError(f"field of shape {field.shape} does not match the local block {self.decomp.local_shape}")
+        if out is None:
+            return np.array(field, dtype=self.decomp.dtype, copy=True)
+        if out.shape != field.shape:
+            raise ValueError(f"out has shape {out.shape}, expected {field.shape}")
+        if out is not field:
+            out[...] = field
         return out

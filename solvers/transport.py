@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..kernels import fields
-from ..kernels.interpolation import InterpolationPlan
+from ..kernels.interpolation import IdentityPlan, InterpolationPlan
 from .monitor import Workload
 
 __all__ = ["TransportOptions", "SemiLagrangianTransport", "StateHistory"]
@@ -214,6 +214,11 @@ class SemiLagrangianTransport:
             raise ValueError("velocity contains NaN or infinite values")
         self.backward_plan = self.forward_plan = self.adjoint_factor = None
         self.velocity = np.ascontiguousarray(v, dtype=self.decomp.dtype)
+        if self.decomp.allreduce(float(np.abs(self.velocity).max(initial=0.0)), "max") == 0.0:
+            # v = 0 (every solve's first iterate): the characteristics stay put and div v = 0
+            self.backward_plan = self.forward_plan = IdentityPlan(self.decomp)
+            self.adjoint_factor = np.ones(self.decomp.local_shape, self.decomp.dtype)
+            return
         self.backward_plan = self._plan(self._departure_step(-1.0))
         self.forward_plan = self._plan(self._departure_step(+1.0))
         d = self.spectral.divergence(self.velocity)
@@ -314,8 +319,10 @@ class SemiLagrangianTransport:
         (voxels), shape ``(3, *local_shape)``: ``m(x, 1) = m(y(x), 0)``. Composed step by step,
         ``u_{j+1}(x) = u_j(X-(x)) + (X-(x) - x)``."""
         self._require_velocity()
-        step = self._departure_step(-1.0)
         u = np.zeros((3,) + self.decomp.local_shape, self.decomp.dtype)
+        if isinstance(self.backward_plan, IdentityPlan):  # v = 0
+            return u
+        step = self._departure_step(-1.0)
         for _ in range(self.nt):
             self._interpolate(self.backward_plan, u, out=u)
             u += step
