@@ -20,7 +20,8 @@ All images are on FIXED's grid with its affine. Conventions:
 * ``residual_before.nii.gz`` / ``residual_after.nii.gz``: ``|fixed - moving|`` and
   ``|fixed - warped|`` on intensities normalised to ``[0, 1]``.
 * ``registration.json``: resolved configuration, convergence history, stop reason, workload,
-  det range, versions; ``"complete": true`` is written last.
+  det range, wall seconds per phase and rank (``"timing"``, see :mod:`claire_py.timing`),
+  versions; ``"complete": true`` is written last.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import dataclasses
 import json
 import os
 import platform
+import time
 
 import numpy as np
 
@@ -120,10 +122,10 @@ def prepare_outdir(outdir, *, overwrite=False, create=True, shape=None, bytes_ne
 
 def _normalized(a, like=None):
     """``a`` rescaled by the intensity range of ``like`` (default: its own) onto ``[0, 1]``."""
-    a = np.asarray(a, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float32)
     ref = a if like is None else np.asarray(like)
     lo, hi = float(ref.min()), float(ref.max())
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    return (a - np.float32(lo)) * np.float32(1 / (hi - lo)) if hi > lo else np.zeros_like(a)
 
 
 def _versions():
@@ -146,32 +148,62 @@ def _write_json(path, payload):
 
 def _map_images(velocity, displacement, det, affine):
     """The NIfTI arrays describing a map: velocity (voxels / unit time), det_grad_y,
-    deformation_map (RAS mm) and displacement (ITK: LPS mm, 5-D)."""
+    deformation_map (RAS mm) and displacement (ITK: LPS mm, 5-D), all float32.
+
+    ``velocity`` and ``displacement`` are ``(3, n1, n2, n3)`` in radians of the box and in
+    voxels; with ``A`` the affine's linear part and ``t`` its offset, ``deformation_map =
+    A (i + u) + t`` and ``displacement = diag(-1, -1, 1) A u``."""
     shape = det.shape
-    spacing = np.array([2 * np.pi / n for n in shape])
     linear = np.asarray(affine, float)[:3, :3]
-    u_mm = np.einsum("ab,b...->...a", linear, displacement)  # RAS mm, (n1, n2, n3, 3)
-    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij"), axis=-1)
-    ras_to_lps = np.array([-1.0, -1.0, 1.0])
+    index = [np.arange(n, dtype=np.float32).reshape([-1 if b == a else 1 for b in range(3)])
+             for a, n in enumerate(shape)]
+    deformation = np.empty(shape + (3,), np.float32)
+    itk = np.empty(shape + (1, 3), np.float32)
+    for a, sign in enumerate((-1.0, -1.0, 1.0)):  # RAS -> LPS flips the first two axes
+        u_mm = sum(np.float32(linear[a, b]) * displacement[b] for b in range(3))
+        itk[:, :, :, 0, a] = sign * u_mm
+        deformation[..., a] = u_mm + np.float32(affine[a, 3])
+        for b in range(3):
+            if linear[a, b]:
+                deformation[..., a] += np.float32(linear[a, b]) * index[b]
+    velocity_voxels = np.empty(shape + (3,), np.float32)
+    for a, n in enumerate(shape):
+        velocity_voxels[..., a] = velocity[a] * np.float32(n / (2 * np.pi))
     return {
-        "velocity.nii.gz": np.moveaxis(velocity / spacing[:, None, None, None], 0, -1).astype(np.float32),
-        "det_grad_y.nii.gz": det.astype(np.float32),
-        "deformation_map.nii.gz": (grid @ linear.T + affine[:3, 3] + u_mm).astype(np.float32),
-        "displacement.nii.gz": (u_mm * ras_to_lps)[:, :, :, None, :].astype(np.float32),
+        "velocity.nii.gz": velocity_voxels,
+        "det_grad_y.nii.gz": det.astype(np.float32, copy=False),
+        "deformation_map.nii.gz": deformation,
+        "displacement.nii.gz": itk,
     }
 
 
 def _write_images(outdir, images, affine):
-    for name, data in images.items():
-        write_image(os.path.join(outdir, name), data, affine,
+    """Write ``images`` (``{file name: array}``) into ``outdir``, several files at once: the
+    compression of each runs in its own thread (zlib releases the GIL) on the cores of this
+    rank's node, which the other ranks leave idle while rank 0 writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def write(name):
+        write_image(os.path.join(outdir, name), images[name], affine,
                     intent="vector" if name == "displacement.nii.gz" else None)
 
+    workers = max(1, min(len(images), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                         else os.cpu_count() or 1))
+    # largest first, so that the last file to start is a small one
+    order = sorted(images, key=lambda name: -np.asarray(images[name]).nbytes)
+    with ThreadPoolExecutor(workers) as pool:
+        for future in [pool.submit(write, name) for name in order]:
+            future.result()
 
-def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, ranks, seconds):
+
+def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, ranks, seconds, timing=None):
     """Write the registration's files; call on rank 0 with the gathered ``result``.
 
-    ``fixed`` and ``moving`` are the global input arrays; ``affine`` is FIXED's.
+    ``fixed`` and ``moving`` are the global input arrays; ``affine`` is FIXED's; ``timing``
+    (``{phase: [seconds per rank]}``, see :mod:`claire_py.timing`) is stored with this
+    writing's own time added as ``write``, and returned so.
     """
+    t0 = time.perf_counter()
     images = _map_images(result.velocity, result.displacement, result.det_grad_y, affine)
     channels = np.ndim(result.warped) == 4  # (C, n1, n2, n3): NIfTI keeps channels last
 
@@ -192,6 +224,7 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
             "residual_after.nii.gz": residual(fixed, result.warped, moving).astype(np.float32),
         })
     _write_images(outdir, images, affine)
+    timing = dict(timing or {}, write=[time.perf_counter() - t0] + [0.0] * (ranks - 1))
     payload = {
         "inputs": inputs,
         "grid": list(np.shape(result.det_grad_y)),
@@ -207,12 +240,14 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         "workload": result.workload,
         **({"dice": result.dice} if result.dice else {}),
         "seconds": seconds,
+        "timing": timing,
         "versions": _versions(),
         "files": sorted(images),
         "conventions": "warped(x) = moving(y(x)); velocity in voxels per unit time along the array axes",
     }
     payload["complete"] = True  # last key: a reader seeing it knows every file above is in place
     _write_json(os.path.join(outdir, "registration.json"), payload)
+    return timing
 
 
 def write_inverse(outdir, source, velocity, displacement, det, affine, config, *, ranks):
