@@ -16,6 +16,7 @@ from .solvers.monitor import Workload
 from .solvers import continuation
 from .solvers.problem import RegistrationProblem
 from .solvers.transport import SemiLagrangianTransport
+from .timing import Phases
 
 __all__ = ["smooth", "register", "RegistrationResult", "transport", "jacobian", "invert", "dice_overlap"]
 
@@ -118,6 +119,9 @@ class RegistrationResult:
         One entry per continuation level (grid, sigma, beta, iterations, matvecs).
     dice : dict, optional
         ``{"labels": [...], "before": [...], "after": [...]}`` when label maps were given.
+    timing : dict
+        Wall seconds per phase (``read``, ``setup``, ``solve``, ``derive``; see
+        :mod:`claire_py.timing`), ``{phase: [rank 0, rank 1, ...]}``, on rank 0.
 
     With ``C`` image components, ``warped`` is ``(C, n1, n2, n3)``.
     """
@@ -140,19 +144,23 @@ class RegistrationResult:
     ranks: int = 1
     stages: list = None
     dice: dict = None
+    timing: dict = None
 
-    def save(self, outdir, *, overwrite=False, inputs=None):
+    def save(self, outdir, *, overwrite=False, inputs=None, timing=None):
         """Write the files of ``claire register`` into ``outdir`` (see
         :mod:`claire_py.outputs`); a no-op on ranks other than 0. FIXED's affine is used
-        when the inputs were files or nibabel images, else the identity."""
+        when the inputs were files or nibabel images, else the identity. ``timing``
+        (``{phase: [seconds per rank]}``, default :attr:`timing`) goes into
+        ``registration.json`` with the time of this writing added as ``write``; returns that
+        timing (``None`` on other ranks)."""
         if self.velocity is None:
             return
         from .outputs import prepare_outdir, write_outputs
 
         prepare_outdir(outdir, overwrite=overwrite)
         affine = np.eye(4) if self.affine is None else self.affine
-        write_outputs(outdir, self, self.fixed, self.moving, affine, self.config,
-                      inputs=inputs or {}, ranks=self.ranks, seconds=self.seconds)
+        return write_outputs(outdir, self, self.fixed, self.moving, affine, self.config, inputs=inputs or {},
+                             ranks=self.ranks, seconds=self.seconds, timing=self.timing if timing is None else timing)
 
 
 def _local_images(image, name, decomp, shape, pad, components, normalize):
@@ -391,6 +399,8 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     RegistrationResult
     """
     config = RegistrationConfig() if config is None else config
+    phases = Phases()
+    phases.enter("read")
     fixed, affine = _as_array(fixed, comm, "fixed", channels=True)
     moving, moving_affine = _as_array(moving, comm, "moving", channels=True)
     components, shape = _image_geometry(fixed, comm, "fixed")
@@ -432,6 +442,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     grid = tuple(n + 2 * pad for n in shape)
     config = _check_memory(grid, comm, config, components or 1)
     t0 = time.perf_counter()
+    phases.enter("setup")
     workload = Workload()
     decomp = Decomposition(grid, comm=comm, dtype=np.dtype(config.precision))
     ops = SpectralOperators(decomp)
@@ -454,8 +465,10 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     log.info("registering %s%s on %s (%s, distance %s)", "x".join(map(str, shape)),
              f" padded to {'x'.join(map(str, grid))}" if pad else "", decomp, config.precision, config.distance.name)
     log.info("iter     objective   mismatch  |g|/|g0|  krylov  step      time")
+    phases.enter("solve")
     result = continuation.solve(problem, decomp.new_vector(), config.newton, config.continuation, callback=callback,
                                 checkpoint=checkpoint)
+    phases.enter("derive")
     log.info("stopped: %s (beta = %.3g)", result.stop_reason, result.beta)
     # the outputs need the transport's plans only: the solver's state goes before they are made
     problem = None
@@ -491,13 +504,15 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     velocity = _crop(decomp.gather(result.velocity), pad)
     if velocity is not None and pad:  # radians of the padded box -> radians of the cropped one
         velocity *= np.array([n / m for n, m in zip(grid, shape)])[:, None, None, None]
+    phases.stop()
     return RegistrationResult(
         velocity=velocity, warped=None if warped is None else (warped if components else warped[0]),
         det_grad_y=det, det_central_differences=det_central, displacement=displacement,
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
         beta=result.beta, config=config,
         fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
-        affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size, stages=result.stages, dice=dice)
+        affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size, stages=result.stages, dice=dice,
+        timing=phases.gathered(decomp.comm))
 
 
 def _velocity_setup(velocity, comm, precision, nt, interpolation):

@@ -144,7 +144,9 @@ def _cmd_register(args):
     from .checkpoint import FileCheckpoint, read_checkpoint
     from .config import RegistrationConfig
     from .errors import UserInputError
+    from .timing import peak_rss_bytes, seconds_since_process_start, summary
 
+    startup = seconds_since_process_start()
     comm = _comm()
     if args.resume:  # inputs, options and OUTDIR come from the checkpoint
         meta = comm.bcast(_rank0(comm, lambda: read_checkpoint(args.resume)["meta"]))
@@ -180,8 +182,10 @@ def _cmd_register(args):
     labels = None if args.labels_fixed is None else (args.labels_fixed, args.labels_moving)
     result = register(args.fixed, args.moving, config=config, comm=comm, mask=args.mask, labels=labels,
                       checkpoint=checkpoint)
+    startup, peaks = zip(*comm.gather((startup, peak_rss_bytes())) or [(None, None)])
     if comm.Get_rank() == 0:
-        result.save(args.output, overwrite=True, inputs=inputs)
+        timing = dict(({"startup": startup} if None not in startup else {}), **result.timing)
+        timing = result.save(args.output, overwrite=True, inputs=inputs, timing=timing)
         if checkpoint is not None:
             checkpoint.remove()  # the outputs are complete
         det, first, last = result.det_grad_y, result.history[0], result.history[-1]
@@ -200,8 +204,15 @@ def _cmd_register(args):
                             "residuals, registration.json)")]
         print("\n".join(f"{name:24s} {value}" for name, value in rows))
         if report_wanted(args):
+            t0 = time.perf_counter()
             page = write_report(args.output, fixed=result.fixed, moving=result.moving, slices=args.slices)
+            timing["report"] = [time.perf_counter() - t0] + [0.0] * (comm.Get_size() - 1)
             print(f"{'report':24s} {page}")
+        log = logging.getLogger("claire_py")
+        log.info("time (slowest rank per phase): %s", summary(timing))
+        peaks = (peak_rss_bytes(),) + peaks[1:]  # the other ranks' peaks are final: they only wait now
+        log.info("peak memory (RSS): rank 0 %.2f GB, largest other rank %.2f GB, sum over ranks %.2f GB",
+                 peaks[0] / 1e9, max(peaks[1:], default=0) / 1e9, sum(peaks) / 1e9)
         if det.min() <= 0 or cd_min <= 0:
             where = " and ".join(name for name, lo in (("transported", det.min()), ("by central differences of the map",
                                                                                      cd_min)) if lo <= 0)
