@@ -94,9 +94,11 @@ def _register_config(args):
                                  ("preconditioner", args.precond)) if v is not None}
     cont = {k: v for k, v in (("train", args.train), ("det_bound", args.jbound),
                                ("coarsest_grid", args.coarsest_grid)) if v is not None}
-    for flag in ("beta_continuation", "grid_continuation", "scale_continuation"):
+    for flag in ("beta_continuation", "scale_continuation"):
         if getattr(args, flag):
             cont[flag] = True
+    if args.grid_continuation is not None:
+        cont["grid_continuation"] = args.grid_continuation
     distance = {k: v for k, v in (("name", args.distance), ("weights", args.weights),
                                   ("lncc_sigma", args.lncc_sigma)) if v is not None}
     krylov = {k: v for k, v in (("max_iterations", args.krylov_max_iter), ("forcing", args.forcing)) if v is not None}
@@ -345,8 +347,9 @@ def _build_parser():
                    help=f"lower det(grad y) bound for --train, upper = 1/JBOUND (default {d.continuation.det_bound:g})")
     p.add_argument("--beta-continuation", action="store_true",
                    help="reach --beta through beta = 1, 0.1, ... with inexact presolves")
-    p.add_argument("--grid-continuation", action="store_true",
-                   help="solve on grids coarser by 2, 4, ... first (multi-resolution)")
+    p.add_argument("--grid-continuation", action=argparse.BooleanOptionalAction,
+                   help="solve on grids coarser by 2, 4, ... first (multi-resolution; default "
+                        f"{'on' if d.continuation.grid_continuation else 'off'}, CLAIRE's is off)")
     p.add_argument("--coarsest-grid", type=int,
                    help=f"points on the shortest axis of the coarsest grid (default {d.continuation.coarsest_grid})")
     p.add_argument("--scale-continuation", action="store_true",

@@ -216,7 +216,7 @@ def test_an_unexpected_exception_fails_its_job_only(shared_tmp, monkeypatch):
     ([{"fixed": "f.nii", "moving": "m.nii", "name": "../up"}], {}, r"job name '../up' is not a safe directory name"),
     ([{"fixed": "f.nii", "moving": "m.nii", "beta": 1}], {"sweep": {"beta": [1, 2]}}, r"sets beta, which the sweep"),
     ([{"fixed": "f.nii", "moving": "m.nii"}], {"sweep": {"bogus": [1, 2]}}, r"sweep over 'bogus': not an option"),
-    ([{"fixed": "f.nii", "moving": "m.nii"}], {"preset": "slow"}, r"preset 'slow' is unknown; use one of fast"),
+    ([{"fixed": "f.nii", "moving": "m.nii"}], {"preset": "slow"}, r"preset 'slow' is unknown; use one of claire, fast"),
     ([{"fixed": "f.nii", "moving": "m.nii"}], {"ranks_per_job": 5},  # the suite runs 1, 2 and 4 ranks
      r"rank\(s\) cannot run groups of 5: launch P = 5 ranks .* or P = 1 \+ G\*5"),
     ([{"fixed": "f.nii", "moving": "m.nii"}], {"ranks_per_job": 0}, r"ranks per job 0 must be an integer >= 1"),

@@ -48,7 +48,7 @@ def test_presets_resolve_and_flags_refine_them(capsys, preset):
 
 
 def test_preset_and_option_errors_list_the_valid_choices(capsys):
-    with pytest.raises(ValueError, match="preset 'slow' is unknown; use one of fast, fast-smooth, accurate"):
+    with pytest.raises(ValueError, match="preset 'slow' is unknown; use one of claire, fast, fast-smooth, accurate"):
         RegistrationConfig.preset("slow")
     with pytest.raises(ValueError, match="distance='mi': use one of l2, ncc"):
         RegistrationConfig.from_dict({"distance": {"name": "mi"}})
