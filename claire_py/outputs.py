@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 from .io import write_image, write_text
+from .kernels.fields import affine_to_fortran
 
 __all__ = ["write_outputs", "write_inverse", "prepare_outdir", "load_registration"]
 
@@ -148,33 +149,30 @@ def _write_json(path, payload):
 
 def _map_images(velocity, displacement, det, affine):
     """The NIfTI arrays describing a map: velocity (voxels / unit time), det_grad_y,
-    deformation_map (RAS mm) and displacement (ITK: LPS mm, 5-D), all float32.
+    deformation_map (RAS mm) and displacement (ITK: LPS mm, 5-D), all float32 and in
+    Fortran order (NIfTI's: the file's bytes are the array's, written without a transpose).
 
     ``velocity`` and ``displacement`` are ``(3, n1, n2, n3)`` in radians of the box and in
     voxels; with ``A`` the affine's linear part and ``t`` its offset, ``deformation_map =
     A (i + u) + t`` and ``displacement = diag(-1, -1, 1) A u``."""
     shape = det.shape
     linear = np.asarray(affine, float)[:3, :3]
-    index = [np.arange(n, dtype=np.float32).reshape([-1 if b == a else 1 for b in range(3)])
-             for a, n in enumerate(shape)]
-    deformation = np.empty(shape + (3,), np.float32)
-    itk = np.empty(shape + (1, 3), np.float32)
-    for a, sign in enumerate((-1.0, -1.0, 1.0)):  # RAS -> LPS flips the first two axes
-        u_mm = sum(np.float32(linear[a, b]) * displacement[b] for b in range(3))
-        itk[:, :, :, 0, a] = sign * u_mm
-        deformation[..., a] = u_mm + np.float32(affine[a, 3])
-        for b in range(3):
-            if linear[a, b]:
-                deformation[..., a] += np.float32(linear[a, b]) * index[b]
-    velocity_voxels = np.empty(shape + (3,), np.float32)
-    for a, n in enumerate(shape):
-        velocity_voxels[..., a] = velocity[a] * np.float32(n / (2 * np.pi))
+    displacement = np.ascontiguousarray(displacement)
+    itk = np.empty(shape + (1, 3), np.float32, order="F")
     return {
-        "velocity.nii.gz": velocity_voxels,
-        "det_grad_y.nii.gz": det.astype(np.float32, copy=False),
-        "deformation_map.nii.gz": deformation,
-        "displacement.nii.gz": itk,
+        "velocity.nii.gz": affine_to_fortran(np.ascontiguousarray(velocity), np.diag([n / (2 * np.pi) for n in shape])),
+        "det_grad_y.nii.gz": _fortran(det),
+        "deformation_map.nii.gz": affine_to_fortran(displacement, linear, np.asarray(affine, float)[:3, 3], linear),
+        "displacement.nii.gz": affine_to_fortran(displacement, np.diag([-1.0, -1.0, 1.0]) @ linear, out=itk),
     }
+
+
+def _fortran(image):
+    """A float32 copy of a 3-D image (or ``(C, n1, n2, n3)`` channels, stored last) in NIfTI's order."""
+    image = np.ascontiguousarray(image)
+    if image.ndim == 3:
+        return affine_to_fortran(image, [[1.0]])[..., 0]
+    return affine_to_fortran(image, np.eye(image.shape[0]))
 
 
 def _write_images(outdir, images, affine):
@@ -213,15 +211,15 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
     if channels:
         before = [residual(f, m, m) for f, m in zip(fixed, moving)]
         after = [residual(f, w, m) for f, w, m in zip(fixed, result.warped, moving)]
-        images.update({"warped.nii.gz": np.moveaxis(result.warped, 0, -1).astype(np.float32),
-                       "residual_before.nii.gz": np.stack(before, -1).astype(np.float32),
-                       "residual_after.nii.gz": np.stack(after, -1).astype(np.float32)})
+        images.update({"warped.nii.gz": _fortran(result.warped),
+                       "residual_before.nii.gz": _fortran(np.stack(before)),
+                       "residual_after.nii.gz": _fortran(np.stack(after))})
     else:
         images.update({
-            "warped.nii.gz": result.warped.astype(np.float32),
-            "residual_before.nii.gz": residual(fixed, moving, moving).astype(np.float32),
+            "warped.nii.gz": _fortran(result.warped),
+            "residual_before.nii.gz": _fortran(residual(fixed, moving, moving)),
             # warped in MOVING's normalisation: cubic overshoot must not shift its background
-            "residual_after.nii.gz": residual(fixed, result.warped, moving).astype(np.float32),
+            "residual_after.nii.gz": _fortran(residual(fixed, result.warped, moving)),
         })
     _write_images(outdir, images, affine)
     timing = dict(timing or {}, write=[time.perf_counter() - t0] + [0.0] * (ranks - 1))

@@ -12,7 +12,7 @@ import numpy as np
 from ._numba import pointwise as _pw
 
 __all__ = ["axpy", "heun_factor", "scale_and_accumulate", "accumulate_product", "minus_dot_added",
-           "det_identity_plus"]
+           "det_identity_plus", "affine_to_fortran"]
 
 
 def _flat(a, dtype, name):
@@ -105,4 +105,35 @@ def det_identity_plus(grad_u, scale, out):
             raise ValueError(f"grad_u[{a}]: expected shape {(3,) + out.shape}, got {grad_u[a].shape}")
     g = [_vec(grad_u[a], n, grad_u[a].dtype, f"grad_u[{a}]") for a in range(3)]
     _pw._det_identity_plus(*g, *(float(s) for s in scale), _flat(out, dt, "out"))
+    return out
+
+
+def affine_to_fortran(field, matrix, offset=None, index_matrix=None, out=None):
+    """``out[i, j, k, a] = offset_a + sum_b matrix_ab field[b, i, j, k] + sum_c index_matrix_ac
+    (i, j, k)_c`` (float64 arithmetic), ``out`` of shape ``(n1, n2, n3, C)`` in Fortran order:
+    NIfTI's order, so that a file's bytes are the array's. ``field`` is ``(C_in, n1, n2, n3)``
+    C-contiguous (a scalar ``(n1, n2, n3)`` counts as ``C_in = 1``), ``matrix`` ``(C, C_in)``;
+    ``offset`` (``(C,)``) and ``index_matrix`` (``(C, 3)``) default to 0. E.g. world mm of
+    a deformation ``A (i + u) + t`` from a displacement ``u`` in voxels (``matrix =
+    index_matrix = A``, ``offset = t``), or just the transposing copy (``matrix = [[1]]``).
+    ``out`` (float32 by default) may be given, with any dtype, shape ``(n1, n2, n3, C)`` or
+    ``(n1, n2, n3, 1, C)``, Fortran-contiguous. Returns ``out``."""
+    field = np.asarray(field)
+    if field.ndim == 3:
+        field = field[None]
+    if field.ndim != 4 or not field.flags.c_contiguous:
+        raise TypeError("field: expected a C-contiguous (C_in, n1, n2, n3) or (n1, n2, n3) array")
+    matrix = np.asarray(matrix, np.float64)
+    cout = matrix.shape[0]
+    if matrix.shape != (cout, field.shape[0]):
+        raise ValueError(f"matrix: expected shape (C, {field.shape[0]}), got {matrix.shape}")
+    offset = np.zeros(cout) if offset is None else np.asarray(offset, np.float64).reshape(cout)
+    index_matrix = np.zeros((cout, 3)) if index_matrix is None else np.asarray(index_matrix, np.float64)
+    if index_matrix.shape != (cout, 3):
+        raise ValueError(f"index_matrix: expected shape ({cout}, 3), got {index_matrix.shape}")
+    if out is None:
+        out = np.empty(field.shape[1:] + (cout,), np.float32, order="F")
+    if not out.flags.f_contiguous or out.shape[:3] != field.shape[1:] or out.size != field[0].size * cout:
+        raise ValueError(f"out: expected a Fortran-contiguous array of shape {field.shape[1:] + (cout,)}")
+    _pw._affine_to_fortran(field, matrix, index_matrix, offset, out.T.reshape((cout,) + field.shape[1:][::-1]))
     return out

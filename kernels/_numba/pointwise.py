@@ -102,3 +102,28 @@ def _det_identity_plus(g0, g1, g2, h0, h1, h2, out):
             a22 = 1.0 + h2 * np.float64(g2[2, i])
             out[i] = (a00 * (a11 * a22 - a12 * a21) - a01 * (a10 * a22 - a12 * a20)
                       + a02 * (a10 * a21 - a11 * a20))
+
+
+_TILE = 32
+
+
+@jit_parallel
+def _affine_to_fortran(field, m, l, t, out_t):
+    # out_t[a, k, j, i] = t[a] + sum_b m[a, b] field[b, i, j, k] + sum_c l[a, c] (i, j, k)_c: the
+    # transpose of a Fortran-ordered (n1, n2, n3, C) array, filled tile by tile (k, i) so that
+    # both the C-ordered reads and the transposed writes stay in cache
+    cin, n1, n2, n3 = field.shape
+    cout = out_t.shape[0]
+    for kt in prange((n3 + _TILE - 1) // _TILE):
+        k0 = kt * _TILE
+        k1 = min(n3, k0 + _TILE)
+        for i0 in range(0, n1, _TILE):
+            i1 = min(n1, i0 + _TILE)
+            for j in range(n2):
+                for i in range(i0, i1):
+                    for k in range(k0, k1):
+                        for a in range(cout):
+                            s = t[a] + l[a, 0] * i + l[a, 1] * j + l[a, 2] * k
+                            for b in range(cin):
+                                s += m[a, b] * np.float64(field[b, i, j, k])
+                            out_t[a, k, j, i] = s

@@ -165,3 +165,24 @@ def test_mismatched_shapes_are_refused(dtype):
         fields.scale_and_accumulate(a, a, 1.0, vec, a.copy(), vec[:2].copy())
     with pytest.raises(ValueError, match="grad: expected"):
         fields.accumulate_product(a, 1.0, vec[:, :4], vec.copy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_affine_to_fortran_against_numpy(dtype):
+    # shapes not multiples of the 32-point tile, on both tiled axes
+    rng = np.random.default_rng(5)
+    field = rng.standard_normal((3, 37, 5, 70)).astype(dtype)
+    matrix, offset, index_matrix = rng.standard_normal((3, 3)), rng.standard_normal(3), rng.standard_normal((3, 3))
+    out = fields.affine_to_fortran(field, matrix, offset, index_matrix)
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in field.shape[1:]], indexing="ij"), axis=-1)
+    expected = np.einsum("ab,b...->...a", matrix, field.astype(np.float64)) + offset + index @ index_matrix.T
+    assert out.flags.f_contiguous and out.dtype == np.float32 and out.shape == (37, 5, 70, 3)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-5)
+    # a scalar, transposed only; and a given (n1, n2, n3, 1, 3) output (ITK's 5-D vector image)
+    np.testing.assert_array_equal(fields.affine_to_fortran(field[1], [[1.0]])[..., 0], field[1].astype(np.float32))
+    itk = np.empty((37, 5, 70, 1, 3), np.float64, order="F")
+    assert fields.affine_to_fortran(field, matrix, out=itk) is itk
+    np.testing.assert_allclose(itk[..., 0, :], np.einsum("ab,b...->...a", matrix, field.astype(np.float64)),
+                               rtol=1e-6 if dtype == np.float32 else 1e-12)
+    with pytest.raises(ValueError, match="Fortran-contiguous"):
+        fields.affine_to_fortran(field, matrix, out=np.empty((37, 5, 70, 3), np.float32))
