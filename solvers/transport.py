@@ -388,12 +388,23 @@ class SemiLagrangianTransport:
             return np.rint(out).astype(labels.dtype)
         if method != "probability":
             raise ValueError(f"label transport method {method!r}: use 'nearest' or 'probability'")
-        values = np.unique(np.concatenate(self.decomp.allgather(np.unique(labels))))
+        values, counts = np.unique(labels, return_counts=True)
+        every = self.decomp.allgather(dict(zip(values.tolist(), counts.tolist())))
+        totals = {value: sum(c.get(value, 0) for c in every) for value in sorted(set().union(*every))}
+        # the indicators sum to 1 and transport is linear and keeps constants: the largest
+        # label (the background, usually) is the complement of the others, not transported
+        rest = max(totals, key=totals.get)
         best = np.full(self.decomp.local_shape, -np.inf, self.decomp.dtype)
         out = np.zeros(self.decomp.local_shape, labels.dtype)
-        for value in values:
+        total = np.zeros(self.decomp.local_shape, self.decomp.dtype)
+        for value in totals:
+            if value == rest:
+                continue
             p = self.transport_image((labels == value).astype(self.decomp.dtype))
+            total += p
             better = p > best
             out[better] = value
             best[better] = p[better]
+        np.subtract(1, total, out=total)
+        out[total > best] = rest
         return out

@@ -245,6 +245,22 @@ def test_label_transport():
         tr.transport_labels(labels[d.real_slice], method="mode")
 
 
+def test_probability_labels_are_the_most_probable_of_every_transported_indicator():
+    # the reference transports every label's indicator, the background's too, and takes the
+    # argmax; the method leaves the largest label out (the complement of the others)
+    d, ops, tr, x = _setup((16, 12, 10), 3)
+    tr.set_velocity(0.5 * np.stack(np.broadcast_arrays(np.sin(x[1]), np.cos(x[2]) * np.sin(x[0]), np.cos(x[0]))))
+    gi = np.meshgrid(*[np.arange(n) for n in d.shape], indexing="ij")
+    labels = np.where((gi[0] - 8) ** 2 + (gi[1] - 6) ** 2 + (gi[2] - 5) ** 2 < 20, 1 + (gi[0] > 8) + 2 * (gi[2] > 5), 0)
+    local = labels[d.real_slice].astype(np.int32)
+    values = np.unique(labels)
+    p = np.stack([tr.transport_image((local == v).astype(float)) for v in values])
+    expected = values[np.argmax(p, axis=0)]
+    out = tr.transport_labels(local, method="probability")
+    assert COMM.allreduce(int(np.count_nonzero(out != expected))) == 0
+    assert COMM.allreduce(int(np.count_nonzero(out != local))) > 50  # the labels did move
+
+
 def test_float32_transport_is_close_to_float64():
     shape = (16, 16, 16)
     _, f64 = _all_fields(COMM, shape, np.float64)
