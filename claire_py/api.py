@@ -120,7 +120,9 @@ class RegistrationResult:
     dice : dict, optional
         ``{"labels": [...], "before": [...], "after": [...]}`` when label maps were given.
     timing : dict
-        Wall seconds per phase (``read``, ``setup``, ``solve``, ``derive``; see
+        Wall seconds per phase (``read``, ``setup``, ``solve``, then the outputs derived:
+        ``warp``, ``labels``, ``det``, ``displacement`` (with det by central differences
+        and the velocity gathered); see
         :mod:`claire_py.timing`), ``{phase: [rank 0, rank 1, ...]}``, on rank 0.
 
     With ``C`` image components, ``warped`` is ``(C, n1, n2, n3)``.
@@ -468,7 +470,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     phases.enter("solve")
     result = continuation.solve(problem, decomp.new_vector(), config.newton, config.continuation, callback=callback,
                                 checkpoint=checkpoint)
-    phases.enter("derive")
+    phases.enter("warp")
     log.info("stopped: %s (beta = %.3g)", result.stop_reason, result.beta)
     # the outputs need the transport's plans only: the solver's state goes before they are made
     problem = None
@@ -482,6 +484,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     raw_moving = None
     dice = None
     if has_labels:
+        phases.enter("labels")
         moving_labels = _pad(np.asarray(labels[1])[None], pad)[0] if root else None
         warped_labels = transport.transport_labels(decomp.scatter(moving_labels), method="probability")
         warped_labels = _crop(decomp.gather(np.ascontiguousarray(warped_labels)), pad)
@@ -489,7 +492,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
             dice = dice_overlap(labels[0], labels[1], warped_labels)
             log.info("Dice (mean over %d labels): %.3f -> %.3f", len(dice["labels"]),
                      np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
+    phases.enter("det")
     det = _crop(decomp.gather(transport.det_grad_y()), pad)
+    phases.enter("displacement")
     displacement = transport.displacement()
     transport.release()
     det_central = _range_inside(transport.det_grad_y_central_differences(displacement), decomp, pad)

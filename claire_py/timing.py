@@ -3,8 +3,9 @@
 ``claire register`` records its phases in order — ``startup`` (interpreter start to the
 command: imports, MPI initialisation), ``read`` (inputs read and checked), ``setup``
 (decomposition, FFTW plans, images scattered and smoothed, the problem's distance
-prepared), ``solve``, ``derive`` (warped image, labels, det(grad y), displacement, gathered
-to rank 0), ``write`` and ``report`` — logs them at the end, with each rank's peak memory,
+prepared), ``solve``, the outputs derived and gathered to rank 0 (``warp``: the warped image,
+``labels``: the warped label map and Dice, ``det``: det(grad y), ``displacement``: the
+displacement, det(grad y) by its central differences, the velocity), ``write`` and ``report`` — logs them at the end, with each rank's peak memory,
 and stores those through ``write`` in ``registration.json`` (``"timing"``: ``{phase: [seconds
 on rank 0, rank 1, ...]}``; the report comes after that file). The launcher's own start and
 exit lie outside: a command's wall time minus the sum is their share.

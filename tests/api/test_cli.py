@@ -134,7 +134,7 @@ def test_register_command_writes_complete_outputs(shared_tmp, capsys):
     assert meta["complete"] is True and meta["converged"] and list(meta)[-1] == "complete"
     assert meta["config"]["regularization"]["beta"] == 1e-3 and meta["ranks"] == COMM.size
     assert meta["det_grad_y"]["min"] > 0
-    phases = ["startup", "read", "setup", "solve", "derive", "write"]
+    phases = ["startup", "read", "setup", "solve", "warp", "det", "displacement", "write"]
     assert list(meta["timing"]) == phases and all(len(meta["timing"][p]) == COMM.size for p in phases)
     assert 0 < max(meta["timing"]["solve"]) and all(s >= 0 for p in phases for s in meta["timing"][p])
     for name in meta["files"]:
