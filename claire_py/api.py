@@ -124,6 +124,9 @@ class RegistrationResult:
         ``warp``, ``labels``, ``det``, ``displacement`` (with det by central differences
         and the velocity gathered); see
         :mod:`claire_py.timing`), ``{phase: [rank 0, rank 1, ...]}``, on rank 0.
+    peak_rss : dict
+        Each rank's peak resident memory (bytes) by the end of each of those phases, same
+        layout: where the peak arose.
 
     With ``C`` image components, ``warped`` is ``(C, n1, n2, n3)``.
     """
@@ -147,6 +150,7 @@ class RegistrationResult:
     stages: list = None
     dice: dict = None
     timing: dict = None
+    peak_rss: dict = None
 
     def save(self, outdir, *, overwrite=False, inputs=None, timing=None):
         """Write the files of ``claire register`` into ``outdir`` (see
@@ -517,7 +521,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         beta=result.beta, config=config,
         fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
         affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size, stages=result.stages, dice=dice,
-        timing=phases.gathered(decomp.comm))
+        timing=phases.gathered(decomp.comm), peak_rss=phases.gathered(decomp.comm, "peak_rss"))
 
 
 def _velocity_setup(velocity, comm, precision, nt, interpolation):

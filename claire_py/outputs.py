@@ -20,7 +20,8 @@ All images are on FIXED's grid with its affine. Conventions:
 * ``residual_before.nii.gz`` / ``residual_after.nii.gz``: ``|fixed - moving|`` and
   ``|fixed - warped|`` on intensities normalised to ``[0, 1]``.
 * ``registration.json``: resolved configuration, convergence history, stop reason, workload,
-  det range, wall seconds per phase and rank (``"timing"``, see :mod:`claire_py.timing`),
+  det range, wall seconds per phase and rank (``"timing"``, see :mod:`claire_py.timing`) and
+  each rank's peak RSS by the end of each phase (``"peak_rss_bytes"``),
   versions; ``"complete": true`` is written last.
 """
 
@@ -239,6 +240,7 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         **({"dice": result.dice} if result.dice else {}),
         "seconds": seconds,
         "timing": timing,
+        **({"peak_rss_bytes": result.peak_rss} if getattr(result, "peak_rss", None) else {}),
         "versions": _versions(),
         "files": sorted(images),
         "conventions": "warped(x) = moving(y(x)); velocity in voxels per unit time along the array axes",

@@ -46,6 +46,7 @@ class Phases:
 
     def __init__(self):
         self.seconds = {}
+        self.peak_rss = {}  # peak RSS of the process at the end of each phase: where it grew
         self._running = None
 
     def add(self, name, seconds):
@@ -61,16 +62,18 @@ class Phases:
         if self._running is not None:
             name, t0 = self._running
             self.add(name, time.perf_counter() - t0)
+            self.peak_rss[name] = peak_rss_bytes()
             self._running = None
 
-    def gathered(self, comm):
-        """``{phase: [seconds on rank 0, rank 1, ...]}`` on rank 0 (``None`` elsewhere); a
-        phase a rank did not enter counts 0 there. Collective."""
-        every = comm.gather(self.seconds, root=0)
+    def gathered(self, comm, what="seconds"):
+        """``{phase: [value on rank 0, rank 1, ...]}`` of ``what`` (``"seconds"``, or
+        ``"peak_rss"``: bytes at the phase's end) on rank 0 (``None`` elsewhere); a phase a
+        rank did not enter counts 0 there. Collective."""
+        every = comm.gather(getattr(self, what), root=0)
         if every is None:
             return None
-        names = list(dict.fromkeys(name for seconds in every for name in seconds))
-        return {name: [seconds.get(name, 0.0) for seconds in every] for name in names}
+        names = list(dict.fromkeys(name for values in every for name in values))
+        return {name: [values.get(name, 0) for values in every] for name in names}
 
 
 def summary(timing):
