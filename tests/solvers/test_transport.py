@@ -1,6 +1,8 @@
 """Semi-Lagrangian transport: analytic solutions, conservation, adjoint consistency,
 deformation maps, and equality across rank counts."""
 
+import functools
+
 import numpy as np
 import pytest
 from mpi4py import MPI
@@ -11,10 +13,21 @@ from claire_py.solvers.transport import SemiLagrangianTransport, TransportOption
 COMM = MPI.COMM_WORLD
 
 
+@functools.lru_cache(maxsize=None)
+def _grid(shape, dtype):
+    """One decomposition and its operators per grid: a process holds at most 2048 MPI
+    communicators, and every Decomposition keeps a few for its lifetime."""
+    d = Decomposition(shape, dtype=dtype)
+    return d, SpectralOperators(d)
+
+
 def _setup(n, nt, dtype=np.float64, comm=None, interpolation="lagrange"):
     shape = (n, n, n) if np.ndim(n) == 0 else tuple(n)
-    d = Decomposition(shape, dtype=dtype, comm=comm)
-    ops = SpectralOperators(d)
+    if comm is None:
+        d, ops = _grid(shape, np.dtype(dtype))
+    else:
+        d = Decomposition(shape, dtype=dtype, comm=comm)
+        ops = SpectralOperators(d)
     tr = SemiLagrangianTransport(d, ops, TransportOptions(nt=nt, interpolation=interpolation))
     x = [a.astype(np.float64) for a in d.local_coordinates()]
     return d, ops, tr, x
