@@ -8,7 +8,6 @@ alone. The worker prints one line ``RESULT <json>`` on rank 0; :func:`run_worker
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 
@@ -18,7 +17,9 @@ VENV = os.path.join(ROOT, ".venv", "bin")
 
 def peak_rss_bytes(comm=None):
     """Peak resident set size of this process (``ru_maxrss``), the max over ranks of ``comm``."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    from claire_py.timing import peak_rss_bytes as own
+
+    rss = own()
     if comm is None:
         return rss
     from mpi4py import MPI

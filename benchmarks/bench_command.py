@@ -28,7 +28,6 @@ Run (the performance tables of benchmarks/RESULTS.md)::
 """
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -41,7 +40,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import append_json  # noqa: E402
-from _launch import ROOT, VENV  # noqa: E402
+from _launch import VENV  # noqa: E402
+from bench_fidelity import register_command  # noqa: E402
 from real_pairs import prepare  # noqa: E402
 
 CASES = {
@@ -59,21 +59,10 @@ _REPORT = re.compile(r"time \(slowest rank per phase\):.* report ([\d.]+) s")
 
 def register(pair, stems, flags, ranks, out):
     """One ``claire register`` run; its wall time and what the run recorded of itself."""
-    fixed, moving = stems
-    cmd = [os.path.join(VENV, "mpiexec"), "-n", str(ranks), os.path.join(VENV, "claire"), "register",
-           fixed + ".nii.gz", moving + ".nii.gz", "-o", out, "--overwrite",
-           "--labels-fixed", fixed + "_tissues.nii.gz", "--labels-moving", moving + "_tissues.nii.gz", *flags]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    with open(os.path.join(out, "registration.json")) as fh:
-        meta = json.load(fh)
-    log = proc.stdout + proc.stderr
+    wall, meta, log = register_command(VENV, *stems, out, flags, ranks)
     memory, report = _MEMORY.search(log), _REPORT.search(log)
     if memory is None:
-        raise RuntimeError(f"no peak-memory line in the log of {' '.join(cmd)}")
+        raise RuntimeError(f"no peak-memory line in the log of the run in {out}")
     timing = dict(meta["timing"], report=[float(report.group(1))] + [0.0] * (ranks - 1) if report else [0.0])
     slowest = {phase: max(timing.get(phase, [0.0])) for phase in PHASES}
     return dict(pair=pair, flags=" ".join(flags), ranks=ranks, shape="x".join(map(str, meta["grid"])), wall=wall,

@@ -54,22 +54,29 @@ def map_det(y, a):
     return np.linalg.det(jac)
 
 
-def run(tree, pair, fixed, moving, flags, ranks, outroot):
-    import nibabel as nib
-
-    tag = "".join(c if c.isalnum() else "_" for c in " ".join(flags)).strip("_")
-    out = os.path.join(outroot, f"{os.path.basename(os.path.abspath(tree))}_{pair}" + (f"_{tag}" if tag else ""))
-    venv = os.path.join(tree, ".venv", "bin")
+def register_command(venv, fixed, moving, out, flags, ranks):
+    """Run ``VENV/mpiexec -n RANKS VENV/claire register FIXED MOVING -o OUT`` with the pair's
+    tissue labels and ``flags``; return its wall time, its ``registration.json`` and its log
+    (stdout and stderr)."""
     cmd = [os.path.join(venv, "mpiexec"), "-n", str(ranks), os.path.join(venv, "claire"), "register",
-           fixed + ".nii.gz", moving + ".nii.gz", "-o", out, "--overwrite", "--no-report",
-           "--labels-fixed", fixed + "_tissues.nii.gz", "--labels-moving", moving + "_tissues.nii.gz"] + flags
+           fixed + ".nii.gz", moving + ".nii.gz", "-o", out, "--overwrite",
+           "--labels-fixed", fixed + "_tissues.nii.gz", "--labels-moving", moving + "_tissues.nii.gz", *flags]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     with open(os.path.join(out, "registration.json")) as fh:
-        meta = json.load(fh)
+        return wall, json.load(fh), proc.stdout + proc.stderr
+
+
+def run(tree, pair, fixed, moving, flags, ranks, outroot):
+    import nibabel as nib
+
+    tag = "".join(c if c.isalnum() else "_" for c in " ".join(flags)).strip("_")
+    out = os.path.join(outroot, f"{os.path.basename(os.path.abspath(tree))}_{pair}" + (f"_{tag}" if tag else ""))
+    wall, meta, _ = register_command(os.path.join(tree, ".venv", "bin"), fixed, moving, out, ["--no-report", *flags],
+                                     ranks)
     det = np.asanyarray(nib.load(os.path.join(out, "det_grad_y.nii.gz")).dataobj)
     cd = central_difference_det(os.path.join(out, "deformation_map.nii.gz"))
     hist = meta["history"]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -277,8 +279,6 @@ def _deflate_level(data):
     """zlib level for a ``.nii.gz`` of ``data``: 1 (with the run-length strategy: as small as
     zlib's default on images at 2-3x its speed) when a 1 MiB sample from the middle compresses
     below :data:`DEFLATE_WORTH`, else 0 (stored)."""
-    import zlib
-
     flat = np.ravel(data, order="K")
     start = max(0, flat.size // 2 - _SAMPLE_BYTES // (2 * flat.itemsize))
     sample = np.ascontiguousarray(flat[start:start + _SAMPLE_BYTES // flat.itemsize]).tobytes()
@@ -298,8 +298,6 @@ class _GzipStream:
     _STORED_BLOCK = 0xFFFF  # the largest stored block deflate allows
 
     def __init__(self, raw, level):
-        import zlib
-
         self.raw, self.size, self.level, self._crc = raw, 0, level, 0
         if level:
             self._z = zlib.compressobj(level, zlib.DEFLATED, 31, 9, zlib.Z_RLE)
@@ -307,9 +305,6 @@ class _GzipStream:
             raw.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
 
     def write(self, data):
-        import struct
-        import zlib
-
         data = memoryview(data).cast("B")
         self.size += len(data)
         if self.level:
@@ -338,8 +333,6 @@ class _GzipStream:
         pass
 
     def finish(self):
-        import struct
-
         if self.level:
             self.raw.write(self._z.flush())
         else:  # an empty final stored block, then CRC-32 and size mod 2^32
