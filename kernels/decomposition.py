@@ -447,6 +447,16 @@ class Decomposition:
         """Reduce a Python scalar over all ranks (``op`` = ``"sum"``, ``"min"`` or ``"max"``)."""
         return self.comm.allreduce(value, op={"sum": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}[op])
 
+    def allreduce_array(self, array):
+        """Elementwise sum of a small float64 array over all ranks (a new array on every rank)."""
+        out = np.empty_like(np.ascontiguousarray(array, np.float64))
+        self.comm.Allreduce(np.ascontiguousarray(array, np.float64), out, op=MPI.SUM)
+        return out
+
+    def bcast(self, obj, root=0):
+        """``root``'s ``obj`` (any picklable object, e.g. a few arrays) on every rank."""
+        return self.comm.bcast(obj, root=root)
+
     def same_ranks(self, other):
         """True when ``other`` is distributed over the same ranks in the same order."""
         return self.size == other.size and MPI.Comm.Compare(self.comm, other.comm) in (MPI.IDENT, MPI.CONGRUENT)

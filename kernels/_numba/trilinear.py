@@ -1,0 +1,118 @@
+"""Trilinear interpolation of non-periodic volumes at arbitrary points (voxel units).
+
+A point ``q = (q0, q1, q2)`` in voxel (index) coordinates takes the weighted sum of the 8 nodes
+``floor(q) .. floor(q) + 1`` of each of ``C`` stacked volumes; a point outside ``[0, n_a - 1]``
+on some axis takes the value 0 and is flagged outside (zero padding, as
+``scipy.ndimage.map_coordinates(order=1, mode="constant")``).
+"""
+
+import math
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit, jit_parallel
+
+
+@jit_parallel
+def _trilinear(volumes, coords, out, inside):
+    # volumes (C, n0, n1, n2); coords (N, 3) float64; out (N, C) float64; inside (N,) uint8
+    nc, n0, n1, n2 = volumes.shape
+    for p in prange(coords.shape[0]):
+        q0, q1, q2 = coords[p, 0], coords[p, 1], coords[p, 2]
+        if not (0.0 <= q0 <= n0 - 1 and 0.0 <= q1 <= n1 - 1 and 0.0 <= q2 <= n2 - 1):
+            inside[p] = 0
+            for c in range(nc):
+                out[p, c] = 0.0
+            continue
+        inside[p] = 1
+        i0 = min(int(math.floor(q0)), n0 - 2) if n0 > 1 else 0
+        i1 = min(int(math.floor(q1)), n1 - 2) if n1 > 1 else 0
+        i2 = min(int(math.floor(q2)), n2 - 2) if n2 > 1 else 0
+        t0, t1, t2 = q0 - i0, q1 - i1, q2 - i2
+        j0, j1, j2 = min(i0 + 1, n0 - 1), min(i1 + 1, n1 - 1), min(i2 + 1, n2 - 1)
+        for c in range(nc):
+            v = volumes[c]
+            a = (v[i0, i1, i2] * (1.0 - t2) + v[i0, i1, j2] * t2) * (1.0 - t1) \
+                + (v[i0, j1, i2] * (1.0 - t2) + v[i0, j1, j2] * t2) * t1
+            b = (v[j0, i1, i2] * (1.0 - t2) + v[j0, i1, j2] * t2) * (1.0 - t1) \
+                + (v[j0, j1, i2] * (1.0 - t2) + v[j0, j1, j2] * t2) * t1
+            out[p, c] = a * (1.0 - t0) + b * t0
+
+
+
+@jit
+def _sample4(v, q0, q1, q2, out):
+    # trilinear value of the 4 stacked volumes v at (q0, q1, q2) into out[0:4]; False outside
+    nc, n0, n1, n2 = v.shape
+    if not (0.0 <= q0 <= n0 - 1 and 0.0 <= q1 <= n1 - 1 and 0.0 <= q2 <= n2 - 1):
+        return False
+    i0 = min(int(math.floor(q0)), n0 - 2) if n0 > 1 else 0
+    i1 = min(int(math.floor(q1)), n1 - 2) if n1 > 1 else 0
+    i2 = min(int(math.floor(q2)), n2 - 2) if n2 > 1 else 0
+    t0, t1, t2 = q0 - i0, q1 - i1, q2 - i2
+    j0, j1, j2 = min(i0 + 1, n0 - 1), min(i1 + 1, n1 - 1), min(i2 + 1, n2 - 1)
+    for c in range(nc):
+        a = (v[c, i0, i1, i2] * (1.0 - t2) + v[c, i0, i1, j2] * t2) * (1.0 - t1) \
+            + (v[c, i0, j1, i2] * (1.0 - t2) + v[c, i0, j1, j2] * t2) * t1
+        b = (v[c, j0, i1, i2] * (1.0 - t2) + v[c, j0, i1, j2] * t2) * (1.0 - t1) \
+            + (v[c, j0, j1, i2] * (1.0 - t2) + v[c, j0, j1, j2] * t2) * t1
+        out[c] = a * (1.0 - t0) + b * t0
+    return True
+
+
+@jit_parallel
+def _affine_sums(volumes, x, f, w, A, b, to_voxel, offset, rigid, out):
+    # Per chunk of points (row of out): the weighted sums from which the affine stage's
+    # objective and Gauss-Newton system follow for any linear intensity map a m + beta:
+    # [sum w, sum w m, sum w f, sum w m m, sum w m f, sum w f f,
+    #  sum w J m (k), sum w J (k), sum w J f (k), sum w J J^T (k x k)], where m = moving(T x),
+    # T x = A x + b (world), and J = d m / d(parameters): rigid (k = 6) [u x g, g] with u = A x,
+    # else (k = 12) [g_j x_l (row-major j, l), g]; g = grad m in world units.
+    nchunks = out.shape[0]
+    n = x.shape[0]
+    k = 6 if rigid else 12
+    for c in prange(nchunks):
+        row = out[c]
+        row[:] = 0.0
+        s = np.empty(4)
+        jac = np.empty(12)
+        for p in range(c * n // nchunks, (c + 1) * n // nchunks):
+            u0 = A[0, 0] * x[p, 0] + A[0, 1] * x[p, 1] + A[0, 2] * x[p, 2]
+            u1 = A[1, 0] * x[p, 0] + A[1, 1] * x[p, 1] + A[1, 2] * x[p, 2]
+            u2 = A[2, 0] * x[p, 0] + A[2, 1] * x[p, 1] + A[2, 2] * x[p, 2]
+            y0, y1, y2 = u0 + b[0], u1 + b[1], u2 + b[2]
+            q0 = to_voxel[0, 0] * y0 + to_voxel[0, 1] * y1 + to_voxel[0, 2] * y2 + offset[0]
+            q1 = to_voxel[1, 0] * y0 + to_voxel[1, 1] * y1 + to_voxel[1, 2] * y2 + offset[1]
+            q2 = to_voxel[2, 0] * y0 + to_voxel[2, 1] * y1 + to_voxel[2, 2] * y2 + offset[2]
+            if not _sample4(volumes, q0, q1, q2, s):
+                s[:] = 0.0
+            wp, m, fp = w[p], s[0], f[p]
+            g0 = s[1] * to_voxel[0, 0] + s[2] * to_voxel[1, 0] + s[3] * to_voxel[2, 0]
+            g1 = s[1] * to_voxel[0, 1] + s[2] * to_voxel[1, 1] + s[3] * to_voxel[2, 1]
+            g2 = s[1] * to_voxel[0, 2] + s[2] * to_voxel[1, 2] + s[3] * to_voxel[2, 2]
+            if rigid:
+                jac[0] = u1 * g2 - u2 * g1
+                jac[1] = u2 * g0 - u0 * g2
+                jac[2] = u0 * g1 - u1 * g0
+                jac[3], jac[4], jac[5] = g0, g1, g2
+            else:
+                for l in range(3):
+                    jac[l] = g0 * x[p, l]
+                    jac[3 + l] = g1 * x[p, l]
+                    jac[6 + l] = g2 * x[p, l]
+                jac[9], jac[10], jac[11] = g0, g1, g2
+            row[0] += wp
+            row[1] += wp * m
+            row[2] += wp * fp
+            row[3] += wp * m * m
+            row[4] += wp * m * fp
+            row[5] += wp * fp * fp
+            for i in range(k):
+                wj = wp * jac[i]
+                row[6 + i] += wj * m
+                row[6 + k + i] += wj
+                row[6 + 2 * k + i] += wj * fp
+                base = 6 + 3 * k + i * k
+                for j in range(i, k):
+                    row[base + j] += wj * jac[j]
