@@ -394,13 +394,21 @@ class SemiLagrangianTransport:
         # the indicators sum to 1 and transport is linear and keeps constants: the largest
         # label (the background, usually) is the complement of the others, not transported
         rest = max(totals, key=totals.get)
+        indicators = ((value, (labels == value).astype(self.decomp.dtype)) for value in totals if value != rest)
+        return self.most_probable_label(indicators, rest, labels.dtype)
+
+    def most_probable_label(self, probabilities, rest, dtype):
+        """The label of largest transported probability at each point.
+
+        ``probabilities`` yields ``(label, p)`` with ``p`` a local probability map of that
+        label (its indicator, or a map interpolated from one), each transported like an image
+        in turn; ``rest`` is the label whose probability is the complement of theirs (not
+        transported). Returns the local label map of ``dtype``."""
         best = np.full(self.decomp.local_shape, -np.inf, self.decomp.dtype)
-        out = np.zeros(self.decomp.local_shape, labels.dtype)
+        out = np.zeros(self.decomp.local_shape, dtype)
         total = np.zeros(self.decomp.local_shape, self.decomp.dtype)
-        for value in totals:
-            if value == rest:
-                continue
-            p = self.transport_image((labels == value).astype(self.decomp.dtype))
+        for value, p in probabilities:
+            p = self.transport_image(np.asarray(p, self.decomp.dtype))
             total += p
             better = p > best
             out[better] = value
