@@ -9,8 +9,9 @@ if __name__ != "claire_py.kernels":  # pragma: no cover - imported from the repo
                       "(a second copy under another name would duplicate its classes and numba kernels)")
 
 
+from ._numba._jit import start_runtime as start_kernel_runtime
 from .decomposition import Decomposition
 from .spectral import REGULARIZATION_NORMS, SpectralOperators, SpectralResampler, regularization_symbol
 
 __all__ = ["Decomposition", "SpectralOperators", "SpectralResampler", "REGULARIZATION_NORMS",
-           "regularization_symbol"]
+           "regularization_symbol", "start_kernel_runtime"]

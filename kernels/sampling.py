@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from ._numba import mattes as _mattes
+from ._numba import smoothing as _smoothing
 from ._numba import trilinear as _trilinear
 
-__all__ = ["trilinear_samples", "affine_sums", "mattes_sums"]
+__all__ = ["trilinear_samples", "affine_sums", "resample_affine", "gaussian_smooth", "mattes_sums"]
 
 
 def trilinear_samples(volumes, coords):
@@ -192,3 +193,64 @@ def mattes_sums(volumes, x, f, w, A, b, to_voxel, *, rigid, bins=32, fixed_range
     if not len(x):
         return np.zeros((bins, bins)), np.zeros((bins, bins, k)), 0.0
     return joint.sum(axis=0), djoint.sum(axis=0), float(count.sum())
+
+
+def resample_affine(volume, matrix, shape, *, order=3, dtype=np.float32):
+    """``volume`` sampled on a grid of ``shape`` through a voxel-to-voxel affine map.
+
+    Parameters
+    ----------
+    volume : ndarray ``(n0, n1, n2)``
+    matrix : ndarray ``(3, 4)`` or ``(4, 4)``
+        Output voxel ``(i, j, k)`` takes ``volume`` at ``matrix[:3, :3] (i, j, k) +
+        matrix[:3, 3]`` (``volume``'s voxels).
+    shape : tuple of 3 int
+    order : {0, 1, 3}
+        Nearest (ties to the upper node), trilinear, or cubic Lagrange (interpolating, as the
+        transport's; no prefilter; the stencil clamped to the volume near its faces).
+    dtype : dtype
+        Of the result (the arithmetic is float64; an integer ``volume`` with ``order=0`` keeps
+        its values exactly with ``dtype=volume.dtype``).
+
+    Returns
+    -------
+    ndarray ``shape``
+        Zero where the point lies outside ``[0, n_a - 1]`` on some axis.
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise ValueError(f"volume: expected a 3-D array, got shape {volume.shape}")
+    if order not in (0, 1, 3):
+        raise ValueError(f"order={order}: 0 (nearest), 1 (trilinear) or 3 (cubic)")
+    if volume.dtype not in (np.float32, np.float64):
+        volume = volume.astype(np.float64)
+    matrix = np.ascontiguousarray(np.asarray(matrix, np.float64)[:3, :4])
+    out = np.empty(tuple(int(n) for n in shape), np.float64 if order == 0 else dtype)
+    _trilinear._resample_affine(np.ascontiguousarray(volume), matrix, order, out)
+    return out.astype(dtype, copy=False)
+
+
+def gaussian_smooth(volume, sigma, *, truncate=3.0):
+    """``volume`` convolved with a Gaussian of ``sigma`` voxels along each axis, continued by its
+    edge values beyond its faces: ``scipy.ndimage.gaussian_filter(volume, sigma,
+    mode="nearest", truncate=truncate)`` (the kernel normalised to sum 1, radius ``round(truncate
+    * sigma)``), float32 or float64 as ``volume``.
+
+    One pass per axis, each over axis 0 of a transposed view (so that the innermost loops run
+    along contiguous memory)."""
+    volume = np.asarray(volume)
+    if volume.ndim != 3 or volume.dtype not in (np.float32, np.float64):
+        raise TypeError("volume: expected a 3-D float32/float64 array")
+    if not sigma > 0:
+        return volume.copy()
+    radius = int(truncate * sigma + 0.5)
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 * (t / sigma) ** 2)
+    weights /= weights.sum()
+    out = np.ascontiguousarray(volume)
+    for axis in range(3):
+        moved = np.ascontiguousarray(np.moveaxis(out, axis, 0))
+        result = np.empty_like(moved)
+        _smoothing._convolve_axis0(moved, weights.astype(moved.dtype), result)
+        out = np.moveaxis(result, 0, axis)
+    return np.ascontiguousarray(out)

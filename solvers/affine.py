@@ -21,7 +21,7 @@ the first two by Levenberg-Marquardt on the Gauss-Newton normal equations ``(J^T
 differences of the smoothed level, interpolated like ``m``): for the affine stage
 ``d r / d A_jk = a g_j (x - c)_k`` and ``d r / d b_j = a g_j``; for the rigid stage the update
 ``A <- exp([delta_w]_x) A``, ``b <- b + delta_b`` gives ``d r / d delta_w = a (A (x - c)) x g``.
-Levels are Gaussian-smoothed (``sigma = shrink / 2`` voxels, at least 1) and subsampled copies
+Levels are Gaussian-smoothed (``sigma = shrink / 2`` voxels, none at shrink 1) and subsampled copies
 of the images; a level stops when a step moves no corner of FIXED's box by more than
 ``tolerance`` level voxels, or after ``iterations`` steps.
 
@@ -84,7 +84,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernels.sampling import affine_sums, mattes_sums
+from ..kernels.sampling import affine_sums, gaussian_smooth, mattes_sums
 
 __all__ = ["AffineOptions", "AFFINE_MODES", "AFFINE_METRICS", "affine_stage", "ImagePyramid"]
 
@@ -158,12 +158,22 @@ class AffineOptions:
         object.__setattr__(self, "iterations", iterations)
 
 
-def _smooth_subsample(image, shrink):
-    from scipy import ndimage
-
-    sigma = max(0.5 * shrink, 1.0)
-    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), sigma, mode="nearest", truncate=3.0)
-    return np.ascontiguousarray(smooth[::shrink, ::shrink, ::shrink])
+def _smoothed_levels(image, shrinks):
+    """``{shrink: image}``: Gaussian-smoothed by ``sigma = shrink / 2`` voxels (none at shrink
+    1, as ANTs' affine stage) and subsampled, built fine to coarse, each level from the one
+    before when its shrink divides (the extra ``sigma`` only: a quarter of the work per level)."""
+    image = np.asarray(image, np.float32)
+    out, base, base_shrink, base_sigma = {}, image, 1, 0.0
+    for shrink in sorted(set(shrinks)):
+        if shrink % base_shrink:
+            base, base_shrink, base_sigma = image, 1, 0.0
+        sigma = 0.0 if shrink == 1 else 0.5 * shrink
+        extra = math.sqrt(max(sigma ** 2 - base_sigma ** 2, 0.0)) / base_shrink  # in base's voxels
+        smooth = gaussian_smooth(base, extra) if extra > 0 else base
+        step = shrink // base_shrink
+        out[shrink] = base = np.ascontiguousarray(smooth[::step, ::step, ::step])
+        base_shrink, base_sigma = shrink, sigma
+    return out
 
 
 class ImagePyramid:
@@ -176,15 +186,17 @@ class ImagePyramid:
 
     def __init__(self, fixed, moving, fixed_affine, moving_affine, options, mask=None):
         self.levels = []
-        for shrink, iterations in zip(options.shrink, options.iterations):
-            if math.prod(math.ceil(n / shrink) for n in max(fixed.shape, moving.shape)) > options.max_level_voxels:
-                continue
+        kept = [(shrink, iterations) for shrink, iterations in zip(options.shrink, options.iterations)
+                if math.prod(math.ceil(n / shrink) for n in max(fixed.shape, moving.shape)) <= options.max_level_voxels]
+        fixed_levels = _smoothed_levels(fixed, [shrink for shrink, _ in kept])
+        moving_levels = _smoothed_levels(moving, [shrink for shrink, _ in kept])
+        for shrink, iterations in kept:
             scale = np.diag([shrink, shrink, shrink, 1.0])
-            m = _smooth_subsample(moving, shrink)
+            m = moving_levels[shrink]
             grads = np.gradient(m) if min(m.shape) > 1 else [np.zeros_like(m)] * 3
             self.levels.append({
                 "shrink": shrink, "iterations": iterations,
-                "fixed": _smooth_subsample(fixed, shrink),
+                "fixed": fixed_levels[shrink],
                 "fixed_affine": np.asarray(fixed_affine, float) @ scale,
                 "moving_affine": np.asarray(moving_affine, float) @ scale,
                 "moving": np.ascontiguousarray(np.stack([m, *grads]).astype(np.float32)),

@@ -23,3 +23,15 @@ def set_threads(n):
     n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(n)
     return n
+
+
+@jit
+def _first_kernel(x):
+    return x + 1.0
+
+
+def start_runtime():
+    """Start numba's runtime now (about 0.3 s once per process, whatever kernel comes first:
+    loading its code generator and the cache machinery), so that the first real kernel's time
+    is its own."""
+    _first_kernel(0.0)

@@ -116,3 +116,64 @@ def _affine_sums(volumes, x, f, w, A, b, to_voxel, offset, rigid, out):
                 base = 6 + 3 * k + i * k
                 for j in range(i, k):
                     row[base + j] += wj * jac[j]
+
+
+@jit
+def _cubic_weights(t, w):
+    # cubic Lagrange weights of the nodes -1, 0, 1, 2 at t in [0, 1] (as the transport's)
+    w[0] = -t * (t - 1.0) * (t - 2.0) / 6.0
+    w[1] = (t + 1.0) * (t - 1.0) * (t - 2.0) / 2.0
+    w[2] = -(t + 1.0) * t * (t - 2.0) / 2.0
+    w[3] = (t + 1.0) * t * (t - 1.0) / 6.0
+
+
+@jit_parallel
+def _resample_affine(volume, matrix, order, out):
+    # out[i, j, k] = volume at q = matrix[:, :3] (i, j, k) + matrix[:, 3] (voxels of volume):
+    # nearest (order 0, ties up), trilinear (1), or cubic Lagrange (3) with the stencil clamped
+    # to the volume; 0 where q lies outside [0, n_a - 1] on some axis
+    n0, n1, n2 = volume.shape
+    m0, m1, m2 = out.shape
+    for i in prange(m0):
+        w0 = np.empty(4)
+        w1 = np.empty(4)
+        w2 = np.empty(4)
+        for j in range(m1):
+            for k in range(m2):
+                q0 = matrix[0, 0] * i + matrix[0, 1] * j + matrix[0, 2] * k + matrix[0, 3]
+                q1 = matrix[1, 0] * i + matrix[1, 1] * j + matrix[1, 2] * k + matrix[1, 3]
+                q2 = matrix[2, 0] * i + matrix[2, 1] * j + matrix[2, 2] * k + matrix[2, 3]
+                if not (0.0 <= q0 <= n0 - 1 and 0.0 <= q1 <= n1 - 1 and 0.0 <= q2 <= n2 - 1):
+                    out[i, j, k] = 0.0
+                    continue
+                b0 = min(int(math.floor(q0)), n0 - 2) if n0 > 1 else 0
+                b1 = min(int(math.floor(q1)), n1 - 2) if n1 > 1 else 0
+                b2 = min(int(math.floor(q2)), n2 - 2) if n2 > 1 else 0
+                if order == 0:
+                    out[i, j, k] = volume[int(math.floor(q0 + 0.5)), int(math.floor(q1 + 0.5)),
+                                          int(math.floor(q2 + 0.5))]
+                    continue
+                t0, t1, t2 = q0 - b0, q1 - b1, q2 - b2
+                if order == 1:
+                    c0, c1, c2 = min(b0 + 1, n0 - 1), min(b1 + 1, n1 - 1), min(b2 + 1, n2 - 1)
+                    a = (volume[b0, b1, b2] * (1.0 - t2) + volume[b0, b1, c2] * t2) * (1.0 - t1) \
+                        + (volume[b0, c1, b2] * (1.0 - t2) + volume[b0, c1, c2] * t2) * t1
+                    b = (volume[c0, b1, b2] * (1.0 - t2) + volume[c0, b1, c2] * t2) * (1.0 - t1) \
+                        + (volume[c0, c1, b2] * (1.0 - t2) + volume[c0, c1, c2] * t2) * t1
+                    out[i, j, k] = a * (1.0 - t0) + b * t0
+                    continue
+                _cubic_weights(t0, w0)
+                _cubic_weights(t1, w1)
+                _cubic_weights(t2, w2)
+                total = 0.0
+                for a0 in range(4):
+                    s0 = min(max(b0 + a0 - 1, 0), n0 - 1)
+                    plane = 0.0
+                    for a1 in range(4):
+                        s1 = min(max(b1 + a1 - 1, 0), n1 - 1)
+                        line = 0.0
+                        for a2 in range(4):
+                            line += w2[a2] * volume[s0, s1, min(max(b2 + a2 - 1, 0), n2 - 1)]
+                        plane += w1[a1] * line
+                    total += w0[a0] * plane
+                out[i, j, k] = total
