@@ -38,7 +38,7 @@ def worker(args):
 
     comm = MPI.COMM_WORLD
     cfg = claire_py.RegistrationConfig.from_dict({
-        "precision": args.dtype,
+        "precision": args.dtype, "affine": {"mode": "none"},  # the deformable solver alone
         "newton": {"max_iterations": args.max_iterations, "gradient_tolerance": 1e-6,
                    "absolute_gradient_tolerance": 1e-30,
                    "krylov": {"forcing": "fixed", "tolerance": 1e-6, "max_iterations": args.krylov}}})

@@ -11,9 +11,10 @@ import numpy as np
 
 from .config import RegistrationConfig
 from .errors import UserInputError
-from .kernels import Decomposition, SpectralOperators
+from .kernels import Decomposition, SpectralOperators, start_kernel_runtime
 from .solvers.monitor import Workload
 from .solvers import continuation
+from .solvers.affine import ImagePyramid, affine_stage
 from .solvers.problem import RegistrationProblem
 from .solvers.transport import SemiLagrangianTransport
 from .timing import Phases
@@ -99,7 +100,7 @@ class RegistrationResult:
         array axis ``a``).
     warped : ndarray ``(n1, n2, n3)``
         The moving image deformed onto the fixed one, in the moving image's intensities:
-        ``warped(x) = moving(y(x))`` (pull-back).
+        ``warped(x) = moving(transform(y(x)))`` (pull-back).
     det_grad_y : ndarray ``(n1, n2, n3)``
         Jacobian determinant of the pull-back map ``y``, transported along the characteristics
         (``d_t J + v . grad J = -J div v``; see ``SemiLagrangianTransport.det_grad_y``).
@@ -127,6 +128,15 @@ class RegistrationResult:
     peak_rss : dict
         Each rank's peak resident memory (bytes) by the end of each of those phases, same
         layout: where the peak arose.
+    transform : ndarray ``(4, 4)``
+        The affine part of the map, world (RAS mm) FIXED -> MOVING (identity without an affine
+        stage); on every rank. The whole map is ``x -> transform(y(x))``: ``warped``,
+        ``det_grad_y`` and ``det_central_differences`` describe it; ``velocity`` and
+        ``displacement`` are the deformable part ``y`` on FIXED's grid.
+    affine_history : list of dict
+        Per affine stage and level: steps and objective before and after.
+    moving_grid : tuple ``(shape, affine)``
+        MOVING's grid (where :func:`invert`'s whole inverse map lands).
 
     With ``C`` image components, ``warped`` is ``(C, n1, n2, n3)``.
     """
@@ -151,6 +161,9 @@ class RegistrationResult:
     dice: dict = None
     timing: dict = None
     peak_rss: dict = None
+    transform: np.ndarray | None = None
+    affine_history: list = None
+    moving_grid: tuple = None
 
     def save(self, outdir, *, overwrite=False, inputs=None, timing=None):
         """Write the files of ``claire register`` into ``outdir`` (see
@@ -359,6 +372,91 @@ def _crop(array, pad, grid_axes=3):
     return array[(Ellipsis,) + inner]
 
 
+def _initial_transform(value, comm):
+    """A 4 x 4 world transform from an array or an ITK/ANTs file (read on rank 0; errors on
+    every rank)."""
+    if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        from .transforms import read_affine
+
+        from mpi4py import MPI
+
+        error, transform = None, None
+        if (MPI.COMM_WORLD if comm is None else comm).Get_rank() == 0:
+            try:
+                transform = read_affine(str(value))
+            except UserInputError as exc:
+                error = str(exc)
+        error, transform = comm_bcast(comm, (error, transform))
+        if error:
+            raise UserInputError(error)
+        return transform
+    transform = np.asarray(value, float)
+    if transform.shape != (4, 4) or not np.all(np.isfinite(transform)) or abs(np.linalg.det(transform[:3, :3])) < 1e-8:
+        raise UserInputError("initial_transform must be an invertible 4 x 4 world transform (or an ITK .mat file)")
+    return transform
+
+
+def _scalar_image(image, components):
+    """The affine stage's image: float32, each channel rescaled to [0, 1], channels averaged."""
+    channels = np.asarray(image, np.float32).reshape((-1,) + np.shape(image)[-3:])
+    lo = channels.min(axis=(1, 2, 3))[:, None, None, None]
+    hi = channels.max(axis=(1, 2, 3))[:, None, None, None]
+    return np.ascontiguousarray(((channels - lo) / np.maximum(hi - lo, 1e-30)).mean(axis=0))
+
+
+def _voxel_map(moving_world, fixed_world, transform=None):
+    """FIXED's voxel -> MOVING's voxel through the world transform FIXED -> MOVING."""
+    target = np.asarray(fixed_world, float) if transform is None else np.asarray(transform, float) @ fixed_world
+    return np.linalg.solve(np.asarray(moving_world, float), target)
+
+
+def _resampled(image, components, moving_world, fixed_world, shape, transform=None, order=1):
+    """MOVING (each channel) on FIXED's grid through ``transform`` (world, FIXED -> MOVING):
+    trilinear or cubic Lagrange, clipped to each channel's range (a cubic overshoots at edges)."""
+    from .kernels.sampling import resample_affine
+
+    matrix = _voxel_map(moving_world, fixed_world, transform)
+    channels = image if components else [image]
+    out = np.stack([np.clip(resample_affine(c, matrix, shape, order=order, dtype=np.float64), np.min(c), np.max(c))
+                    for c in channels])
+    return out if components else out[0]
+
+
+def _warp_labels_through(transport, decomp, labels, moving_world, fixed_world, transform, shape, pad):
+    """MOVING's labels (global on rank 0, on MOVING's grid) through the whole map: each
+    label's indicator is interpolated (trilinear) through ``transform`` onto FIXED's grid,
+    transported, and the most probable label wins (one interpolation of each indicator
+    before the transport, as with :meth:`SemiLagrangianTransport.transport_labels`).
+    Returns the warped labels and those after the affine part alone (global, rank 0)."""
+    from .kernels.sampling import resample_affine
+
+    root = decomp.rank == 0
+    matrix = _voxel_map(moving_world, fixed_world, transform)
+    values, rest, dtype = decomp.bcast(None if not root else (
+        *(lambda v, c: (v.tolist(), v[np.argmax(c)].item()))(*np.unique(labels, return_counts=True)), labels.dtype))
+    best = np.full(shape, -np.inf, np.float32) if root else None
+    affine_labels = np.full(shape, rest, dtype) if root else None
+    total = np.zeros(shape, np.float32) if root else None
+
+    def probabilities():
+        for value in values:
+            if value == rest:
+                continue
+            p = None
+            if root:
+                p = resample_affine((labels == value).astype(np.float32), matrix, shape, order=1)
+                total[...] += p
+                better = p > best
+                affine_labels[better], best[better] = value, p[better]
+                p = _pad(p[None], pad)[0]
+            yield value, decomp.scatter(p)
+
+    warped = transport.most_probable_label(probabilities(), rest, dtype)
+    if root:
+        affine_labels[1 - total > best] = rest
+    return _crop(decomp.gather(np.ascontiguousarray(warped)), pad), affine_labels
+
+
 def dice_overlap(fixed_labels, moving_labels, warped_labels):
     """Dice ``2 |A & B| / (|A| + |B|)`` per label (labels > 0 present in either map), before
     (fixed vs moving) and after (fixed vs warped): ``{"labels", "before", "after"}``."""
@@ -375,7 +473,8 @@ def dice_overlap(fixed_labels, moving_labels, warped_labels):
             "after": [dice(fixed_labels, warped_labels, k) for k in labels]}
 
 
-def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None, labels=None, checkpoint=None):
+def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None, labels=None, checkpoint=None,
+             initial_transform=None):
     """Register ``moving`` onto ``fixed`` with CLAIRE's Gauss-Newton-Krylov solver.
 
     Parameters
@@ -396,9 +495,19 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     labels : pair of (ndarray, NIfTI path or nibabel image), optional
         Integer label maps ``(fixed_labels, moving_labels)`` on the two images' grids: the
         moving labels are transported (probability-map transport) and
-        ``RegistrationResult.dice`` holds the Dice overlap per label before and after.
+        ``RegistrationResult.dice`` holds the Dice overlap per label before, after the affine
+        stage (``"affine"``) and after.
     checkpoint : claire_py.checkpoint.FileCheckpoint, optional
         Save progress (and restore it when the checkpoint was opened with ``resume=True``).
+    initial_transform : ndarray ``(4, 4)`` or str, optional
+        World (RAS mm) transform FIXED -> MOVING to start the affine stage from (or to use as
+        the affine part when ``config.affine.mode == "none"``), or an ITK/ANTs affine file
+        (``.mat``, ``.txt``, ``.tfm``; :func:`claire_py.transforms.read_affine`).
+
+    The affine stage (``config.affine``, on by default) runs first: centre of mass, rigid,
+    affine, coarse to fine (:mod:`claire_py.solvers.affine`); MOVING (and its labels, on
+    MOVING's grid) then go onto FIXED's grid through it, and the deformable solve starts
+    there. The images may lie on different grids (files or nibabel images).
 
     Returns
     -------
@@ -418,24 +527,22 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     if weights is not None and len(weights) != (components or 1):
         raise UserInputError(f"{len(weights)} distance weights for {components or 1} image component(s)")
     same_affine = affine is None or moving_affine is None or np.allclose(affine, moving_affine, atol=1e-3)
-    if moving_shape != shape or not same_affine:
-        if not (config.preprocess.resample and affine is not None and moving_affine is not None):
-            raise UserInputError(f"fixed {shape} and moving {moving_shape} images are not on the same grid (shape "
-                                 "and affine); pass --resample (files or nibabel images) or resample moving first")
-        if moving is not None:
-            from .io import resample_to_grid
-
-            channels = moving if components else [moving]
-            moving = np.stack([resample_to_grid(c, moving_affine, affine, shape) for c in channels])
-            moving = moving if components else moving[0]
-            log.info("resampled moving %s onto fixed's grid %s", moving_shape, shape)
+    initial = None if initial_transform is None else _initial_transform(initial_transform, comm)
+    use_affine = config.affine.mode != "none" or initial is not None
+    same_grid = moving_shape == shape and same_affine
+    if not same_grid and not ((config.preprocess.resample or use_affine) and affine is not None
+                              and moving_affine is not None):
+        raise UserInputError(f"fixed {shape} and moving {moving_shape} images are not on the same grid (shape "
+                             "and affine); pass --resample or an affine stage (files or nibabel images), "
+                             "or resample moving first")
     has_labels = comm_bcast(comm, labels is not None)
     if has_labels:
         labels = [_as_array(lab, comm, name)[0]
                   for lab, name in zip(labels or (None, None), ("fixed labels", "moving labels"))]
-        for lab, name in zip(labels, ("fixed labels", "moving labels")):
-            if _image_geometry(lab, comm, name) != (None, shape):
-                raise UserInputError(f"{name} must be a 3-D label map on FIXED's grid {shape}")
+        for lab, name, grid_shape, which in zip(labels, ("fixed labels", "moving labels"), (shape, moving_shape),
+                                                ("FIXED", "MOVING")):
+            if _image_geometry(lab, comm, name) != (None, grid_shape):
+                raise UserInputError(f"{name} must be a 3-D label map on {which}'s grid {grid_shape}")
             kind = comm_bcast(comm, None if lab is None else np.asarray(lab).dtype.kind)
             if kind not in ("i", "u"):
                 raise UserInputError(f"{name}: a label map needs an integer voxel type, not kind {kind!r}")
@@ -444,6 +551,13 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         mask, _ = _as_array(mask, comm, "mask")
         if _image_geometry(mask, comm, "mask") != (None, shape):
             raise UserInputError(f"the mask must be a 3-D image on FIXED's grid {shape}")
+    if config.affine.only:  # the affine part alone: one evaluation at v = 0, no continuation
+        import dataclasses
+
+        config = dataclasses.replace(
+            config, newton=dataclasses.replace(config.newton, max_iterations=0),
+            continuation=dataclasses.replace(config.continuation, grid_continuation=False, scale_continuation=False,
+                                             beta_continuation=False, train=None))
     pad = config.preprocess.pad
     grid = tuple(n + 2 * pad for n in shape)
     config = _check_memory(grid, comm, config, components or 1)
@@ -454,6 +568,37 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     ops = SpectralOperators(decomp)
     transport = SemiLagrangianTransport(decomp, ops, config.transport, workload)
     root = decomp.rank == 0
+    start_kernel_runtime()  # once per process: not the cost of whichever kernel comes first
+    fixed_world = np.eye(4) if affine is None else np.asarray(affine, float)
+    moving_world = np.eye(4) if moving_affine is None else np.asarray(moving_affine, float)
+    transform = np.eye(4) if initial is None else initial
+    affine_history = []
+    if config.affine.mode != "none":
+        phases.enter("affine")
+        pyramid = decomp.bcast(ImagePyramid(_scalar_image(fixed, components), _scalar_image(moving, components),
+                                            fixed_world, moving_world, config.affine,
+                                            mask=None if mask is None else np.asarray(mask, np.float32))
+                               if root else None)
+        transform, affine_history = affine_stage(pyramid, decomp, config.affine, distance=config.distance.name,
+                                                 initial=initial)
+        pyramid = None
+        phases.enter("setup")
+    moving_labels = labels[1] if has_labels and root else None  # on MOVING's grid
+    through = not (same_grid and np.allclose(transform, np.eye(4), atol=1e-9))  # MOVING needs resampling
+    moving_before = moving
+    if root and through:
+        # MOVING through the affine part onto FIXED's grid (cubic, clipped to its range:
+        # trilinear blurs, and a blurred MOVING cost the deformable solve 0.02 Dice): the
+        # solve starts there; "before" (residual, Dice) is MOVING through the headers alone
+        moving = _resampled(moving, components, moving_world, fixed_world, shape, transform, order=3)
+        moving_before = moving if np.allclose(transform, np.eye(4), atol=1e-9) else \
+            _resampled(moving_before, components, moving_world, fixed_world, shape)
+        if has_labels:
+            from .kernels.sampling import resample_affine
+
+            labels = [labels[0], resample_affine(labels[1], _voxel_map(moving_world, fixed_world), shape, order=0,
+                                                 dtype=labels[1].dtype)]
+        log.info("moving %s onto fixed's grid %s through the affine part", moving_shape, shape)
     stacked = {name: _local_images(img, name, decomp, shape, pad, components, config.preprocess.normalize)
                for name, img in (("fixed", fixed), ("moving", moving))}
     mask_local = None
@@ -489,19 +634,29 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     dice = None
     if has_labels:
         phases.enter("labels")
-        moving_labels = _pad(np.asarray(labels[1])[None], pad)[0] if root else None
-        warped_labels = transport.transport_labels(decomp.scatter(moving_labels), method="probability")
-        warped_labels = _crop(decomp.gather(np.ascontiguousarray(warped_labels)), pad)
+        if through:  # each label's indicator goes through the affine part and the velocity at once
+            warped_labels, affine_labels = _warp_labels_through(transport, decomp, moving_labels, moving_world,
+                                                                fixed_world, transform, shape, pad)
+        else:
+            padded_labels = _pad(np.asarray(moving_labels)[None], pad)[0] if root else None
+            warped_labels = transport.transport_labels(decomp.scatter(padded_labels), method="probability")
+            warped_labels, affine_labels = _crop(decomp.gather(np.ascontiguousarray(warped_labels)), pad), moving_labels
         if root:
             dice = dice_overlap(labels[0], labels[1], warped_labels)
+            if use_affine:
+                dice["affine"] = dice_overlap(labels[0], labels[1], affine_labels)["after"]
             log.info("Dice (mean over %d labels): %.3f -> %.3f", len(dice["labels"]),
                      np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
     phases.enter("det")
+    det_affine = float(np.linalg.det(transform[:3, :3]))  # the whole map's det: affine part x deformable part
     det = _crop(decomp.gather(transport.det_grad_y()), pad)
+    if det is not None and det_affine != 1.0:
+        det *= det_affine
     phases.enter("displacement")
     displacement = transport.displacement()
     transport.release()
-    det_central = _range_inside(transport.det_grad_y_central_differences(displacement), decomp, pad)
+    det_central = tuple(det_affine * d for d in
+                        _range_inside(transport.det_grad_y_central_differences(displacement), decomp, pad))
     displacement = _crop(decomp.gather(displacement), pad)
     workload.add("total", 1, time.perf_counter() - t0)
     for name, (count, seconds) in decomp.stats.items():
@@ -519,9 +674,10 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         det_grad_y=det, det_central_differences=det_central, displacement=displacement,
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
         beta=result.beta, config=config,
-        fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving) if root else None,
+        fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving_before) if root else None,
         affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size, stages=result.stages, dice=dice,
-        timing=phases.gathered(decomp.comm), peak_rss=phases.gathered(decomp.comm, "peak_rss"))
+        timing=phases.gathered(decomp.comm), peak_rss=phases.gathered(decomp.comm, "peak_rss"),
+        transform=transform, affine_history=affine_history, moving_grid=(tuple(moving_shape), moving_world))
 
 
 def _velocity_setup(velocity, comm, precision, nt, interpolation):
@@ -536,18 +692,42 @@ def _velocity_setup(velocity, comm, precision, nt, interpolation):
     return decomp, transport
 
 
-def transport(image, velocity, *, labels=None, nt=4, interpolation="lagrange", precision="float64", comm=None):
-    """Deform ``image`` with a registration's velocity: ``image(y(x))``.
+def _resample(data, affine, target, transform, labels):
+    """``data`` (voxel-to-world ``affine``) on the grid ``target = (shape, affine)``, the target's
+    point ``z`` taking the value at ``transform(z)`` (rank 0): as :func:`register` takes MOVING
+    through the affine part (cubic Lagrange, clipped to the data's range), integer labels by
+    nearest."""
+    from .kernels.sampling import resample_affine
+
+    if labels:
+        return resample_affine(data, _voxel_map(affine, target[1], transform), target[0], order=0, dtype=data.dtype)
+    return _resampled(np.asarray(data), None, affine, target[1], target[0], transform, order=3)
+
+
+def transport(image, velocity, *, labels=None, nt=4, interpolation="lagrange", precision="float64", comm=None,
+              transform=None, image_affine=None, grid_affine=None, target=None):
+    """Deform ``image`` with a registration: ``image(T(y(x)))`` (forward) or ``image(y(T(z)))``
+    (an inverse map onto ``target``).
 
     Parameters
     ----------
     image : ndarray ``(n1, n2, n3)`` or None
-        On MOVING's grid (global, rank 0).
+        Global on rank 0: on the velocity's grid, or on its own grid ``image_affine`` (e.g.
+        MOVING's).
     velocity : ndarray ``(3, n1, n2, n3)`` or None
         ``RegistrationResult.velocity`` (radians of the box per unit time).
     labels : {None, "nearest", "probability"}
         Treat ``image`` as an integer label map (see ``SemiLagrangianTransport.transport_labels``).
     nt, interpolation, precision : as in the registration's configuration.
+    transform : ndarray ``(4, 4)``, optional
+        The affine part (world RAS mm; ``RegistrationResult.transform``).
+    image_affine, grid_affine : ndarray ``(4, 4)``, optional
+        Voxel-to-world matrices of ``image``'s grid and of the velocity's grid (FIXED's): with
+        ``image_affine``, ``image`` goes onto the velocity's grid through ``transform`` first
+        (trilinear; nearest for labels).
+    target : tuple ``(shape, affine)``, optional
+        For an inverse map: the result goes from the velocity's grid onto ``target`` through
+        ``transform`` after the transport.
 
     Returns
     -------
@@ -555,7 +735,13 @@ def transport(image, velocity, *, labels=None, nt=4, interpolation="lagrange", p
         The deformed image on rank 0 (integer dtype kept for labels), ``None`` elsewhere.
     """
     decomp, tr = _velocity_setup(velocity, comm, precision, nt, interpolation)
-    if _image_shape(image, comm, "image") != decomp.shape:
+    root = decomp.rank == 0
+    if image_affine is not None:
+        if _image_shape(image, comm, "image") is None or grid_affine is None:
+            raise UserInputError("transport: image_affine needs the velocity's grid_affine")
+        image = _resample(np.asarray(image), image_affine, (decomp.shape, grid_affine), transform,
+                          labels is not None) if root else None
+    elif _image_shape(image, comm, "image") != decomp.shape:
         raise UserInputError(f"image is not on the velocity's grid {decomp.shape}")
     if labels is None:
         out = tr.transport_image(_global_input(image, decomp))
@@ -565,13 +751,45 @@ def transport(image, velocity, *, labels=None, nt=4, interpolation="lagrange", p
             raise UserInputError(f"a label map must have an integer voxel type, not {dtype}")
         local = decomp.scatter(np.asarray(image) if decomp.rank == 0 else None)
         out = tr.transport_labels(local, method=labels)
-    return decomp.gather(np.ascontiguousarray(out))
+    out = decomp.gather(np.ascontiguousarray(out))
+    if target is not None and root:
+        out = _resample(out, grid_affine, target, transform, labels is not None)
+    return out
 
 
-def jacobian(velocity, *, nt=4, interpolation="lagrange", precision="float64", comm=None):
-    """``det(grad y)`` of the pull-back map of ``velocity`` (global on rank 0, else None)."""
+def jacobian(velocity, *, nt=4, interpolation="lagrange", precision="float64", comm=None, transform=None,
+             grid_affine=None, target=None):
+    """The Jacobian determinant of a registration's map (global on rank 0, else None):
+    ``det(L) det(grad y)``, ``L`` the linear part of ``transform`` (the identity by default);
+    with ``target`` (an inverse map, see :func:`transport`) on that grid."""
     decomp, tr = _velocity_setup(velocity, comm, precision, nt, interpolation)
-    return decomp.gather(tr.det_grad_y())
+    det = decomp.gather(tr.det_grad_y())
+    if det is not None and transform is not None:
+        if target is not None:
+            det = _resample(det, grid_affine, target, transform, False)
+        det = det * float(np.linalg.det(np.asarray(transform, float)[:3, :3]))
+    return det
+
+
+def inverse_on_grid(displacement, det, grid_affine, transform, target):
+    """The whole inverse map ``z -> y_inv(T z)`` on the grid ``target = (shape, affine)``:
+    ``(deformation_map, det)``, world RAS mm ``(3, *shape)`` and ``det(L) det(grad y_inv)(T z)``.
+
+    ``displacement`` (voxels) and ``det`` are those of ``y_inv`` on the velocity's grid
+    ``grid_affine`` (:func:`invert`); ``T = transform`` (MOVING -> FIXED, world mm). The
+    displacement and det are interpolated trilinearly (nearest value beyond the grid)."""
+    from scipy import ndimage
+
+    shape, affine = tuple(target[0]), np.asarray(target[1], float)
+    to_grid = np.linalg.solve(np.asarray(grid_affine, float), np.asarray(transform, float) @ affine)
+    index = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    q = to_grid[:3, :3] @ index + to_grid[:3, 3:]  # velocity-grid voxel of each target voxel
+    u = np.stack([ndimage.map_coordinates(np.asarray(c, np.float64), q, order=1, mode="nearest")
+                  for c in displacement])
+    world = np.asarray(grid_affine, float)[:3, :3] @ (q + u) + np.asarray(grid_affine, float)[:3, 3:]
+    det_t = float(np.linalg.det(np.asarray(transform, float)[:3, :3]))
+    det = det_t * ndimage.map_coordinates(np.asarray(det, np.float64), q, order=1, mode="nearest")
+    return world.reshape((3,) + shape), det.reshape(shape)
 
 
 def invert(velocity, *, nt=4, interpolation="lagrange", precision="float64", comm=None):

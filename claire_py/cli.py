@@ -109,6 +109,9 @@ def _register_config(args):
         transport=dataclasses.replace(cfg.transport, **({"nt": args.nt} if args.nt is not None else {})),
         newton=dataclasses.replace(cfg.newton, krylov=dataclasses.replace(cfg.newton.krylov, **krylov), **newton),
         continuation=dataclasses.replace(cfg.continuation, **cont),
+        affine=dataclasses.replace(cfg.affine, **({"mode": args.affine} if args.affine else {}),
+                                   **({"metric": args.affine_metric} if args.affine_metric else {}),
+                                   **({"only": True} if args.affine_only else {})),
         preprocess=dataclasses.replace(cfg.preprocess, **({"sigma": args.sigma} if args.sigma is not None else {}),
                                        **({"pad": args.pad} if args.pad is not None else {}),
                                        **({"resample": True} if args.resample else {})),
@@ -183,7 +186,7 @@ def _cmd_register(args):
         raise UserInputError("give both --labels-fixed and --labels-moving (or neither)")
     labels = None if args.labels_fixed is None else (args.labels_fixed, args.labels_moving)
     result = register(args.fixed, args.moving, config=config, comm=comm, mask=args.mask, labels=labels,
-                      checkpoint=checkpoint)
+                      checkpoint=checkpoint, initial_transform=args.initial_transform)
     startup, peaks = zip(*comm.gather((startup, peak_rss_bytes())) or [(None, None)])
     if comm.Get_rank() == 0:
         timing = dict(({"startup": startup} if None not in startup else {}), **result.timing)
@@ -202,8 +205,9 @@ def _cmd_register(args):
                                 f"min {cd_min:.3f}, max {cd_max:.3f})"),
                 *([("Dice (mean)", f"{np.mean(result.dice['before']):.3f} -> {np.mean(result.dice['after']):.3f} "
                                    f"over {len(result.dice['labels'])} labels")] if result.dice else []),
-                ("outputs", f"{args.output}/ (warped, velocity, deformation_map, displacement, det_grad_y, "
-                            "residuals, registration.json)")]
+                *([("affine stage", _affine_summary(result))] if result.affine_history else []),
+                ("outputs", f"{args.output}/ (warped, velocity, deformation_map, displacement, affine.mat, "
+                            "transform.h5, det_grad_y, residuals, registration.json)")]
         print("\n".join(f"{name:24s} {value}" for name, value in rows))
         if report_wanted(args):
             t0 = time.perf_counter()
@@ -223,18 +227,33 @@ def _cmd_register(args):
     return 0
 
 
+def _affine_summary(result):
+    """One line: the affine part's rotation, scales and translation."""
+    linear = np.asarray(result.transform)[:3, :3]
+    u, sv, vt = np.linalg.svd(linear)
+    angle = np.degrees(np.arccos(np.clip((np.trace(u @ vt) - 1) / 2, -1, 1)))
+    last = result.affine_history[-1]
+    return (f"rotation {angle:.1f} deg, scales {' '.join(f'{x:.3f}' for x in sv)}, translation "
+            f"{np.linalg.norm(result.transform[:3, 3]):.1f} mm ({last['metric']} {last['objective_after']:.3f})")
+
+
 def _cmd_transport(args):
     from .api import transport
     from .io import read_image, write_image
     from .outputs import load_registration
 
     comm = _comm()
-    velocity, config, affine = load_registration(args.outdir, comm)
+    saved = load_registration(args.outdir, comm)
     image = read_image(args.image, comm)
-    out = transport(image.data, velocity, labels=args.labels, nt=config.transport.nt,
-                    interpolation=config.transport.interpolation, precision=config.precision, comm=comm)
+    cfg = saved.config
+    forward = {} if saved.inverse else {"image_affine": image.affine}
+    out = transport(image.data, saved.velocity, labels=args.labels, nt=cfg.transport.nt,
+                    interpolation=cfg.transport.interpolation, precision=cfg.precision, comm=comm,
+                    transform=saved.transform, grid_affine=saved.affine,
+                    target=saved.target if saved.inverse else None, **forward)
     if comm.Get_rank() == 0:
-        write_image(args.output, out if args.labels else out.astype(np.float32), affine)
+        write_image(args.output, out if args.labels else out.astype(np.float32),
+                    saved.target[1] if saved.inverse and saved.target is not None else saved.affine)
         print(f"wrote {args.output}: {args.image} deformed by the registration in {args.outdir}")
     return 0
 
@@ -245,27 +264,40 @@ def _cmd_jacobian(args):
     from .outputs import load_registration
 
     comm = _comm()
-    velocity, config, affine = load_registration(args.outdir, comm)
-    det = jacobian(velocity, nt=config.transport.nt, interpolation=config.transport.interpolation,
-                   precision=config.precision, comm=comm)
+    saved = load_registration(args.outdir, comm)
+    cfg = saved.config
+    target = saved.target if saved.inverse else None
+    det = jacobian(saved.velocity, nt=cfg.transport.nt, interpolation=cfg.transport.interpolation,
+                   precision=cfg.precision, comm=comm, transform=saved.transform, grid_affine=saved.affine,
+                   target=target)
     if comm.Get_rank() == 0:
-        write_image(args.output, det.astype(np.float32), affine)
+        write_image(args.output, det.astype(np.float32), saved.affine if target is None else target[1])
         print(f"wrote {args.output}: det(grad y) in [{det.min():.3f}, {det.max():.3f}]")
     return 0
 
 
 def _cmd_invert(args):
-    from .api import invert
+    from .api import inverse_on_grid, invert
+    from .errors import UserInputError
     from .outputs import load_registration, prepare_outdir, write_inverse
 
     comm = _comm()
-    velocity, config, affine = load_registration(args.outdir, comm)
+    saved = load_registration(args.outdir, comm)
+    if saved.inverse:
+        raise UserInputError(f"{args.outdir} holds an inverse already: its inverse is the registration it came from")
     _check_outdir(comm, args.output, args.overwrite)
-    v_inv, u_inv, det = invert(velocity, nt=config.transport.nt, interpolation=config.transport.interpolation,
-                               precision=config.precision, comm=comm)
+    cfg = saved.config
+    v_inv, u_inv, det = invert(saved.velocity, nt=cfg.transport.nt, interpolation=cfg.transport.interpolation,
+                               precision=cfg.precision, comm=comm)
     if comm.Get_rank() == 0:
+        inverse_affine = np.linalg.inv(saved.transform)
+        extra = {}
+        if saved.target is not None:  # the whole inverse map, on MOVING's grid
+            world, det = inverse_on_grid(u_inv, det, saved.affine, inverse_affine, saved.target)
+            extra = {"target": saved.target, "deformation_map": world}
         prepare_outdir(args.output, overwrite=True)
-        write_inverse(args.output, args.outdir, v_inv, u_inv, det, affine, config, ranks=comm.Get_size())
+        write_inverse(args.output, args.outdir, v_inv, u_inv, det, saved.affine, cfg, ranks=comm.Get_size(),
+                      transform=inverse_affine, **extra)
         print(f"wrote the inverse of {args.outdir} to {args.output}: det(grad y_inv) in "
               f"[{det.min():.3f}, {det.max():.3f}]; claire transport {args.output} IMAGE maps FIXED-grid "
               "images onto MOVING")
@@ -313,6 +345,7 @@ def _build_parser():
     p.set_defaults(run=_cmd_smooth)
 
     from .config import PRESETS, RegistrationConfig
+    from .solvers.affine import AFFINE_METRICS, AFFINE_MODES
     from .solvers.distance import DISTANCES
     from .solvers.preconditioner import PRECONDITIONERS
     from .solvers.problem import REGULARIZATION_MODELS
@@ -382,7 +415,19 @@ def _build_parser():
     p.add_argument("--sigma", type=_positive_float, help=f"image smoothing in voxels (default {d.preprocess.sigma:g})")
     p.add_argument("--precision", choices=("float32", "float64"), help=f"working precision (default {d.precision})")
     p.add_argument("--resample", action="store_true",
-                   help="resample MOVING onto FIXED's grid through their affines when the grids differ")
+                   help="resample MOVING onto FIXED's grid through their affines when the grids differ (implied "
+                        "by an affine stage)")
+    p.add_argument("--affine", choices=AFFINE_MODES,
+                   help=f"stage before the deformable solve: centre of mass, rigid, then affine (12 parameters), "
+                        f"coarse to fine; none takes the pair as aligned, as CLAIRE does (default {d.affine.mode})")
+    p.add_argument("--affine-metric", choices=AFFINE_METRICS,
+                   help=f"the affine stage's measure: auto follows --distance (ssd for l2, global ncc otherwise); "
+                        f"mi = Mattes mutual information, for pairs of different contrast (default {d.affine.metric})")
+    p.add_argument("--initial-transform", metavar="FILE",
+                   help="ITK/ANTs affine (.mat text or binary, .txt, .tfm; FIXED's points into MOVING's, e.g. "
+                        "ANTs' 0GenericAffine.mat) to start from; with --affine none it is the affine part")
+    p.add_argument("--affine-only", action="store_true",
+                   help="stop after the affine stage: the outputs hold the affine map (velocity 0)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
     p.add_argument("--quiet", action="store_true", help="no per-iteration log, only the summary and warnings")
     p.add_argument("--checkpoint-every", type=int, metavar="N",

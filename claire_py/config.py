@@ -7,13 +7,14 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from .solvers.affine import AffineOptions
 from .solvers.continuation import ContinuationOptions
 from .solvers.krylov import KrylovOptions
 from .solvers.newton import NewtonOptions
 from .solvers.problem import DistanceOptions, RegularizationOptions
 from .solvers.transport import TransportOptions
 
-__all__ = ["PreprocessOptions", "RegistrationConfig", "PRESETS"]
+__all__ = ["PreprocessOptions", "RegistrationConfig", "PRESETS", "AffineOptions"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ class RegistrationConfig:
     """Every option of a registration, grouped by the solver that reads it.
 
     Each option defaults as in the solver that reads it (CLAIRE's defaults) but for grid
-    continuation, which is on (:data:`_DEFAULTS`; the ``claire`` preset turns it off).
+    continuation, which is on (:data:`_DEFAULTS`), and the affine stage before the deformable
+    solve, which CLAIRE does not have (``affine.mode = "affine"``); the ``claire`` preset turns
+    both off.
 
     Examples
     --------
@@ -68,6 +71,7 @@ class RegistrationConfig:
     newton: NewtonOptions = field(default_factory=NewtonOptions)
     continuation: ContinuationOptions = field(default_factory=lambda: ContinuationOptions(**_DEFAULTS[ContinuationOptions]))
     preprocess: PreprocessOptions = field(default_factory=PreprocessOptions)
+    affine: AffineOptions = field(default_factory=AffineOptions)
     precision: str = "float32"
 
     def __post_init__(self):
@@ -131,7 +135,8 @@ def _merged(base, top):
 
 
 #: Named starting points. ``claire`` is CLAIRE's own defaults exactly (our defaults but for
-#: grid continuation, which CLAIRE leaves off): its runs are reproduced with it. In the spirit of CLAIRE's: ``fast`` stops at ||g||/||g0|| = 5e-2 with
+#: grid continuation, which CLAIRE leaves off, and no affine stage: CLAIRE takes the images as
+#: aligned): its runs are reproduced with it. In the spirit of CLAIRE's: ``fast`` stops at ||g||/||g0|| = 5e-2 with
 #: at most 10 PCG iterations per step, ``fast-smooth`` the same with the H2 seminorm (smoother
 #: maps); both with CLAIRE's default model (``h1s-div``, beta = 1e-2, beta_div = 1e-4).
 #: ``accurate`` matches with local normalised cross-correlation (``lncc``, a 2-voxel Gaussian
@@ -144,7 +149,7 @@ def _merged(base, top):
 #: second round"). (``accurate-smooth``, lncc with H2 at beta = 1e-3, was
 #: dropped: 3-4x ``accurate``'s time for a lower Dice on both pairs.)
 PRESETS = {
-    "claire": {"continuation": {"grid_continuation": False}},
+    "claire": {"continuation": {"grid_continuation": False}, "affine": {"mode": "none"}},
     "fast": {"newton": {"gradient_tolerance": 5e-2, "krylov": {"max_iterations": 10}}},
     "fast-smooth": {"regularization": {"norm": "h2s", "beta": 1e-3},
                     "newton": {"gradient_tolerance": 5e-2, "krylov": {"max_iterations": 10}}},
@@ -164,5 +169,6 @@ _NESTED = {
     (RegistrationConfig, "newton"): NewtonOptions,
     (RegistrationConfig, "continuation"): ContinuationOptions,
     (RegistrationConfig, "preprocess"): PreprocessOptions,
+    (RegistrationConfig, "affine"): AffineOptions,
     (NewtonOptions, "krylov"): KrylovOptions,
 }

@@ -376,11 +376,16 @@ def write_image(path, data, affine, header=None, intent=None):
         raise
 
 
-def resample_to_grid(data, affine, target_affine, target_shape, order=1):
+def resample_to_grid(data, affine, target_affine, target_shape, order=1, transform=None):
     """``data`` (with voxel-to-mm ``affine``) sampled on the grid of ``target_affine`` and
-    ``target_shape``: trilinear (``order=1``) or nearest (``order=0``), zero outside."""
+    ``target_shape``: trilinear (``order=1``) or nearest (``order=0``), zero outside. With
+    ``transform`` (4 x 4, world mm of the target -> world mm of ``data``), the target's point
+    ``x`` takes ``data``'s value at ``transform(x)``."""
     from scipy import ndimage
 
-    matrix = np.linalg.solve(np.asarray(affine, float), np.asarray(target_affine, float))
+    target = np.asarray(target_affine, float)
+    if transform is not None:
+        target = np.asarray(transform, float) @ target
+    matrix = np.linalg.solve(np.asarray(affine, float), target)
     return ndimage.affine_transform(np.asarray(data, np.float64), matrix[:3, :3], matrix[:3, 3],
                                     output_shape=tuple(target_shape), order=order, mode="constant", cval=0.0)

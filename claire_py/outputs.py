@@ -1,22 +1,30 @@
 """What ``claire register`` writes into OUTDIR (on rank 0), each file atomically.
 
-All images are on FIXED's grid with its affine. Conventions:
+All images are on FIXED's grid with its affine. The whole map is ``x -> T(y(x))``: the
+deformable part ``y`` on FIXED's grid, then the affine part ``T`` (world RAS mm, FIXED ->
+MOVING; the identity without an affine stage). Conventions:
 
-* ``warped.nii.gz``: MOVING deformed onto FIXED, ``warped(x) = moving(y(x))`` (pull-back), in
+* ``warped.nii.gz``: MOVING deformed onto FIXED, ``warped(x) = moving(T(y(x)))`` (pull-back), in
   MOVING's original intensity range.
 * ``velocity.nii.gz``: the stationary velocity, 4-D ``(n1, n2, n3, 3)``, component ``a`` along
   array axis ``a``, in voxels per unit time (the map ``y`` is its flow over ``t in [0, 1]``).
-* ``det_grad_y.nii.gz``: ``det(grad y)`` of the pull-back map (< 1: FIXED's voxel maps onto a
-  smaller region of MOVING), computed along the characteristics of the velocity as the
-  exponential of the transported integral of ``-div v`` (CLAIRE transports ``J`` itself, and
-  for the inverse map); ``registration.json`` also holds the range by central differences of
-  ``deformation_map``.
-* ``deformation_map.nii.gz``: ``y(x)`` as world (RAS, mm) coordinates, 4-D ``(n1, n2, n3, 3)``:
-  the point of MOVING that FIXED's voxel ``x`` takes its value from (SPM-style ``y_`` field).
-* ``displacement.nii.gz``: ``y(x) - x`` in the ITK/ANTs convention: physical millimetres in
-  ITK's LPS axes, a 5-D vector NIfTI ``(n1, n2, n3, 1, 3)`` with intent "vector", so that
-  ``SimpleITK.DisplacementFieldTransform`` resamples MOVING into ``warped.nii.gz`` (tested);
-  ANTs' ``antsApplyTransforms -t displacement.nii.gz`` reads the same ITK convention.
+* ``det_grad_y.nii.gz``: the Jacobian determinant of the whole map, ``det(A) det(grad y)`` (< 1:
+  FIXED's voxel maps onto a smaller region of MOVING), ``det(grad y)`` computed along the
+  characteristics of the velocity as the exponential of the transported integral of ``-div v``
+  (CLAIRE transports ``J`` itself, and for the inverse map); ``registration.json`` also holds
+  the range by central differences of ``deformation_map``.
+* ``deformation_map.nii.gz``: ``T(y(x))`` as world (RAS, mm) coordinates, 4-D ``(n1, n2, n3,
+  3)``: the point of MOVING that FIXED's voxel ``x`` takes its value from (SPM-style ``y_``
+  field).
+* ``displacement.nii.gz``: the deformable part ``y(x) - x`` in the ITK/ANTs convention:
+  physical millimetres in ITK's LPS axes, a 5-D vector NIfTI ``(n1, n2, n3, 1, 3)`` with intent
+  "vector".
+* ``affine.mat``: ``T`` as ITK's ``AffineTransform_double_3_3`` (LPS, FIXED's points into
+  MOVING's; MATLAB v4, as ANTs writes ``0GenericAffine.mat``).
+* ``transform.h5``: ITK's composite of both (``x -> T(x + u(x))``), for ``SimpleITK.ReadTransform``
+  and ``antsApplyTransforms``. ANTs resamples MOVING into ``warped.nii.gz`` with
+  ``antsApplyTransforms -d 3 -i MOVING -r FIXED -t displacement.nii.gz -t affine.mat`` (the
+  order of ``ants.registration``'s ``fwdtransforms``) or ``-t transform.h5`` (both tested).
 * ``residual_before.nii.gz`` / ``residual_after.nii.gz``: ``|fixed - moving|`` and
   ``|fixed - warped|`` on intensities normalised to ``[0, 1]``.
 * ``registration.json``: resolved configuration, convergence history, stop reason, workload,
@@ -38,13 +46,42 @@ import numpy as np
 from .io import write_image, write_text
 from .kernels.fields import affine_to_fortran
 
-__all__ = ["write_outputs", "write_inverse", "prepare_outdir", "load_registration"]
+__all__ = ["write_outputs", "write_inverse", "prepare_outdir", "load_registration", "SavedRegistration"]
+
+
+@dataclasses.dataclass
+class SavedRegistration:
+    """A finished registration directory, as :func:`load_registration` reads it.
+
+    Attributes
+    ----------
+    velocity : ndarray ``(3, n1, n2, n3)`` or None
+        Radians of the box per unit time, on rank 0 (``None`` elsewhere), on the grid of
+        ``affine``.
+    config : RegistrationConfig
+    affine : ndarray ``(4, 4)``
+        Voxel-to-world matrix of the velocity's grid (FIXED's).
+    transform : ndarray ``(4, 4)``
+        The affine part (world RAS mm). A forward map takes an image on MOVING's grid onto
+        FIXED's: ``out(x) = image(transform(y(x)))``; an inverse one (``inverse``) an image
+        on FIXED's grid onto ``target``: ``out(z) = image(y_inv(transform(z)))``.
+    target : tuple ``(shape, affine)`` or None
+        The grid an inverse map writes onto (MOVING's); for a forward map MOVING's grid when
+        recorded.
+    inverse : bool
+    """
+
+    velocity: np.ndarray | None
+    config: object
+    affine: np.ndarray
+    transform: np.ndarray
+    target: tuple | None
+    inverse: bool
 
 
 def load_registration(outdir, comm):
-    """``(velocity, config, affine)`` of a finished registration in ``outdir``: the velocity
-    in radians of the box per unit time, ``(3, n1, n2, n3)`` on rank 0 (``None`` elsewhere).
-    Errors (missing or incomplete run) are raised on every rank."""
+    """The :class:`SavedRegistration` in ``outdir``. Errors (missing or incomplete run) are
+    raised on every rank."""
     from .config import RegistrationConfig
     from .errors import UserInputError
     from .io import read_image
@@ -66,7 +103,10 @@ def load_registration(outdir, comm):
     if img.data is not None:
         spacing = np.array([2 * np.pi / n for n in img.shape[:3]])
         velocity = np.moveaxis(np.asarray(img.data, np.float64), -1, 0) * spacing[:, None, None, None]
-    return velocity, RegistrationConfig.from_dict(meta["config"]), img.affine
+    part = meta.get("affine") or {}
+    target = (tuple(part["moving_shape"]), np.array(part["moving_affine"])) if "moving_shape" in part else None
+    return SavedRegistration(velocity, RegistrationConfig.from_dict(meta["config"]), img.affine,
+                             np.array(part.get("transform_ras", np.eye(4)), float), target, "inverse_of" in meta)
 
 
 def prepare_outdir(outdir, *, overwrite=False, create=True, shape=None, bytes_needed=None):
@@ -148,24 +188,54 @@ def _write_json(path, payload):
     write_text(path, json.dumps(payload, indent=2))
 
 
-def _map_images(velocity, displacement, det, affine):
+def _map_images(velocity, displacement, det, affine, transform=None):
     """The NIfTI arrays describing a map: velocity (voxels / unit time), det_grad_y,
     deformation_map (RAS mm) and displacement (ITK: LPS mm, 5-D), all float32 and in
     Fortran order (NIfTI's: the file's bytes are the array's, written without a transpose).
 
     ``velocity`` and ``displacement`` are ``(3, n1, n2, n3)`` in radians of the box and in
-    voxels; with ``A`` the affine's linear part and ``t`` its offset, ``deformation_map =
-    A (i + u) + t`` and ``displacement = diag(-1, -1, 1) A u``."""
+    voxels; with ``A`` the affine's linear part, ``t`` its offset and ``T x = L x + s`` the
+    affine part of the map (``transform``, default the identity), ``deformation_map = L (A (i +
+    u) + t) + s`` and ``displacement = diag(-1, -1, 1) A u`` (the deformable part alone)."""
     shape = det.shape
-    linear = np.asarray(affine, float)[:3, :3]
+    linear, offset = np.asarray(affine, float)[:3, :3], np.asarray(affine, float)[:3, 3]
+    T = np.eye(4) if transform is None else np.asarray(transform, float)
     displacement = np.ascontiguousarray(displacement)
     itk = np.empty(shape + (1, 3), np.float32, order="F")
+    whole = T[:3, :3] @ linear
     return {
         "velocity.nii.gz": affine_to_fortran(np.ascontiguousarray(velocity), np.diag([n / (2 * np.pi) for n in shape])),
         "det_grad_y.nii.gz": _fortran(det),
-        "deformation_map.nii.gz": affine_to_fortran(displacement, linear, np.asarray(affine, float)[:3, 3], linear),
+        "deformation_map.nii.gz": affine_to_fortran(displacement, whole, T[:3, :3] @ offset + T[:3, 3], whole),
         "displacement.nii.gz": affine_to_fortran(displacement, np.diag([-1.0, -1.0, 1.0]) @ linear, out=itk),
     }
+
+
+def _transform_writers(transform, images, affine, inverse=False):
+    """Writers of ``affine.mat`` and ``transform.h5`` (each ``writer(path)``, atomic): the
+    ITK/ANTs files of the map whose displacement image is in ``images``."""
+    from .transforms import write_affine_mat, write_composite_h5
+
+    displacement = images["displacement.nii.gz"][:, :, :, 0, :]
+    return {
+        "affine.mat": lambda path: _atomic(path, lambda tmp: write_affine_mat(tmp, transform)),
+        "transform.h5": lambda path: _atomic(path, lambda tmp: write_composite_h5(
+            tmp, transform, displacement, affine, inverse=inverse)),
+    }
+
+
+def _atomic(path, write):
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it onto ``path``."""
+    from .io import atomic_path
+
+    tmp = atomic_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _fortran(image):
@@ -176,20 +246,29 @@ def _fortran(image):
     return affine_to_fortran(image, np.eye(image.shape[0]))
 
 
-def _write_images(outdir, images, affine):
-    """Write ``images`` (``{file name: array}``) into ``outdir``, several files at once: the
-    compression of each runs in its own thread (zlib releases the GIL) on the cores of this
-    rank's node, which the other ranks leave idle while rank 0 writes."""
+def _write_images(outdir, images, affine, writers=None, affines=None):
+    """Write ``images`` (``{file name: array}``) and the files of ``writers`` (``{file name:
+    writer(path)}``) into ``outdir``, several files at once: the compression of each runs in
+    its own thread (zlib releases the GIL) on the cores of this rank's node, which the other
+    ranks leave idle while rank 0 writes."""
     from concurrent.futures import ThreadPoolExecutor
 
+    writers = writers or {}  # {name: writer(path)}; affines: {name: voxel-to-world} where not ``affine``
+
     def write(name):
-        write_image(os.path.join(outdir, name), images[name], affine,
+        if name in writers:
+            return writers[name](os.path.join(outdir, name))
+        write_image(os.path.join(outdir, name), images[name], (affines or {}).get(name, affine),
                     intent="vector" if name == "displacement.nii.gz" else None)
 
-    workers = max(1, min(len(images), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+    names = list(images) + list(writers)
+    workers = max(1, min(len(names), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))
-    # largest first, so that the last file to start is a small one
-    order = sorted(images, key=lambda name: -np.asarray(images[name]).nbytes)
+    # largest first, so that the last file to start is a small one (the composite transform
+    # holds the displacement in float64: twice its image)
+    size = {name: np.asarray(images[name]).nbytes for name in images}
+    size.update({name: 2 * size.get("displacement.nii.gz", 0) if name == "transform.h5" else 0 for name in writers})
+    order = sorted(names, key=lambda name: -size[name])
     with ThreadPoolExecutor(workers) as pool:
         for future in [pool.submit(write, name) for name in order]:
             future.result()
@@ -203,7 +282,9 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
     writing's own time added as ``write``, and returned so.
     """
     t0 = time.perf_counter()
-    images = _map_images(result.velocity, result.displacement, result.det_grad_y, affine)
+    transform = np.eye(4) if getattr(result, "transform", None) is None else np.asarray(result.transform, float)
+    images = _map_images(result.velocity, result.displacement, result.det_grad_y, affine, transform)
+    writers = _transform_writers(transform, images, affine)
     channels = np.ndim(result.warped) == 4  # (C, n1, n2, n3): NIfTI keeps channels last
 
     def residual(a, b, like):
@@ -222,7 +303,7 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
             # warped in MOVING's normalisation: cubic overshoot must not shift its background
             "residual_after.nii.gz": _fortran(residual(fixed, result.warped, moving)),
         })
-    _write_images(outdir, images, affine)
+    _write_images(outdir, images, affine, writers)
     timing = dict(timing or {}, write=[time.perf_counter() - t0] + [0.0] * (ranks - 1))
     payload = {
         "inputs": inputs,
@@ -234,6 +315,8 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         "beta": result.beta,
         "history": [dataclasses.asdict(h) for h in result.history],
         "stages": result.stages or [],
+        "affine": {"transform_ras": transform.tolist(), "history": getattr(result, "affine_history", None) or [],
+                   **_moving_grid(result)},
         "det_grad_y": {"min": float(result.det_grad_y.min()), "max": float(result.det_grad_y.max())},
         "det_grad_y_central_differences": dict(zip(("min", "max"), map(float, result.det_central_differences))),
         "workload": result.workload,
@@ -242,24 +325,52 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         "timing": timing,
         **({"peak_rss_bytes": result.peak_rss} if getattr(result, "peak_rss", None) else {}),
         "versions": _versions(),
-        "files": sorted(images),
-        "conventions": "warped(x) = moving(y(x)); velocity in voxels per unit time along the array axes",
+        "files": sorted(list(images) + list(writers)),
+        "conventions": "warped(x) = moving(T(y(x))), T = affine.transform_ras (world RAS mm, FIXED -> MOVING); "
+                       "velocity in voxels per unit time along the array axes",
     }
     payload["complete"] = True  # last key: a reader seeing it knows every file above is in place
     _write_json(os.path.join(outdir, "registration.json"), payload)
     return timing
 
 
-def write_inverse(outdir, source, velocity, displacement, det, affine, config, *, ranks):
-    """Write the inverse of the registration in ``source`` (the flow of ``-v``) as a
-    registration directory: velocity, det_grad_y, deformation_map, displacement and a
-    registration.json, so that ``claire transport`` / ``jacobian`` work on it (mapping images
-    on FIXED's grid onto MOVING). Call on rank 0."""
-    images = _map_images(velocity, displacement, det, affine)
-    _write_images(outdir, images, affine)
-    payload = {"inverse_of": os.path.abspath(source), "grid": list(det.shape), "ranks": ranks,
+def _moving_grid(result):
+    grid = getattr(result, "moving_grid", None)
+    if grid is None:
+        return {}
+    shape, affine = grid
+    return {"moving_shape": list(shape), "moving_affine": np.asarray(affine, float).tolist()}
+
+
+def write_inverse(outdir, source, velocity, displacement, det, affine, config, *, ranks, transform=None,
+                  target=None, deformation_map=None):
+    """Write the inverse of the registration in ``source`` as a registration directory:
+    velocity (``-v``), displacement (of the flow of ``-v``, on FIXED's grid ``affine``),
+    det_grad_y, deformation_map, ``affine.mat`` / ``transform.h5`` and a registration.json, so
+    that ``claire transport`` / ``jacobian`` work on it (mapping images on FIXED's grid onto
+    MOVING's). Call on rank 0.
+
+    The whole inverse map is ``z -> y_inv(T^-1 z)``; ``transform`` is ``T^-1`` (default the
+    identity). With ``target`` (MOVING's ``(shape, affine)``), ``det`` and
+    ``deformation_map`` (world RAS mm, ``(3, *shape)``) are the whole map's on that grid;
+    without, all images are on FIXED's grid."""
+    transform = np.eye(4) if transform is None else np.asarray(transform, float)
+    images = _map_images(velocity, displacement, det if target is None else np.ones(np.shape(displacement)[1:]),
+                         affine, transform)
+    writers = _transform_writers(transform, images, affine, inverse=True)
+    affines = {}
+    if target is not None:
+        images["det_grad_y.nii.gz"] = _fortran(det)
+        images["deformation_map.nii.gz"] = _fortran(np.ascontiguousarray(deformation_map))
+        affines = {"det_grad_y.nii.gz": target[1], "deformation_map.nii.gz": target[1]}
+    _write_images(outdir, images, affine, writers, affines)
+    payload = {"inverse_of": os.path.abspath(source), "grid": list(np.shape(det)), "ranks": ranks,
                "config": config.to_dict(), "det_grad_y": {"min": float(det.min()), "max": float(det.max())},
-               "versions": _versions(), "files": sorted(images),
-               "conventions": "inverse map: image_on_moving(x) = image_on_fixed(y_inv(x)); velocity = -v"}
+               "affine": {"transform_ras": transform.tolist(),
+                          **({"moving_shape": list(target[0]), "moving_affine": np.asarray(target[1]).tolist()}
+                             if target is not None else {})},
+               "versions": _versions(), "files": sorted(list(images) + list(writers)),
+               "conventions": "inverse map: image_on_moving(z) = image_on_fixed(y_inv(T(z))), T = "
+                              "affine.transform_ras (MOVING -> FIXED), on the grid affine.moving_*; velocity = -v"}
     payload["complete"] = True
     _write_json(os.path.join(outdir, "registration.json"), payload)

@@ -2,7 +2,8 @@
 # Set up claire_py in ./.venv: FFTW headers (Debian, when missing), a virtual environment,
 # and the package with MPI from the MPICH wheel plus the test tools. Idempotent: a second
 # run only checks. Environment: PYTHON (default python3), CLAIRE_EXTRAS (default "mpich,test";
-# set to "test" to build mpi4py against a cluster's own MPI instead, see README).
+# set to "test" to build mpi4py against a cluster's own MPI instead, see README; add "interop"
+# for antspyx and SimpleITK, which the transform tests run, as the README's test command does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -134,10 +134,11 @@ def test_register_command_writes_complete_outputs(shared_tmp, capsys):
     assert meta["complete"] is True and meta["converged"] and list(meta)[-1] == "complete"
     assert meta["config"]["regularization"]["beta"] == 1e-3 and meta["ranks"] == COMM.size
     assert meta["det_grad_y"]["min"] > 0
-    phases = ["startup", "read", "setup", "solve", "warp", "det", "displacement", "write"]
+    phases = ["startup", "read", "setup", "affine", "solve", "warp", "det", "displacement", "write"]
     assert list(meta["timing"]) == phases and all(len(meta["timing"][p]) == COMM.size for p in phases)
     assert 0 < max(meta["timing"]["solve"]) and all(s >= 0 for p in phases for s in meta["timing"][p])
-    for name in meta["files"]:
+    assert {"affine.mat", "transform.h5"} <= set(meta["files"])
+    for name in (name for name in meta["files"] if name.endswith(".nii.gz")):
         img = nib.load(os.path.join(out, name))
         np.testing.assert_allclose(img.affine, affine)
         assert img.shape[:3] == fixed.shape
@@ -186,7 +187,8 @@ def test_register_command_refuses_different_grids_and_writes_nothing(shared_tmp,
     _write_nifti(f_path, fixed)
     _write_nifti(m_path, moving[:, :, :12])
     out = os.path.join(shared_tmp, "nothing")
-    assert main(["register", f_path, m_path, "-o", out]) == 2
+    # without an affine stage (which resamples through the headers) nor --resample
+    assert main(["register", f_path, m_path, "-o", out, "--affine", "none"]) == 2
     err = capsys.readouterr().err
     if COMM.rank == 0:
         assert err.count("\n") == 1 and "not on the same grid" in err
@@ -291,12 +293,17 @@ def test_resample_puts_moving_on_fixed_grid(shared_tmp, capsys):
     _write_nifti(f_path, fixed, coarse_affine)
     _write_nifti(m_path, fine.astype(np.float32), fine_affine)
     out = os.path.join(shared_tmp, "resampled")
-    assert main(["register", f_path, m_path, "-o", out, "--quiet"]) == 2
+    assert main(["register", f_path, m_path, "-o", out, "--quiet", "--affine", "none"]) == 2
     if COMM.rank == 0:
         assert "--resample" in capsys.readouterr().err
-    assert main(["register", f_path, m_path, "-o", out, "--quiet", "--resample", "--beta", "1e-3"]) == 0
+    assert main(["register", f_path, m_path, "-o", out, "--quiet", "--affine", "none", "--resample",
+                 "--beta", "1e-3"]) == 0
     COMM.Barrier()
     assert nib.load(os.path.join(out, "warped.nii.gz")).shape == fixed.shape
+    # the affine stage (the default) takes MOVING onto FIXED's grid through the headers too
+    assert main(["register", f_path, m_path, "-o", out + "_affine", "--quiet", "--beta", "1e-3"]) == 0
+    COMM.Barrier()
+    assert nib.load(os.path.join(out + "_affine", "warped.nii.gz")).shape == fixed.shape
 
 
 def test_displacement_and_deformation_map_reproduce_warped(shared_tmp):
@@ -321,7 +328,10 @@ def test_displacement_and_deformation_map_reproduce_warped(shared_tmp):
     warped = nib.load(os.path.join(out, "warped.nii.gz")).get_fdata()
     assert np.abs(warped - moving).max() > 10  # the map is not trivial
     disp = sitk.ReadImage(os.path.join(out, "displacement.nii.gz"), sitk.sitkVectorFloat64)
-    transform = sitk.DisplacementFieldTransform(disp)
+    # the whole map: the displacement first, then the affine part (SimpleITK applies a
+    # composite's transforms from the last to the first)
+    transform = sitk.CompositeTransform([sitk.ReadTransform(os.path.join(out, "affine.mat")),
+                                         sitk.DisplacementFieldTransform(disp)])
     itk_warped = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(m_path, sitk.sitkFloat64),
                                                       sitk.ReadImage(f_path, sitk.sitkFloat64), transform,
                                                       sitk.sitkBSpline, 0.0)).transpose(2, 1, 0)

@@ -655,7 +655,8 @@ def test_an_exception_on_one_rank_ends_every_rank(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 OUTPUT_FILES = {"warped.nii.gz", "velocity.nii.gz", "det_grad_y.nii.gz", "deformation_map.nii.gz",
-                "displacement.nii.gz", "residual_before.nii.gz", "residual_after.nii.gz"}
+                "displacement.nii.gz", "residual_before.nii.gz", "residual_after.nii.gz", "affine.mat",
+                "transform.h5"}
 
 
 def _check_outdir(outdir, n):
@@ -673,7 +674,19 @@ def _check_outdir(outdir, n):
                 meta = json.load(fh)  # complete JSON: written to a temporary name, then renamed
             continue
         assert name in OUTPUT_FILES, name
-        data = nib.load(path).get_fdata()  # the whole file: a truncated one raises
+        if name == "affine.mat":  # the whole file: a truncated one raises
+            from scipy.io import loadmat
+
+            assert np.all(np.isfinite(loadmat(path)["AffineTransform_double_3_3"])), name
+            continue
+        if name == "transform.h5":
+            import h5py
+
+            with h5py.File(path, "r") as h5:
+                field = h5["TransformGroup/2/TransformParameters"][...]
+            assert field.size == 3 * n ** 3 and np.all(np.isfinite(field)), name
+            continue
+        data = nib.load(path).get_fdata()
         assert data.shape[:3] == (n, n, n) and np.all(np.isfinite(data)), name
     if meta is not None:
         assert meta["complete"] is True and set(meta["files"]) <= set(finals), (meta.get("files"), finals)

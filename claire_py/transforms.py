@@ -1,0 +1,171 @@
+"""Transform files that ANTs and ITK read: an affine ``.mat`` and a composite ``.h5``.
+
+claire_py's world transforms are 4 x 4 matrices in NIfTI's world (RAS, mm) that take FIXED's
+points into MOVING's (the direction in which an image is resampled: ``warped(x) =
+moving(T(x))``). ITK works in LPS: ``T_lps = D T_ras D`` with ``D = diag(-1, -1, 1, 1)``.
+
+* ``affine.mat``: ITK's ``AffineTransform_double_3_3`` in MATLAB v4 format, as ANTs writes
+  ``0GenericAffine.mat``: variables ``AffineTransform_double_3_3`` (the 3 x 3 matrix row by
+  row, then the translation) and ``fixed`` (the centre ``c``). ITK's affine maps ``p -> M (p -
+  c) + c + t``. claire_py writes ``c = 0``.
+* ``transform.h5``: an ITK ``CompositeTransform_double_3_3`` of the affine and the
+  ``DisplacementFieldTransform_double_3_3`` of the deformable part, in ITK's HDF5 layout.
+  The affine is the composite's first transform and is applied to points last, so a FIXED
+  point ``x`` goes to ``T(x + u(x))``. That is the order of ``antsApplyTransforms -t
+  displacement.nii.gz -t affine.mat``, the list ``ants.registration`` returns as
+  ``fwdtransforms``.
+
+:func:`read_affine` reads the ``.mat`` files of ANTs/ITK (MATLAB v4 or v5; ``AffineTransform``
+or ``MatrixOffsetTransformBase``, float or double) and ITK's text format (``.txt``/``.tfm``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from .errors import UserInputError
+
+__all__ = ["read_affine", "write_affine_mat", "write_composite_h5", "ras_to_lps"]
+
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_LINEAR_TYPE = re.compile(r"^(AffineTransform|MatrixOffsetTransformBase)_(double|float)_3_3$")
+
+
+def ras_to_lps(transform):
+    """A 4 x 4 world transform between RAS spaces, as the same map between LPS spaces."""
+    return _LPS @ np.asarray(transform, float) @ _LPS
+
+
+def _from_itk(parameters, fixed, where):
+    parameters = np.asarray(parameters, float).ravel()
+    fixed = np.zeros(3) if fixed is None else np.asarray(fixed, float).ravel()
+    if parameters.size != 12 or fixed.size != 3:
+        raise UserInputError(f"{where}: an affine transform needs 12 parameters and a 3-D centre, "
+                             f"found {parameters.size} and {fixed.size}")
+    matrix, translation = parameters[:9].reshape(3, 3), parameters[9:]
+    lps = np.eye(4)
+    lps[:3, :3], lps[:3, 3] = matrix, translation + fixed - matrix @ fixed
+    if not np.all(np.isfinite(lps)) or abs(np.linalg.det(matrix)) < 1e-8:
+        raise UserInputError(f"{where}: the affine transform is singular or not finite (det "
+                             f"{np.linalg.det(matrix):.3g}); give an invertible transform")
+    return ras_to_lps(lps)  # the conjugation by D is its own inverse
+
+
+def _read_text(path, text):
+    kinds = re.findall(r"^Transform:\s*(\S+)", text, re.M)
+    params = re.findall(r"^Parameters:\s*(.*)$", text, re.M)
+    fixed = re.findall(r"^FixedParameters:\s*(.*)$", text, re.M)
+    if len(kinds) != 1 or len(params) != 1:
+        raise UserInputError(f"{path}: expected one ITK transform ('Transform:', 'Parameters:' lines), found "
+                             f"{len(kinds)}; give an affine transform file written by ITK or ANTs")
+    if not _LINEAR_TYPE.match(kinds[0]):
+        raise UserInputError(f"{path}: transform type {kinds[0]} is not an affine one; give an AffineTransform "
+                             "(e.g. ANTs' 0GenericAffine.mat)")
+    try:
+        values = [float(v) for v in params[0].split()]
+        centre = [float(v) for v in fixed[0].split()] if fixed else None
+    except ValueError:
+        raise UserInputError(f"{path}: the transform parameters are not numbers") from None
+    return _from_itk(values, centre, path)
+
+
+def read_affine(path):
+    """The world (RAS) transform FIXED -> MOVING stored in an ITK/ANTs affine file.
+
+    Parameters
+    ----------
+    path : str
+        ``.mat`` (MATLAB v4/v5, as ANTs and ITK write it) or ITK's text format (``.txt``,
+        ``.tfm``).
+
+    Returns
+    -------
+    ndarray ``(4, 4)``
+
+    Raises
+    ------
+    UserInputError
+        When the file is missing, not an ITK transform, of a non-affine type, or singular.
+    """
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path}: no such transform file")
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(b"#Insight Transform File"):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            return _read_text(path, fh.read())
+    from scipy.io import loadmat
+
+    try:
+        variables = loadmat(path)
+    except Exception as exc:  # scipy raises several kinds on a file that is not MATLAB
+        raise UserInputError(f"{path}: not an ITK transform file (neither ITK text nor a MATLAB .mat: "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    names = [name for name in variables if not name.startswith("__") and name != "fixed"]
+    linear = [name for name in names if _LINEAR_TYPE.match(name)]
+    if not linear:
+        raise UserInputError(f"{path}: holds {', '.join(names) or 'no transform'}, not an affine transform; "
+                             "give an AffineTransform (e.g. ANTs' 0GenericAffine.mat)")
+    return _from_itk(variables[linear[0]], variables.get("fixed"), path)
+
+
+def _itk_parameters(transform):
+    lps = ras_to_lps(transform)
+    return np.concatenate([lps[:3, :3].ravel(), lps[:3, 3]])
+
+
+def write_affine_mat(path, transform):
+    """Write ``transform`` (RAS, FIXED -> MOVING) as ITK's ``AffineTransform_double_3_3`` in
+    MATLAB v4 format (what ``antsApplyTransforms`` and ``ants.read_transform`` read)."""
+    from scipy.io import savemat
+
+    with open(path, "wb") as fh:
+        savemat(fh, {"AffineTransform_double_3_3": _itk_parameters(transform)[:, None], "fixed": np.zeros((3, 1))},
+                format="4")
+
+
+def _field_geometry(affine, shape):
+    """ITK image geometry (size, origin, spacing, direction) of a NIfTI grid, in LPS."""
+    affine = np.asarray(affine, float)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = (_LPS[:3, :3] @ affine[:3, :3]) / spacing
+    origin = _LPS[:3, :3] @ affine[:3, 3]
+    return np.concatenate([np.asarray(shape, float), origin, spacing, direction.ravel()])
+
+
+def write_composite_h5(path, transform, displacement_lps, affine, *, inverse=False):
+    """Write ITK's composite transform ``x -> T(x + u(x))`` (with ``inverse``: ``x -> T x +
+    u(T x)``, the form of an inverse map) to HDF5 (``SimpleITK.ReadTransform`` and
+    ``antsApplyTransforms`` read it).
+
+    Parameters
+    ----------
+    transform : ndarray ``(4, 4)``
+        The affine part, RAS, FIXED -> MOVING.
+    displacement_lps : ndarray ``(n1, n2, n3, 3)``
+        ``u`` in LPS mm on FIXED's grid (any memory order).
+    affine : ndarray ``(4, 4)``
+        FIXED's voxel-to-world (RAS) matrix.
+    """
+    import h5py
+
+    field = np.asarray(displacement_lps)
+    parameters = np.ascontiguousarray(np.transpose(field, (2, 1, 0, 3)), np.float64).ravel()  # ITK: x fastest
+    with h5py.File(path, "w") as h5:
+        for name, value in (("HDFVersion", h5py.version.hdf5_version), ("ITKVersion", "5.3.0"),
+                            ("OSName", "Linux"), ("OSVersion", "unknown")):
+            h5.create_dataset(name, data=np.array([value.encode()], dtype=h5py.string_dtype("ascii")))
+        group = h5.create_group("TransformGroup")
+        # ITK applies a composite's transforms to a point from the last one to the first
+        parts = [("AffineTransform_double_3_3", np.zeros(3), _itk_parameters(transform)),
+                 ("DisplacementFieldTransform_double_3_3", _field_geometry(affine, field.shape[:3]), parameters)]
+        entries = [("CompositeTransform_double_3_3", np.zeros(0), np.zeros(0))] + (parts[::-1] if inverse else parts)
+        for i, (kind, fixed, params) in enumerate(entries):
+            sub = group.create_group(str(i))
+            sub.create_dataset("TransformType", data=np.array([kind.encode()], dtype=h5py.string_dtype("ascii")))
+            sub.create_dataset("TransformFixedParameters", data=np.asarray(fixed, np.float64))
+            sub.create_dataset("TransformParameters", data=np.asarray(params, np.float64),
+                               **({"compression": "gzip", "compression_opts": 1, "chunks": True} if params.size > 4096 else {}))
