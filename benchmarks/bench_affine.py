@@ -33,24 +33,17 @@ from _common import append_json  # noqa: E402
 from bench_fidelity import register_command  # noqa: E402
 
 
-def _rotation(axis, degrees):
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
 def moved_copy(stem, out_stem):
     """``stem`` (and its tissue labels) moved by the similarity of the interop tests."""
     import nibabel as nib
 
     from claire_py.io import resample_to_grid
+    from claire_py.solvers.affine import _rotation
 
     img = nib.load(stem + ".nii.gz")
     centre = img.affine[:3, :3] @ ((np.array(img.shape) - 1) / 2) + img.affine[:3, 3]
     s = np.eye(4)
-    s[:3, :3] = (_rotation(2, 12) @ _rotation(0, 7)) / 1.04
+    s[:3, :3] = (_rotation([0, 0, math.radians(12)]) @ _rotation([math.radians(7), 0, 0])) / 1.04
     s[:3, 3] = centre - s[:3, :3] @ centre + np.array([6.0, -4.0, 3.0])
     data = img.get_fdata()
     moved = np.clip(resample_to_grid(data, img.affine, img.affine, img.shape, order=3, transform=s),

@@ -21,7 +21,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import jit, jit_parallel
-from .trilinear import _sample4
+from .trilinear import _jacobian, _sample
 
 
 @jit
@@ -94,22 +94,6 @@ def _boundary_weight(q, n, fade):
     return _ramp(hi / fade), -_ramp_derivative(hi / fade) / fade
 
 
-@jit
-def _jacobian(jac, xp0, xp1, xp2, u0, u1, u2, g0, g1, g2, rigid):
-    # d v(T x) / d(parameters) for a field v of world gradient g at T x: rigid (k = 6)
-    # [u x g, g] with u = A x, else (k = 12) [g_j x_l (row-major j, l), g]
-    if rigid:
-        jac[0] = u1 * g2 - u2 * g1
-        jac[1] = u2 * g0 - u0 * g2
-        jac[2] = u0 * g1 - u1 * g0
-        jac[3], jac[4], jac[5] = g0, g1, g2
-    else:
-        jac[0], jac[1], jac[2] = g0 * xp0, g0 * xp1, g0 * xp2
-        jac[3], jac[4], jac[5] = g1 * xp0, g1 * xp1, g1 * xp2
-        jac[6], jac[7], jac[8] = g2 * xp0, g2 * xp1, g2 * xp2
-        jac[9], jac[10], jac[11] = g0, g1, g2
-
-
 @jit_parallel
 def _mattes_sums(volumes, x, f, w, A, b, to_voxel, offset, rigid, fixed_lo, fixed_scale, moving_lo,
                  moving_scale, fixed_order, fade, joint, djoint, count):
@@ -151,7 +135,7 @@ def _mattes_sums(volumes, x, f, w, A, b, to_voxel, offset, rigid, fixed_lo, fixe
             q0 = to_voxel[0, 0] * y0 + to_voxel[0, 1] * y1 + to_voxel[0, 2] * y2 + offset[0]
             q1 = to_voxel[1, 0] * y0 + to_voxel[1, 1] * y1 + to_voxel[1, 2] * y2 + offset[1]
             q2 = to_voxel[2, 0] * y0 + to_voxel[2, 1] * y1 + to_voxel[2, 2] * y2 + offset[2]
-            if not _sample4(volumes, q0, q1, q2, s):
+            if not _sample(volumes, q0, q1, q2, s):
                 continue
             o0, d0 = _boundary_weight(q0, nq0, fade)
             o1, d1 = _boundary_weight(q1, nq1, fade)

@@ -17,33 +17,16 @@ from ._jit import jit, jit_parallel
 @jit_parallel
 def _trilinear(volumes, coords, out, inside):
     # volumes (C, n0, n1, n2); coords (N, 3) float64; out (N, C) float64; inside (N,) uint8
-    nc, n0, n1, n2 = volumes.shape
     for p in prange(coords.shape[0]):
-        q0, q1, q2 = coords[p, 0], coords[p, 1], coords[p, 2]
-        if not (0.0 <= q0 <= n0 - 1 and 0.0 <= q1 <= n1 - 1 and 0.0 <= q2 <= n2 - 1):
-            inside[p] = 0
-            for c in range(nc):
-                out[p, c] = 0.0
-            continue
-        inside[p] = 1
-        i0 = min(int(math.floor(q0)), n0 - 2) if n0 > 1 else 0
-        i1 = min(int(math.floor(q1)), n1 - 2) if n1 > 1 else 0
-        i2 = min(int(math.floor(q2)), n2 - 2) if n2 > 1 else 0
-        t0, t1, t2 = q0 - i0, q1 - i1, q2 - i2
-        j0, j1, j2 = min(i0 + 1, n0 - 1), min(i1 + 1, n1 - 1), min(i2 + 1, n2 - 1)
-        for c in range(nc):
-            v = volumes[c]
-            a = (v[i0, i1, i2] * (1.0 - t2) + v[i0, i1, j2] * t2) * (1.0 - t1) \
-                + (v[i0, j1, i2] * (1.0 - t2) + v[i0, j1, j2] * t2) * t1
-            b = (v[j0, i1, i2] * (1.0 - t2) + v[j0, i1, j2] * t2) * (1.0 - t1) \
-                + (v[j0, j1, i2] * (1.0 - t2) + v[j0, j1, j2] * t2) * t1
-            out[p, c] = a * (1.0 - t0) + b * t0
-
+        inside[p] = _sample(volumes, coords[p, 0], coords[p, 1], coords[p, 2], out[p])
+        if not inside[p]:
+            out[p, :] = 0.0
 
 
 @jit
-def _sample4(v, q0, q1, q2, out):
-    # trilinear value of the 4 stacked volumes v at (q0, q1, q2) into out[0:4]; False outside
+def _sample(v, q0, q1, q2, out):
+    # trilinear values of the C stacked volumes v at (q0, q1, q2) into out[0:C]; False (out
+    # untouched) outside
     nc, n0, n1, n2 = v.shape
     if not (0.0 <= q0 <= n0 - 1 and 0.0 <= q1 <= n1 - 1 and 0.0 <= q2 <= n2 - 1):
         return False
@@ -59,6 +42,22 @@ def _sample4(v, q0, q1, q2, out):
             + (v[c, j0, j1, i2] * (1.0 - t2) + v[c, j0, j1, j2] * t2) * t1
         out[c] = a * (1.0 - t0) + b * t0
     return True
+
+
+@jit
+def _jacobian(jac, xp0, xp1, xp2, u0, u1, u2, g0, g1, g2, rigid):
+    # d v(T x) / d(parameters) for a field v of world gradient g at T x: rigid (k = 6)
+    # [u x g, g] with u = A x, else (k = 12) [g_j x_l (row-major j, l), g]
+    if rigid:
+        jac[0] = u1 * g2 - u2 * g1
+        jac[1] = u2 * g0 - u0 * g2
+        jac[2] = u0 * g1 - u1 * g0
+        jac[3], jac[4], jac[5] = g0, g1, g2
+    else:
+        jac[0], jac[1], jac[2] = g0 * xp0, g0 * xp1, g0 * xp2
+        jac[3], jac[4], jac[5] = g1 * xp0, g1 * xp1, g1 * xp2
+        jac[6], jac[7], jac[8] = g2 * xp0, g2 * xp1, g2 * xp2
+        jac[9], jac[10], jac[11] = g0, g1, g2
 
 
 @jit_parallel
@@ -85,23 +84,13 @@ def _affine_sums(volumes, x, f, w, A, b, to_voxel, offset, rigid, out):
             q0 = to_voxel[0, 0] * y0 + to_voxel[0, 1] * y1 + to_voxel[0, 2] * y2 + offset[0]
             q1 = to_voxel[1, 0] * y0 + to_voxel[1, 1] * y1 + to_voxel[1, 2] * y2 + offset[1]
             q2 = to_voxel[2, 0] * y0 + to_voxel[2, 1] * y1 + to_voxel[2, 2] * y2 + offset[2]
-            if not _sample4(volumes, q0, q1, q2, s):
+            if not _sample(volumes, q0, q1, q2, s):
                 s[:] = 0.0
             wp, m, fp = w[p], s[0], f[p]
             g0 = s[1] * to_voxel[0, 0] + s[2] * to_voxel[1, 0] + s[3] * to_voxel[2, 0]
             g1 = s[1] * to_voxel[0, 1] + s[2] * to_voxel[1, 1] + s[3] * to_voxel[2, 1]
             g2 = s[1] * to_voxel[0, 2] + s[2] * to_voxel[1, 2] + s[3] * to_voxel[2, 2]
-            if rigid:
-                jac[0] = u1 * g2 - u2 * g1
-                jac[1] = u2 * g0 - u0 * g2
-                jac[2] = u0 * g1 - u1 * g0
-                jac[3], jac[4], jac[5] = g0, g1, g2
-            else:
-                for l in range(3):
-                    jac[l] = g0 * x[p, l]
-                    jac[3 + l] = g1 * x[p, l]
-                    jac[6 + l] = g2 * x[p, l]
-                jac[9], jac[10], jac[11] = g0, g1, g2
+            _jacobian(jac, x[p, 0], x[p, 1], x[p, 2], u0, u1, u2, g0, g1, g2, rigid)
             row[0] += wp
             row[1] += wp * m
             row[2] += wp * fp
@@ -134,7 +123,9 @@ def _resample_affine(volume, matrix, order, out):
     # to the volume; 0 where q lies outside [0, n_a - 1] on some axis
     n0, n1, n2 = volume.shape
     m0, m1, m2 = out.shape
+    stack = volume.reshape((1, n0, n1, n2))
     for i in prange(m0):
+        value = np.empty(1)
         w0 = np.empty(4)
         w1 = np.empty(4)
         w2 = np.empty(4)
@@ -155,12 +146,8 @@ def _resample_affine(volume, matrix, order, out):
                     continue
                 t0, t1, t2 = q0 - b0, q1 - b1, q2 - b2
                 if order == 1:
-                    c0, c1, c2 = min(b0 + 1, n0 - 1), min(b1 + 1, n1 - 1), min(b2 + 1, n2 - 1)
-                    a = (volume[b0, b1, b2] * (1.0 - t2) + volume[b0, b1, c2] * t2) * (1.0 - t1) \
-                        + (volume[b0, c1, b2] * (1.0 - t2) + volume[b0, c1, c2] * t2) * t1
-                    b = (volume[c0, b1, b2] * (1.0 - t2) + volume[c0, b1, c2] * t2) * (1.0 - t1) \
-                        + (volume[c0, c1, b2] * (1.0 - t2) + volume[c0, c1, c2] * t2) * t1
-                    out[i, j, k] = a * (1.0 - t0) + b * t0
+                    _sample(stack, q0, q1, q2, value)
+                    out[i, j, k] = value[0]
                     continue
                 _cubic_weights(t0, w0)
                 _cubic_weights(t1, w1)

@@ -19,6 +19,7 @@ from mpi4py import MPI
 
 from claire_py.cli import main
 from claire_py.io import resample_to_grid
+from claire_py.solvers.affine import _rotation
 
 COMM = MPI.COMM_WORLD
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "data")
@@ -26,18 +27,11 @@ FIXED, MOVING = (os.path.join(ROOT, f"{name}_t1_2mm.nii.gz") for name in ("mni15
 FIXED_LABELS, MOVING_LABELS = (p.replace(".nii.gz", "_tissues.nii.gz") for p in (FIXED, MOVING))
 
 
-def _rotation(axis, degrees):
-    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
-    i, j = [(1, 2), (2, 0), (0, 1)][axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
-
-
 def _similarity(centre):
     """The world map S with ``misaligned(z) = colin(S z)``: misaligned is Colin turned by 12 deg
     about z and 7 deg about x, enlarged by 4 % and shifted about ``centre``."""
-    linear = (_rotation(2, 12) @ _rotation(0, 7)) / 1.04  # sampling 1/1.04 as far: the copy is larger
+    # sampling 1/1.04 as far: the copy is larger
+    linear = (_rotation([0, 0, math.radians(12)]) @ _rotation([math.radians(7), 0, 0])) / 1.04
     s = np.eye(4)
     s[:3, :3] = linear
     s[:3, 3] = centre - linear @ centre + np.array([6.0, -4.0, 3.0])
