@@ -83,7 +83,7 @@ def _nifti_class(path, fh):
     raise UserInputError(f"{path}: not a NIfTI-1/2 file (header size field {min(sizes)}, expected 348 or 540)")
 
 
-def _check_header(path, hdr, file_size, gz):
+def _check_header(path, hdr, file_size, gz, check_memory=True):
     """Refuse, before any voxel is read (or memory allocated for it), a header whose
     geometry, voxel type, size or scaling cannot describe a readable 3-D image."""
     dims = hdr["dim"]
@@ -115,7 +115,7 @@ def _check_header(path, hdr, file_size, gz):
         raise UserInputError(f"{path}: the header claims {'x'.join(map(str, shape))} {dtype} voxels ({nbytes} bytes) "
                              f"but {file_size} compressed bytes cannot hold them: truncated, or wrong "
                              "dims/datatype in the header")
-    available = _available_memory()
+    available = _available_memory() if check_memory else float("inf")
     if nbytes > available:
         gib = 2.0 ** 30
         raise UserInputError(f"{path}: reading {'x'.join(map(str, shape))} {dtype} voxels needs {nbytes / gib:.1f} "
@@ -148,32 +148,58 @@ class _HeaderFixes:
             self.messages.append(message)  # a problem nibabel fixed (a fix changes what is read)
 
 
-def _load(path, vector=False, channels=False):
-    import gzip
+def _parse_header(path, fh, raw, gz, check_memory):
+    """The checked header of the open stream ``fh`` (positioned after the header and its
+    extensions) and its affine; refused before any voxel memory is allocated."""
+    klass = _nifti_class(path, fh)
+    fixes = _HeaderFixes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            header = klass.header_class.from_fileobj(fh, check=False)
+        except Exception as exc:  # extensions are read here, up to vox_offset
+            raise UserInputError(f"{path}: cannot be read as NIfTI, damaged header or header extensions "
+                                 f"({_one_line(exc)}); check the file is complete") from exc
+        header.check_fix(logger=fixes, error_level=40)  # nibabel's checks: raise or fix
+    for message in fixes.messages + [" ".join(str(w.message).split()) for w in caught]:
+        log.warning("warning: %s: header: %s", path, message)
+    _check_header(path, header, os.fstat(raw.fileno()).st_size, gz, check_memory)
+    affine = np.asarray(header.get_best_affine(), float)
+    _check_affine(path, affine)
+    return klass, header, affine
 
+
+def _checked_path(path):
     if _suffix(path) is None:
         raise UserInputError(f"{path}: not a NIfTI file name; give a .nii or .nii.gz file")
     if not os.path.isfile(path):
         raise UserInputError(f"{path}: no such file")
-    gz = str(path).endswith(".gz")
+    return str(path).endswith(".gz")
+
+
+def read_header(path):
+    """``(header, affine, gz)`` of a NIfTI file, checked as :func:`read_image` checks it
+    (without reading a voxel, and without the memory check: a rank reads only its part)."""
+    import gzip
+
+    gz = _checked_path(path)
     try:
         with open(path, "rb") as raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw) as fh:
-            klass = _nifti_class(path, fh)
-            fixes = _HeaderFixes()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    header = klass.header_class.from_fileobj(fh, check=False)
-                except Exception as exc:  # extensions are read here, up to vox_offset
-                    raise UserInputError(f"{path}: cannot be read as NIfTI, damaged header or header extensions "
-                                         f"({_one_line(exc)}); check the file is complete") from exc
-                header.check_fix(logger=fixes, error_level=40)  # nibabel's checks: raise or fix
-            for message in fixes.messages + [" ".join(str(w.message).split()) for w in caught]:
-                log.warning("warning: %s: header: %s", path, message)
-            # refuse before any voxel memory is allocated
-            _check_header(path, header, os.fstat(raw.fileno()).st_size, gz)
-            affine = np.asarray(header.get_best_affine(), float)
-            _check_affine(path, affine)
+            _, header, affine = _parse_header(path, fh, raw, gz, check_memory=False)
+    except UserInputError:
+        raise
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for damaged files
+        raise UserInputError(f"{path}: cannot be read as NIfTI ({_one_line(exc)}); check the file is complete") from exc
+    return header, affine, gz
+
+
+def _load(path, vector=False, channels=False):
+    import gzip
+
+    gz = _checked_path(path)
+    try:
+        with open(path, "rb") as raw, (gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw) as fh:
+            klass, header, affine = _parse_header(path, fh, raw, gz, check_memory=True)
             data = np.asanyarray(klass.ImageArrayProxy(fh, header.copy(), mmap=False))
             if gz:  # read to the end: the gzip trailer's CRC and length check the whole stream
                 while fh.read(1 << 24):
@@ -243,12 +269,20 @@ def read_image(path, comm=None, *, vector=False, channels=False):
 
 def atomic_path(path):
     """A temporary file name beside ``path`` keeping its NIfTI suffix (nibabel infers the
-    format from it); move it onto ``path`` with ``os.replace`` once written."""
+    format from it), with the permissions the umask gives; move it onto ``path`` with
+    ``os.replace`` once written. Every file claire_py writes goes through here."""
     directory, name = os.path.split(os.path.abspath(path))
     suffix = _suffix(name) or ""
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial" + suffix, dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: the file gets what the umask gives, as open() would
     return tmp
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path, text):

@@ -172,6 +172,12 @@ def choose_proc_grid(shape, nranks, layout="auto", proc_grid=None):
     return (p1, p2)
 
 
+def _intersection(a, b):
+    """The box common to boxes ``a`` and ``b`` (``((start, stop),) * 3``), or ``None``."""
+    inter = tuple((max(s, t), min(e, f)) for (s, e), (t, f) in zip(a, b))
+    return inter if all(s < e for s, e in inter) else None
+
+
 class Decomposition:
     """Distributed layout of an ``N1 x N2 x N3`` periodic grid and its r2c spectrum.
 
@@ -486,6 +492,56 @@ class Decomposition:
                             (recv, (recv_counts, [int(d) for d in recv_displs])))
         self._record("alltoallv", t0)
         return recv
+
+    # ----------------------------------------------------- boxes (file I/O)
+    def _box_exchange(self, data, have, want):
+        """Every rank ``r`` holds ``data`` on the box ``have[r]`` of the grid (``((start,
+        stop),) * 3``, leading component axes allowed) and wants the box ``want[r]``: returns
+        what arrives here, ``[(box, flat array)]`` (C order, leading axes first), one entry per
+        rank holding a part of ``want[self.rank]``."""
+        t0 = time.perf_counter()
+        lead, mine = data.shape[:-3], have[self.rank]
+        parts = []
+        for target in want:
+            inter = _intersection(mine, target)
+            parts.append(np.empty(0, data.dtype) if inter is None else np.ascontiguousarray(
+                data[(...,) + tuple(slice(s - m0, e - m0) for (s, e), (m0, _) in zip(inter, mine))]).ravel())
+        inters = [_intersection(h, want[self.rank]) for h in have]
+        size = math.prod(lead)
+        recv_counts = [0 if i is None else size * math.prod(e - s for s, e in i) for i in inters]
+        recv = self.alltoallv(np.concatenate(parts), [p.size for p in parts], recv_counts)
+        self._record("box_exchange", t0)
+        out, offset = [], 0
+        for inter, n in zip(inters, recv_counts):
+            if inter is not None:
+                out.append((inter, recv[offset:offset + n].reshape(lead + tuple(e - s for s, e in inter))))
+            offset += n
+        return out
+
+    @staticmethod
+    def _place(out, origin, received):
+        for inter, piece in received:
+            out[(...,) + tuple(slice(s - o, e - o) for (s, e), (o, _) in zip(inter, origin))] = piece
+        return out
+
+    def blocks_from_boxes(self, data, box, *, fill=0.0):
+        """This rank's block of a field that every rank holds a part of: ``data`` is the part
+        ``box`` (``((start, stop),) * 3`` in global grid indices, disjoint across ranks: e.g.
+        the slab of a file this rank read), leading component axes allowed; grid points in no
+        rank's box take ``fill``. The inverse of :meth:`boxes_from_blocks`."""
+        have = self.comm.allgather(tuple((int(s), int(e)) for s, e in box))
+        mine = self._real_blocks[self.rank]
+        local = np.full(data.shape[:-3] + tuple(e - s for s, e in mine), fill, data.dtype)
+        return self._place(local, mine, self._box_exchange(data, have, self._real_blocks))
+
+    def boxes_from_blocks(self, local, box):
+        """The part ``box`` of a distributed field (this rank's block ``local``, leading axes
+        allowed), collected from the ranks that own it; every rank names its own ``box``
+        (overlapping or not, inside the grid). The inverse of :meth:`blocks_from_boxes`."""
+        want = self.comm.allgather(tuple((int(s), int(e)) for s, e in box))
+        mine = want[self.rank]
+        out = np.empty(local.shape[:-3] + tuple(e - s for s, e in mine), local.dtype)
+        return self._place(out, mine, self._box_exchange(local, self._real_blocks, want))
 
     # -------------------------------------------------------- gather/scatter
     def _blocks(self, spectral):

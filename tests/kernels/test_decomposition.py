@@ -205,3 +205,28 @@ def test_fftw_wisdom_is_imported_by_the_next_process(tmp_path):
         assert [r[0] for r in runs] == ["False", "True", "True"], runs  # nothing to import in the first run
         assert len({r[1] for r in runs}) == 1, runs
     COMM.Barrier()
+
+
+@pytest.mark.parametrize("kw", _layouts(), ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_boxes_move_a_field_between_file_slabs_and_blocks_and_back(shape, kw):
+    """Each rank holds the planes k0 <= k < k1 (a file slab, uneven, some ranks maybe empty);
+    blocks_from_boxes gives every rank its block, boxes_from_blocks any box back (here: the
+    slab, and an overlapping box reaching across several ranks' blocks)."""
+    d = Decomposition(shape, **kw)
+    rng = np.random.default_rng(5)
+    field = rng.standard_normal((2,) + shape)
+    edges = [0] + sorted(rng.integers(0, shape[2] + 1, COMM.size - 1).tolist()) + [shape[2]]
+    k0, k1 = edges[COMM.rank], edges[COMM.rank + 1]
+    box = ((0, shape[0]), (0, shape[1]), (k0, k1))
+    local = d.blocks_from_boxes(np.ascontiguousarray(field[..., k0:k1]), box)
+    np.testing.assert_array_equal(local, field[(slice(None),) + d.real_slice])
+    np.testing.assert_array_equal(d.boxes_from_blocks(local, box), field[..., k0:k1])
+    wide = ((1, shape[0] - 1), (COMM.rank % 2, shape[1]), (0, shape[2] // 2 + 1))
+    np.testing.assert_array_equal(d.boxes_from_blocks(local, wide), field[(slice(None),) + tuple(slice(*b) for b in wide)])
+    # a frame no rank holds takes the fill value
+    inner = ((1, shape[0]), (0, shape[1]), (k0, k1))
+    part = d.blocks_from_boxes(np.ascontiguousarray(field[:, 1:, :, k0:k1]), inner, fill=-7.0)
+    expected = field.copy()
+    expected[:, 0] = -7.0
+    np.testing.assert_array_equal(part, expected[(slice(None),) + d.real_slice])

@@ -1,0 +1,102 @@
+"""Distributed NIfTI I/O (claire_py.blockio): every rank reads and writes its slab, against
+nibabel reading and writing whole files; bad files fail on every rank; files appear complete."""
+
+import os
+import stat
+
+import nibabel as nib
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from claire_py import UserInputError, blockio
+
+COMM = MPI.COMM_WORLD
+AFFINE = np.array([[-2.0, 0.1, 0, 90], [0, 2.5, 0, -126], [0, 0, 3.0, -72], [0, 0, 0, 1]])
+
+
+def _saved(path, img):
+    if COMM.rank == 0:
+        nib.save(img, path)
+    COMM.Barrier()
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize("layout", ["volume", "vector", "ants"])
+def test_slabs_read_and_written_by_every_rank_equal_nibabel_whole_files(shared_tmp, suffix, layout, monkeypatch):
+    monkeypatch.setattr(blockio, "CHUNK_BYTES", 500)  # several chunks per slab: the stream's bookkeeping
+    shape = (13, 11, 9)
+    trailing = {"volume": (), "vector": (3,), "ants": (1, 3)}[layout]
+    data = np.random.default_rng(1).standard_normal(shape + trailing).astype(np.float32)
+    path = _saved(os.path.join(shared_tmp, "in" + suffix), nib.Nifti1Image(data, AFFINE))
+    volume = blockio.open_volume(path, COMM, vector=layout != "volume")
+    assert volume.shape == shape and volume.components == (1 if layout == "volume" else 3)
+    np.testing.assert_allclose(volume.affine, AFFINE)
+    box, slab = blockio.read_slab(volume, COMM, np.float32)
+    k0, k1 = box[2]
+    assert (k0, k1) == blockio.slab_bounds(shape[2], COMM.size)[COMM.rank]
+    channels = data.reshape(shape + (-1,))
+    np.testing.assert_array_equal(slab, np.moveaxis(channels, 3, 0)[..., k0:k1])
+    out = os.path.join(shared_tmp, "out" + suffix)
+    blockio.write_volume(out, np.asfortranarray(data[:, :, k0:k1]), COMM, shape=shape, affine=AFFINE,
+                         intent="vector" if layout == "ants" else None)
+    back = nib.load(out)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), data)
+    np.testing.assert_allclose(back.affine, AFFINE, atol=1e-6)
+    assert back.header["sform_code"] == 2 and back.header.get_intent()[0] == ("vector" if layout == "ants" else "none")
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o666 & ~_umask(), "the umask's permissions, not mkstemp's 0600"
+    assert [f for f in os.listdir(shared_tmp) if f.startswith(".")] == [], "no temporary file left"
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_scaled_big_endian_integers_and_channels_read_as_nibabel_scales_them(shared_tmp):
+    shape = (7, 6, 11, 2)
+    raw = np.random.default_rng(2).integers(-300, 300, shape).astype(">i2")
+    img = nib.Nifti1Image(raw, AFFINE)
+    img.header.set_slope_inter(0.5, 3.0)
+    path = _saved(os.path.join(shared_tmp, "scaled.nii.gz"), img)
+    volume = blockio.open_volume(path, COMM, channels=True)
+    box, slab = blockio.read_slab(volume, COMM)
+    k0, k1 = box[2]
+    expected = np.moveaxis(np.asarray(nib.load(path).get_fdata()), 3, 0)[..., k0:k1]
+    np.testing.assert_allclose(slab, expected)
+    labels = _saved(os.path.join(shared_tmp, "labels.nii"), nib.Nifti1Image(raw[..., 0].astype(np.uint8), AFFINE))
+    _, slab = blockio.read_slab(blockio.open_volume(labels, COMM), COMM)
+    assert slab.dtype == np.uint8 and np.array_equal(slab[0], raw[..., 0].astype(np.uint8)[..., k0:k1])
+
+
+@pytest.mark.parametrize("damage", ["truncated_gz", "truncated_nii", "nan", "not_3d"])
+def test_a_bad_file_is_one_error_on_every_rank(shared_tmp, damage):
+    data = np.random.default_rng(3).standard_normal((9, 8, 12)).astype(np.float32)
+    suffix = ".nii" if damage == "truncated_nii" else ".nii.gz"
+    path = os.path.join(shared_tmp, "bad" + suffix)
+    if damage == "nan":
+        data[4, 4, 10] = np.nan
+    _saved(path, nib.Nifti1Image(data[..., None, None].repeat(2, 4) if damage == "not_3d" else data, AFFINE))
+    if COMM.rank == 0 and damage.startswith("truncated"):
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[:len(raw) * 2 // 3])
+    COMM.Barrier()
+    expected = {"truncated_gz": "cannot be read", "truncated_nii": "truncated", "nan": "NaN",
+                "not_3d": "a 3-D volume is needed"}[damage]
+    with pytest.raises(UserInputError, match=expected):
+        blockio.read_slab(blockio.open_volume(path, COMM), COMM)
+
+
+def test_a_failed_write_leaves_nothing_and_fails_on_every_rank(shared_tmp):
+    shape = (6, 5, 8)
+    k0, k1 = blockio.slab_bounds(shape[2], COMM.size)[COMM.rank]
+    slab = np.zeros((6, 5, k1 - k0), np.float32, order="F")
+    with pytest.raises(UserInputError, match="output directory does not exist"):
+        blockio.write_volume(os.path.join(shared_tmp, "missing", "x.nii.gz"), slab, COMM, shape=shape,
+                             affine=np.eye(4))
+    with pytest.raises(ValueError, match="Fortran-ordered"):
+        blockio.write_volume(os.path.join(shared_tmp, "x.nii"), np.zeros((6, 5, k1 - k0 + 1), np.float32), COMM,
+                             shape=shape, affine=np.eye(4))
+    assert os.listdir(shared_tmp) == []
