@@ -286,6 +286,24 @@ class Decomposition:
         self.stats = defaultdict(lambda: [0, 0.0])
         self.spacing = tuple(2 * math.pi / n for n in self.shape)
 
+    def free(self):
+        """Release this decomposition's MPI communicators (its duplicate of ``comm`` and the
+        FFT's subcommunicators and datatypes); collective. MPICH has about 2000 communicators
+        per process: a process making many decompositions (a batch of registrations, a test
+        suite) frees each when done. The object is unusable afterwards; a second call does
+        nothing. Also ``with Decomposition(...) as d:``."""
+        if getattr(self, "fft", None) is None:
+            return
+        self.fft.destroy()
+        self.fft = None
+        self.comm.Free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _as_bounds(slices):
