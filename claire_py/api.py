@@ -30,6 +30,17 @@ def _global_input(array, decomp):
     return decomp.scatter(None if decomp.rank != 0 else np.asarray(array, dtype=decomp.dtype))
 
 
+def _block_of(array, decomp, pad=0, dtype=None):
+    """This rank's block of the grid padded by ``pad`` (the frame filled with the array's
+    minimum, as :func:`_pad` fills it) of a global array every rank holds, leading axes kept."""
+    array = np.asarray(array)
+    lead = array.shape[:-3]
+    if pad:
+        array = _pad(array.reshape((-1,) + array.shape[-3:]), pad).reshape(lead + tuple(n + 2 * pad for n in
+                                                                                        array.shape[-3:]))
+    return np.array(array[(...,) + decomp.real_slice], dtype=decomp.dtype if dtype is None else dtype)
+
+
 def _image_shape(array, comm, name, components=None):
     """Grid shape of a global array held by rank 0, shared with every rank; every rank raises
     alike when it is not 3-D (or ``(components, n1, n2, n3)`` when ``components`` is given)."""
@@ -85,6 +96,7 @@ def smooth(image, sigma, *, comm=None, dtype=np.float32):
     result = decomp.gather(ops.smooth(local, sigma))
     log.info("smoothed %s with sigma=%s voxels on %s in %.3f s", "x".join(map(str, shape)), sigma,
              decomp, time.perf_counter() - t0)
+    decomp.free()
     return result
 
 
@@ -137,6 +149,11 @@ class RegistrationResult:
         Per affine stage and level: steps and objective before and after.
     moving_grid : tuple ``(shape, affine)``
         MOVING's grid (where :func:`invert`'s whole inverse map lands).
+    det_range : (float, float)
+        ``(min, max)`` of ``det_grad_y``, on every rank.
+    slabs : claire_py.outputs.Slabs or None
+        With ``register(..., gather=False)``: this rank's slabs of the output fields (the
+        arrays above are then ``None`` on every rank), which :meth:`save` writes in parallel.
 
     With ``C`` image components, ``warped`` is ``(C, n1, n2, n3)``.
     """
@@ -164,32 +181,48 @@ class RegistrationResult:
     transform: np.ndarray | None = None
     affine_history: list = None
     moving_grid: tuple = None
+    det_range: tuple = (float("nan"), float("nan"))
+    slabs: object = None
 
-    def save(self, outdir, *, overwrite=False, inputs=None, timing=None):
+    def save(self, outdir, *, overwrite=False, inputs=None, timing=None, suffix=".nii.gz"):
         """Write the files of ``claire register`` into ``outdir`` (see
-        :mod:`claire_py.outputs`); a no-op on ranks other than 0. FIXED's affine is used
-        when the inputs were files or nibabel images, else the identity. ``timing``
+        :mod:`claire_py.outputs`). A gathered result (the default of :func:`register`) is
+        written by rank 0 (a no-op elsewhere); one registered with ``gather=False`` by every
+        rank, each writing its slab of each file (call it on every rank). FIXED's affine is
+        used when the inputs were files or nibabel images, else the identity. ``timing``
         (``{phase: [seconds per rank]}``, default :attr:`timing`) goes into
         ``registration.json`` with the time of this writing added as ``write``; returns that
-        timing (``None`` on other ranks)."""
-        if self.velocity is None:
-            return
-        from .outputs import prepare_outdir, write_outputs
+        timing (``None`` on other ranks). ``suffix``: ``.nii.gz`` or ``.nii``."""
+        from .outputs import Slabs, prepare_outdir, write_outputs
 
-        prepare_outdir(outdir, overwrite=overwrite)
+        slabs = self.slabs
+        if slabs is None:
+            if self.velocity is None:
+                return None
+            slabs = Slabs.of_arrays({"velocity": self.velocity, "displacement": self.displacement,
+                                     "det_grad_y": self.det_grad_y, "warped": self.warped, "fixed": self.fixed,
+                                     "moving_before": self.moving}, channels=np.ndim(self.warped) == 4)
+        error = None
+        if slabs.comm.Get_rank() == 0:
+            try:
+                prepare_outdir(outdir, overwrite=overwrite)
+            except UserInputError as exc:
+                error = str(exc)
+        error = slabs.comm.bcast(error)
+        if error:
+            raise UserInputError(error)
         affine = np.eye(4) if self.affine is None else self.affine
-        return write_outputs(outdir, self, self.fixed, self.moving, affine, self.config, inputs=inputs or {},
-                             ranks=self.ranks, seconds=self.seconds, timing=self.timing if timing is None else timing)
+        return write_outputs(outdir, slabs, self, affine, self.config, inputs=inputs or {}, ranks=self.ranks,
+                             seconds=self.seconds, timing=self.timing if timing is None else timing, suffix=suffix)
 
 
 def _local_images(image, name, decomp, shape, pad, components, normalize):
-    """This rank's ``(C, *local)`` blocks of a global image on rank 0 (padded, checked,
+    """This rank's ``(C, *local)`` blocks of a global image every rank holds (padded, checked,
     optionally normalised to [0, 1]), in the working precision, one channel at a time."""
-    channels = np.asarray(image).reshape((-1,) + shape) if decomp.rank == 0 else None
+    channels = np.asarray(image).reshape((-1,) + shape)
     local = np.empty((components or 1,) + decomp.local_shape, decomp.dtype)
     for c in range(local.shape[0]):
-        channel = _pad(channels[c][None], pad)[0] if decomp.rank == 0 else None
-        local[c] = _global_input(channel, decomp)
+        local[c] = _block_of(channels[c], decomp, pad)
     if not decomp.allreduce(bool(np.all(np.isfinite(local))), "min"):
         raise UserInputError(f"{name} image contains NaN or infinite values; replace them first")
     if normalize:
@@ -204,6 +237,37 @@ def _normalized(local, decomp, name):
     if not hi > lo:
         raise UserInputError(f"{name} image is constant (every voxel is {lo:g}): there is nothing to register")
     return (local - lo) / (hi - lo)
+
+
+def _read_input(image, comm, name, channels=False):
+    """``(array or None, affine or None)`` of an image: a NIfTI file is read in slabs by all
+    ranks (:mod:`claire_py.blockio`) and shared, so that every rank holds it; an array or
+    nibabel image stays where it was given (rank 0 at least; :func:`_share` shares it once
+    the memory check passed). ``(n1, n2, n3)``, or ``(C, n1, n2, n3)`` for a 4-D NIfTI
+    ``(n1, n2, n3, C)`` with ``channels``."""
+    import os
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(image, (str, os.PathLike)) or comm.Get_size() == 1:
+        return _as_array(image, comm, name, channels)
+    from .blockio import open_volume, read_slab
+
+    volume = open_volume(os.fspath(image), comm, channels=channels)
+    _, slab = read_slab(volume, comm)
+    data = np.concatenate(comm.allgather(slab), axis=-1)
+    return (data if volume.components > 1 else data[0]), volume.affine
+
+
+def _share(array, comm):
+    """``array`` of rank 0 on every rank (unless every rank holds it already)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if comm.allreduce(array is None, op=MPI.LOR):
+        array = comm.bcast(np.asarray(array) if comm.Get_rank() == 0 else None)
+    return array
 
 
 def _as_array(image, comm, name, channels=False):
@@ -255,29 +319,59 @@ def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=
     return components * (state + 2) + 2 * 4 * 1.03 + 1 + newton + fft + 8 + lncc
 
 
-def estimate_memory(shape, ranks, precision="float32", components=1, nt=4, *, store_gradients=True, relaxed=True,
-                    distance="l2"):
-    """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``.
+#: Bytes per grid point (of the whole grid) every rank holds while the inputs are prepared, per
+#: image component: FIXED and MOVING as read and shared (float32: 8), MOVING on FIXED's grid
+#: through the affine part and through the headers alone (float64: 16); with the affine stage
+#: also the scalar images (8) and the pyramid (FIXED 4, MOVING and its gradient 16, over the
+#: levels 1 + 1/8 + 1/64) once.
+_PREPARE_BYTES = 24
+_PYRAMID_BYTES = 8 + 20 * (1 + 1 / 8 + 1 / 64)
 
-    Per rank: a fixed ~190 MiB plus :func:`_fields_per_point` fields of the working precision
-    per local point (about 230 bytes in float32 with ``nt = 4``, CLAIRE's default model and
-    stored gradients, 195 without them, 274 with ``distance="lncc"``: the matvec's peak). Rank 0
-    also holds the global input images (4 bytes per point and component) and, after the solve,
-    the gathered outputs (velocity, displacement, warped image, det: 32 bytes per point in
-    float32); the extra is the larger of the two phases over the others' peak.
+
+def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store_gradients=True, relaxed=True,
+                 distance="l2", affine=True, gather=False):
+    """Predicted peak resident bytes of a registration on ``shape`` over ``ranks`` ranks.
+
+    Three phases, each on every rank: ``prepare`` (the inputs, shared by every rank while
+    MOVING goes onto FIXED's grid and the affine stage runs: :data:`_PREPARE_BYTES` per point
+    and component of the whole grid, plus :data:`_PYRAMID_BYTES` with ``affine``, next to the
+    decomposition's and the transport's ~20 local fields), ``solve``
+    (:func:`_fields_per_point` fields per local point, plus MOVING in its own intensities and,
+    without ``gather``, FIXED and MOVING as the residuals need them: the Gauss-Newton matvec's
+    peak) and ``write`` (the output blocks and the slabs being written: 24 fields per local
+    point). On top, each rank's ~190 MiB of code and libraries. ``claire register`` writes
+    in parallel (``gather=False``): rank 0 needs what the others need. With ``gather=True``
+    (the Python API's default) rank 0 also holds the gathered outputs (velocity,
+    displacement, warped image, det: ``8 + 4 C`` values per point).
+
+    Returns ``{"per_rank_bytes", "rank0_bytes", "phases": {"prepare", "solve", "write"}}``.
     """
     points = float(np.prod(shape))
+    local = points / ranks
     itemsize = 4 if precision == "float32" else 8
-    per_point = _fields_per_point(nt, components, ranks, store_gradients=store_gradients, relaxed=relaxed,
-                                  distance=distance) * itemsize
-    per_rank = _BASE_BYTES + points / ranks * per_point
-    inputs = 4.0 * components * points
-    # outputs phase on rank 0: inputs + gathered outputs + ~20 local fields (plans, v, u, det)
-    outputs = inputs + (8 + 4 * components) * itemsize * points + 20 * itemsize * points / ranks
-    return per_rank, max(inputs, outputs - points / ranks * per_point)
+    kept = components * (1 if gather else 3)  # raw MOVING; FIXED and MOVING before, for the residuals
+    solve = local * (_fields_per_point(nt, components, ranks, store_gradients=store_gradients, relaxed=relaxed,
+                                       distance=distance) + kept) * itemsize
+    prepare = points * (_PREPARE_BYTES * components + (_PYRAMID_BYTES if affine else 0)) + 20 * local * itemsize
+    write = local * (24 + 3 * components) * itemsize
+    phases = {"prepare": _BASE_BYTES + prepare, "solve": _BASE_BYTES + solve, "write": _BASE_BYTES + write}
+    per_rank = max(phases.values())
+    rank0 = per_rank
+    if gather:  # the gathered outputs on rank 0, next to ~20 local fields (plans, v, u, det)
+        rank0 = max(per_rank, _BASE_BYTES + (8 + 4 * components) * itemsize * points + 20 * itemsize * local)
+    return {"per_rank_bytes": per_rank, "rank0_bytes": rank0, "phases": phases}
 
 
-def _check_memory(shape, comm, config, components=1):
+def estimate_memory(shape, ranks, precision="float32", components=1, nt=4, *, store_gradients=True, relaxed=True,
+                    distance="l2", gather=True):
+    """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``
+    (see :func:`memory_model`, whose ``rank0_bytes - per_rank_bytes`` is the extra)."""
+    model = memory_model(shape, ranks, precision, components, nt, store_gradients=store_gradients, relaxed=relaxed,
+                         distance=distance, gather=gather)
+    return model["per_rank_bytes"], model["rank0_bytes"] - model["per_rank_bytes"]
+
+
+def _check_memory(shape, comm, config, components=1, gather=True):
     """The configuration to run with: ``config`` itself, or, when its predicted peak exceeds
     this node's memory but recomputing ``grad m(t_j)`` fits, ``config`` with
     ``transport.store_gradients`` off; refuse (before allocating) a grid that fits neither."""
@@ -291,12 +385,12 @@ def _check_memory(shape, comm, config, components=1):
         node_ranks, holds_root = node.Get_size(), node.allreduce(comm.Get_rank() == 0, op=MPI.LOR)
     finally:
         node.Free()
-    resident = 4.0 * components * math.prod(shape)  # rank 0's input images: read already
+    resident = 0.0
 
     def need(store):
         per_rank, root = estimate_memory(shape, comm.Get_size(), config.precision, components, config.transport.nt,
                                          store_gradients=store, relaxed=config.regularization.relaxed,
-                                         distance=config.distance.name)
+                                         distance=config.distance.name, gather=gather)
         return node_ranks * per_rank + (max(root - resident, 0.0) if holds_root else 0)
 
     available = float("inf")  # unknown (not Linux): no refusal
@@ -422,39 +516,56 @@ def _resampled(image, components, moving_world, fixed_world, shape, transform=No
     return out if components else out[0]
 
 
-def _warp_labels_through(transport, decomp, labels, moving_world, fixed_world, transform, shape, pad):
-    """MOVING's labels (global on rank 0, on MOVING's grid) through the whole map: each
-    label's indicator is interpolated (trilinear) through ``transform`` onto FIXED's grid,
-    transported, and the most probable label wins (one interpolation of each indicator
-    before the transport, as with :meth:`SemiLagrangianTransport.transport_labels`).
-    Returns the warped labels and those after the affine part alone (global, rank 0)."""
+def _block_resampled(volume, matrix, decomp, pad, *, order, dtype):
+    """This rank's block of ``resample_affine(volume, matrix, shape)`` on the grid padded by
+    ``pad`` (``matrix``: FIXED's voxel -> ``volume``'s voxel); the frame is filled with the
+    global minimum (as :func:`_pad` fills it)."""
     from .kernels.sampling import resample_affine
 
-    root = decomp.rank == 0
+    inside = tuple(slice(max(pad - s.start, 0), max(min(n - pad, s.stop) - s.start, 0))
+                   for s, n in zip(decomp.real_slice, decomp.shape))
+    out = np.zeros(decomp.local_shape, dtype)
+    sub_shape = tuple(i.stop - i.start for i in inside)
+    if all(sub_shape):
+        shift = np.eye(4)
+        shift[:3, 3] = [s.start + i.start - pad for s, i in zip(decomp.real_slice, inside)]
+        out[inside] = resample_affine(volume, np.asarray(matrix, float) @ shift, sub_shape, order=order, dtype=dtype)
+    if pad:
+        lo = decomp.allreduce(float(out[inside].min()) if out[inside].size else np.inf, "min")
+        frame = np.ones(decomp.local_shape, bool)
+        frame[inside] = False
+        out[frame] = lo
+    return out
+
+
+def _warp_labels_through(transport, decomp, labels, moving_world, fixed_world, transform, shape, pad):
+    """MOVING's labels (global, on every rank, on MOVING's grid) through the whole map: each
+    label's indicator is interpolated (trilinear) through ``transform`` onto this rank's block
+    of FIXED's grid, transported, and the most probable label wins (one interpolation of each
+    indicator before the transport, as with :meth:`SemiLagrangianTransport.transport_labels`).
+    Returns the warped labels and those after the affine part alone (global, rank 0)."""
     matrix = _voxel_map(moving_world, fixed_world, transform)
-    values, rest, dtype = decomp.bcast(None if not root else (
-        *(lambda v, c: (v.tolist(), v[np.argmax(c)].item()))(*np.unique(labels, return_counts=True)), labels.dtype))
-    best = np.full(shape, -np.inf, np.float32) if root else None
-    affine_labels = np.full(shape, rest, dtype) if root else None
-    total = np.zeros(shape, np.float32) if root else None
+    values, counts = np.unique(labels, return_counts=True)
+    rest = values[np.argmax(counts)].item()
+    best = np.full(decomp.local_shape, -np.inf, np.float32)
+    affine_labels = np.full(decomp.local_shape, rest, labels.dtype)
+    total = np.zeros(decomp.local_shape, np.float32)
 
     def probabilities():
-        for value in values:
+        for value in values.tolist():
             if value == rest:
                 continue
-            p = None
-            if root:
-                p = resample_affine((labels == value).astype(np.float32), matrix, shape, order=1)
-                total[...] += p
-                better = p > best
-                affine_labels[better], best[better] = value, p[better]
-                p = _pad(p[None], pad)[0]
-            yield value, decomp.scatter(p)
+            p = _block_resampled((labels == value).astype(np.float32), matrix, decomp, pad, order=1,
+                                 dtype=np.float32)
+            total[...] += p
+            better = p > best
+            affine_labels[better], best[better] = value, p[better]
+            yield value, p
 
-    warped = transport.most_probable_label(probabilities(), rest, dtype)
-    if root:
-        affine_labels[1 - total > best] = rest
-    return _crop(decomp.gather(np.ascontiguousarray(warped)), pad), affine_labels
+    warped = transport.most_probable_label(probabilities(), rest, labels.dtype)
+    affine_labels[1 - total > best] = rest
+    return (_crop(decomp.gather(np.ascontiguousarray(warped)), pad),
+            _crop(decomp.gather(np.ascontiguousarray(affine_labels)), pad))
 
 
 def dice_overlap(fixed_labels, moving_labels, warped_labels):
@@ -474,7 +585,7 @@ def dice_overlap(fixed_labels, moving_labels, warped_labels):
 
 
 def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None, labels=None, checkpoint=None,
-             initial_transform=None):
+             initial_transform=None, gather=True):
     """Register ``moving`` onto ``fixed`` with CLAIRE's Gauss-Newton-Krylov solver.
 
     Parameters
@@ -504,6 +615,12 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         the affine part when ``config.affine.mode == "none"``), or an ITK/ANTs affine file
         (``.mat``, ``.txt``, ``.tfm``; :func:`claire_py.transforms.read_affine`).
 
+    gather : bool
+        ``True`` (default): the result holds the global fields on rank 0. ``False``: no rank
+        gathers them; the result holds each rank's slabs (:attr:`RegistrationResult.slabs`),
+        which :meth:`RegistrationResult.save` writes in parallel (what ``claire register``
+        does: rank 0 then needs no more memory than the others).
+
     The affine stage (``config.affine``, on by default) runs first: centre of mass, rigid,
     affine, coarse to fine (:mod:`claire_py.solvers.affine`); MOVING (and its labels, on
     MOVING's grid) then go onto FIXED's grid through it, and the deformable solve starts
@@ -516,8 +633,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     config = RegistrationConfig() if config is None else config
     phases = Phases()
     phases.enter("read")
-    fixed, affine = _as_array(fixed, comm, "fixed", channels=True)
-    moving, moving_affine = _as_array(moving, comm, "moving", channels=True)
+    # every rank holds the inputs while they are prepared (symmetric: rank 0 holds no more)
+    fixed, affine = _read_input(fixed, comm, "fixed", channels=True)
+    moving, moving_affine = _read_input(moving, comm, "moving", channels=True)
     components, shape = _image_geometry(fixed, comm, "fixed")
     moving_components, moving_shape = _image_geometry(moving, comm, "moving")
     if moving_components != components:
@@ -537,7 +655,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
                              "or resample moving first")
     has_labels = comm_bcast(comm, labels is not None)
     if has_labels:
-        labels = [_as_array(lab, comm, name)[0]
+        labels = [_read_input(lab, comm, name)[0]
                   for lab, name in zip(labels or (None, None), ("fixed labels", "moving labels"))]
         for lab, name, grid_shape, which in zip(labels, ("fixed labels", "moving labels"), (shape, moving_shape),
                                                 ("FIXED", "MOVING")):
@@ -548,7 +666,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
                 raise UserInputError(f"{name}: a label map needs an integer voxel type, not kind {kind!r}")
     has_mask = comm_bcast(comm, mask is not None)  # rank 0 decides: other ranks may pass None
     if has_mask:
-        mask, _ = _as_array(mask, comm, "mask")
+        mask, _ = _read_input(mask, comm, "mask")
         if _image_geometry(mask, comm, "mask") != (None, shape):
             raise UserInputError(f"the mask must be a 3-D image on FIXED's grid {shape}")
     if config.affine.only:  # the affine part alone: one evaluation at v = 0, no continuation
@@ -560,7 +678,11 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
                                              beta_continuation=False, train=None))
     pad = config.preprocess.pad
     grid = tuple(n + 2 * pad for n in shape)
-    config = _check_memory(grid, comm, config, components or 1)
+    config = _check_memory(grid, comm, config, components or 1, gather)
+    fixed, moving = _share(fixed, comm), _share(moving, comm)
+    mask = _share(mask, comm) if has_mask else None
+    if has_labels:
+        labels = [_share(lab, comm) for lab in labels]
     t0 = time.perf_counter()
     phases.enter("setup")
     workload = Workload()
@@ -575,25 +697,23 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     affine_history = []
     if config.affine.mode != "none":
         phases.enter("affine")
-        pyramid = decomp.bcast(ImagePyramid(_scalar_image(fixed, components), _scalar_image(moving, components),
-                                            fixed_world, moving_world, config.affine,
-                                            mask=None if mask is None else np.asarray(mask, np.float32))
-                               if root else None)
+        pyramid = ImagePyramid(_scalar_image(fixed, components), _scalar_image(moving, components), fixed_world,
+                               moving_world, config.affine, mask=None if mask is None else np.asarray(mask, np.float32))
         transform, affine_history = affine_stage(pyramid, decomp, config.affine, distance=config.distance.name,
                                                  initial=initial)
         pyramid = None
         phases.enter("setup")
-    moving_labels = labels[1] if has_labels and root else None  # on MOVING's grid
+    moving_labels = labels[1] if has_labels else None  # on MOVING's grid
     through = not (same_grid and np.allclose(transform, np.eye(4), atol=1e-9))  # MOVING needs resampling
     moving_before = moving
-    if root and through:
+    if through:
         # MOVING through the affine part onto FIXED's grid (cubic, clipped to its range:
         # trilinear blurs, and a blurred MOVING cost the deformable solve 0.02 Dice): the
         # solve starts there; "before" (residual, Dice) is MOVING through the headers alone
         moving = _resampled(moving, components, moving_world, fixed_world, shape, transform, order=3)
         moving_before = moving if np.allclose(transform, np.eye(4), atol=1e-9) else \
             _resampled(moving_before, components, moving_world, fixed_world, shape)
-        if has_labels:
+        if has_labels and root:  # MOVING's labels through the headers alone: Dice before, counted on rank 0
             from .kernels.sampling import resample_affine
 
             labels = [labels[0], resample_affine(labels[1], _voxel_map(moving_world, fixed_world), shape, order=0,
@@ -601,17 +721,31 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         log.info("moving %s onto fixed's grid %s through the affine part", moving_shape, shape)
     stacked = {name: _local_images(img, name, decomp, shape, pad, components, config.preprocess.normalize)
                for name, img in (("fixed", fixed), ("moving", moving))}
+    # MOVING in its own intensities, to warp after the solve (normalised, the solve's own copy serves)
+    raw_moving = [_block_of(c, decomp, pad) for c in np.reshape(moving, (-1,) + shape)] \
+        if config.preprocess.normalize else None
+    kept = {}
+    if not gather:  # the residuals' images as blocks
+        kept["fixed"] = stacked["fixed"].copy()
+        kept["moving_before"] = _local_images(moving_before, "moving", decomp, shape, pad, components, False)
     mask_local = None
     if has_mask:
-        mask_local = _global_input(_pad(np.asarray(mask, np.float64)[None], pad)[0] if root else None, decomp)
+        mask_local = _block_of(np.asarray(mask, np.float64), decomp, pad)
         lo, hi = decomp.allreduce(float(mask_local.min()), "min"), decomp.allreduce(float(mask_local.max()), "max")
         if lo < 0 or hi > 1 or hi == 0:
             raise UserInputError(f"mask values lie in [{lo:g}, {hi:g}]; a mask must lie in [0, 1] and not be all 0")
+    mask = None
+    if not (gather and root):  # the global inputs: only a gathered result on rank 0 returns them
+        fixed = moving = moving_before = None
+    if has_labels:
+        labels = labels if root else None  # Dice is counted on rank 0
+        if not through:  # on FIXED's grid: this rank's block; else every rank resamples its block after the solve
+            moving_labels = _block_of(moving_labels, decomp, pad, moving_labels.dtype)
     problem = RegistrationProblem(transport, stacked.pop("fixed"), stacked["moving"], config.regularization,
                                   workload, distance=config.distance, mask=mask_local, sigma=config.preprocess.sigma)
     # the problem keeps its own (smoothed) images; the input blocks are needed no longer,
     # except the moving one when the outputs warp it in its own (unnormalised) intensities
-    raw_moving = None if config.preprocess.normalize else stacked["moving"]
+    raw_moving = stacked["moving"] if raw_moving is None else raw_moving
     stacked = mask_local = None
     log.info("registering %s%s on %s (%s, distance %s)", "x".join(map(str, shape)),
              f" padded to {'x'.join(map(str, grid))}" if pad else "", decomp, config.precision, config.distance.name)
@@ -625,11 +759,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     problem = None
     if transport.velocity is not result.velocity:
         transport.set_velocity(result.velocity)
-    if raw_moving is None:  # warp the moving image in its own intensities
-        raw = _pad(np.asarray(moving, np.float64).reshape((-1,) + shape), pad) if root else None
-        raw_moving = [_global_input(None if raw is None else raw[c], decomp) for c in range(components or 1)]
     # each output is gathered as soon as it is made, so that rank 0 holds one local copy at a time
-    warped = _crop(decomp.gather(np.stack([transport.transport_image(c) for c in raw_moving])), pad)
+    out = _Outputs(decomp, pad, gather)  # gathered onto rank 0 one at a time, or kept as blocks
+    warped = out.keep("warped", np.stack([transport.transport_image(c) for c in raw_moving]))
     raw_moving = None
     dice = None
     if has_labels:
@@ -638,9 +770,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
             warped_labels, affine_labels = _warp_labels_through(transport, decomp, moving_labels, moving_world,
                                                                 fixed_world, transform, shape, pad)
         else:
-            padded_labels = _pad(np.asarray(moving_labels)[None], pad)[0] if root else None
-            warped_labels = transport.transport_labels(decomp.scatter(padded_labels), method="probability")
-            warped_labels, affine_labels = _crop(decomp.gather(np.ascontiguousarray(warped_labels)), pad), moving_labels
+            warped_labels = transport.transport_labels(moving_labels, method="probability")
+            warped_labels = _crop(decomp.gather(np.ascontiguousarray(warped_labels)), pad)
+            affine_labels = None if labels is None else labels[1]
         if root:
             dice = dice_overlap(labels[0], labels[1], warped_labels)
             if use_affine:
@@ -649,15 +781,17 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
                      np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
     phases.enter("det")
     det_affine = float(np.linalg.det(transform[:3, :3]))  # the whole map's det: affine part x deformable part
-    det = _crop(decomp.gather(transport.det_grad_y()), pad)
-    if det is not None and det_affine != 1.0:
+    det = transport.det_grad_y()
+    if det_affine != 1.0:
         det *= det_affine
+    det_range = _range_inside(det, decomp, pad)
+    det = out.keep("det_grad_y", det)
     phases.enter("displacement")
     displacement = transport.displacement()
     transport.release()
     det_central = tuple(det_affine * d for d in
                         _range_inside(transport.det_grad_y_central_differences(displacement), decomp, pad))
-    displacement = _crop(decomp.gather(displacement), pad)
+    displacement = out.keep("displacement", displacement)
     workload.add("total", 1, time.perf_counter() - t0)
     for name, (count, seconds) in decomp.stats.items():
         workload.add(name, count, seconds)
@@ -665,19 +799,57 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     work.setdefault("hessian_matvec", {"count": 0, "seconds": 0.0})["pcg_iterations"] = result.matvecs
     log.info("workload (count, seconds):\n%s", "\n".join(
         f"  {name:26s} {entry['count']:>8} {entry['seconds']:>10.3f}" for name, entry in work.items()))
-    velocity = _crop(decomp.gather(result.velocity), pad)
+    velocity = out.keep("velocity", result.velocity)
     if velocity is not None and pad:  # radians of the padded box -> radians of the cropped one
         velocity *= np.array([n / m for n, m in zip(grid, shape)])[:, None, None, None]
+    slabs = None
+    if not gather:
+        from .outputs import Slabs
+
+        out.blocks.update(kept)
+        slabs = Slabs(decomp.comm, shape, out.slab, velocity_grid=grid, channels=components is not None)
     phases.stop()
+    timing, peak_rss = phases.gathered(decomp.comm), phases.gathered(decomp.comm, "peak_rss")
+    if gather:  # nothing refers to the decomposition now: its communicators go (a batch makes many)
+        transport = problem = ops = None
+        decomp.free()
     return RegistrationResult(
         velocity=velocity, warped=None if warped is None else (warped if components else warped[0]),
         det_grad_y=det, det_central_differences=det_central, displacement=displacement,
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
         beta=result.beta, config=config,
-        fixed=np.asarray(fixed) if root else None, moving=np.asarray(moving_before) if root else None,
+        fixed=None if fixed is None else np.asarray(fixed),
+        moving=None if moving_before is None else np.asarray(moving_before),
         affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size, stages=result.stages, dice=dice,
-        timing=phases.gathered(decomp.comm), peak_rss=phases.gathered(decomp.comm, "peak_rss"),
-        transform=transform, affine_history=affine_history, moving_grid=(tuple(moving_shape), moving_world))
+        timing=timing, peak_rss=peak_rss, transform=transform, affine_history=affine_history, moving_grid=(tuple(moving_shape), moving_world),
+        det_range=det_range, slabs=slabs)
+
+
+class _Outputs:
+    """The output fields of :func:`register`: each gathered (cropped) onto rank 0 as soon as
+    it is made, or, with ``gather=False``, kept as this rank's block; :meth:`slab` then serves
+    the planes of the cropped grid this rank writes (:class:`claire_py.outputs.Slabs`)."""
+
+    def __init__(self, decomp, pad, gather):
+        self.decomp, self.pad, self.gather, self.blocks = decomp, pad, gather, {}
+
+    def keep(self, name, local):
+        if self.gather:
+            return _crop(self.decomp.gather(np.ascontiguousarray(local)), self.pad)
+        self.blocks[name] = local
+        return None
+
+    def slab(self, name):
+        from .blockio import slab_bounds
+
+        local = self.blocks.get(name)
+        if local is None:
+            return None
+        n1, n2, n3 = (n - 2 * self.pad for n in self.decomp.shape)
+        k0, k1 = slab_bounds(n3, self.decomp.size)[self.decomp.rank]
+        p = self.pad
+        box = ((p, p + n1), (p, p + n2), (p + k0, p + k1))
+        return self.decomp.boxes_from_blocks(local if local.ndim == 4 else local[None], box)
 
 
 def _velocity_setup(velocity, comm, precision, nt, interpolation):
@@ -752,6 +924,7 @@ def transport(image, velocity, *, labels=None, nt=4, interpolation="lagrange", p
         local = decomp.scatter(np.asarray(image) if decomp.rank == 0 else None)
         out = tr.transport_labels(local, method=labels)
     out = decomp.gather(np.ascontiguousarray(out))
+    decomp.free()
     if target is not None and root:
         out = _resample(out, grid_affine, target, transform, labels is not None)
     return out
@@ -764,6 +937,7 @@ def jacobian(velocity, *, nt=4, interpolation="lagrange", precision="float64", c
     with ``target`` (an inverse map, see :func:`transport`) on that grid."""
     decomp, tr = _velocity_setup(velocity, comm, precision, nt, interpolation)
     det = decomp.gather(tr.det_grad_y())
+    decomp.free()
     if det is not None and transform is not None:
         if target is not None:
             det = _resample(det, grid_affine, target, transform, False)
@@ -802,4 +976,6 @@ def invert(velocity, *, nt=4, interpolation="lagrange", precision="float64", com
     decomp, tr = _velocity_setup(negated, comm, precision, nt, interpolation)
     u = tr.displacement()
     det = tr.det_grad_y()
-    return decomp.gather(np.ascontiguousarray(tr.velocity)), decomp.gather(u), decomp.gather(det)
+    out = decomp.gather(np.ascontiguousarray(tr.velocity)), decomp.gather(u), decomp.gather(det)
+    decomp.free()
+    return out

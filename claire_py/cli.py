@@ -27,6 +27,7 @@ def _comm():
 
 
 def _cmd_info(args):
+    import json
     import platform
 
     import mpi4py
@@ -35,24 +36,46 @@ def _cmd_info(args):
     from mpi4py import MPI
 
     from . import __version__
+    from .api import memory_model
+    from .config import RegistrationConfig
+    from .errors import UserInputError
     from .kernels import Decomposition
 
     comm = _comm()
     shape = tuple(args.shape)
-    decomp = Decomposition(shape, comm=comm, dtype=np.dtype(args.dtype))
-    if comm.Get_rank() == 0:
-        lines = [
-            f"claire_py    {__version__} (Python {platform.python_version()})",
-            f"numpy        {np.__version__}",
-            f"numba        {numba.__version__} (threads available: {numba.config.NUMBA_NUM_THREADS})",
-            f"mpi4py       {mpi4py.__version__}",
-            f"mpi4py-fft   {mpi4py_fft.__version__} (FFTW backend)",
-            f"MPI          {MPI.Get_library_version().splitlines()[0].strip()}",
-            f"ranks        {comm.Get_size()}, threads per rank {decomp.threads}",
-            f"grid         {'x'.join(map(str, shape))} {decomp.dtype.name}: {decomp.layout} "
-            f"{decomp.proc_grid[0]}x{decomp.proc_grid[1]}, rank 0 block {decomp.local_shape}",
-        ]
-        print("\n".join(lines))
+    ranks = comm.Get_size() if args.ranks is None else args.ranks
+    if args.ranks is not None and args.ranks < 1:
+        raise UserInputError(f"--ranks {args.ranks}: give a number of ranks >= 1")
+    d = RegistrationConfig()
+    model = memory_model(shape, ranks, args.dtype, nt=d.transport.nt, relaxed=d.regularization.relaxed,
+                         distance=d.distance.name, affine=d.affine.mode != "none")
+    decomp = None if args.ranks is not None else Decomposition(shape, comm=comm, dtype=np.dtype(args.dtype))
+    if comm.Get_rank() != 0:
+        return 0
+    if args.json:
+        print(json.dumps({"shape": list(shape), "ranks": ranks, "precision": args.dtype, "nt": d.transport.nt,
+                          "memory": {"per_rank_bytes": int(model["per_rank_bytes"]),
+                                     "rank0_bytes": int(model["rank0_bytes"]),
+                                     "phases": {k: int(v) for k, v in model["phases"].items()}}}))
+        return 0
+    gib = 2.0 ** 30
+    lines = [
+        f"claire_py    {__version__} (Python {platform.python_version()})",
+        f"numpy        {np.__version__}",
+        f"numba        {numba.__version__} (threads available: {numba.config.NUMBA_NUM_THREADS})",
+        f"mpi4py       {mpi4py.__version__}",
+        f"mpi4py-fft   {mpi4py_fft.__version__} (FFTW backend)",
+        f"MPI          {MPI.Get_library_version().splitlines()[0].strip()}",
+    ]
+    if decomp is not None:
+        lines += [f"ranks        {comm.Get_size()}, threads per rank {decomp.threads}",
+                  f"grid         {'x'.join(map(str, shape))} {decomp.dtype.name}: {decomp.layout} "
+                  f"{decomp.proc_grid[0]}x{decomp.proc_grid[1]}, rank 0 block {decomp.local_shape}"]
+    phases = ", ".join(f"{k} {v / gib:.2f}" for k, v in model["phases"].items())
+    lines.append(f"memory       claire register on {'x'.join(map(str, shape))} over {ranks} rank(s), {args.dtype}, "
+                 f"defaults: {model['per_rank_bytes'] / gib:.2f} GiB per rank, {model['rank0_bytes'] / gib:.2f} GiB "
+                 f"on rank 0 (GiB by phase: {phases})")
+    print("\n".join(lines))
     return 0
 
 
@@ -186,14 +209,17 @@ def _cmd_register(args):
         raise UserInputError("give both --labels-fixed and --labels-moving (or neither)")
     labels = None if args.labels_fixed is None else (args.labels_fixed, args.labels_moving)
     result = register(args.fixed, args.moving, config=config, comm=comm, mask=args.mask, labels=labels,
-                      checkpoint=checkpoint, initial_transform=args.initial_transform)
-    startup, peaks = zip(*comm.gather((startup, peak_rss_bytes())) or [(None, None)])
+                      checkpoint=checkpoint, initial_transform=args.initial_transform, gather=False)
+    startup = comm.gather(startup)
+    timing = None if startup is None else dict({"startup": startup}, **result.timing)
+    timing = result.save(args.output, overwrite=True, inputs=inputs, timing=timing,
+                         suffix="." + args.output_format)
+    peaks = comm.gather(peak_rss_bytes())
     if comm.Get_rank() == 0:
-        timing = dict(({"startup": startup} if None not in startup else {}), **result.timing)
-        timing = result.save(args.output, overwrite=True, inputs=inputs, timing=timing)
         if checkpoint is not None:
             checkpoint.remove()  # the outputs are complete
-        det, first, last = result.det_grad_y, result.history[0], result.history[-1]
+        det_min, det_max = result.det_range
+        first, last = result.history[0], result.history[-1]
         cd_min, cd_max = result.det_central_differences
         rows = [("time", f"{result.seconds:.1f} s on {result.ranks} rank(s), {config.precision}"),
                 ("Gauss-Newton iterations", f"{sum(1 for h in result.history if h.iteration > 0)} "
@@ -201,7 +227,7 @@ def _cmd_register(args):
                 ("beta", f"{result.beta:.3g}" + (" (trained)" if config.continuation.train else "")),
                 ("Hessian matvecs", f"{result.workload['hessian_matvec']['pcg_iterations']}"),
                 ("mismatch", f"{first.mismatch:.3f} -> {last.mismatch:.3f} (relative, smoothed images)"),
-                ("det(grad y)", f"min {det.min():.3f}, max {det.max():.3f} (central differences of the map: "
+                ("det(grad y)", f"min {det_min:.3f}, max {det_max:.3f} (central differences of the map: "
                                 f"min {cd_min:.3f}, max {cd_max:.3f})"),
                 *([("Dice (mean)", f"{np.mean(result.dice['before']):.3f} -> {np.mean(result.dice['after']):.3f} "
                                    f"over {len(result.dice['labels'])} labels")] if result.dice else []),
@@ -216,11 +242,12 @@ def _cmd_register(args):
             print(f"{'report':24s} {page}")
         log = logging.getLogger("claire_py")
         log.info("time (slowest rank per phase): %s", summary(timing))
-        peaks = (peak_rss_bytes(),) + peaks[1:]  # the other ranks' peaks are final: they only wait now
-        log.info("peak memory (RSS): rank 0 %.2f GB, largest other rank %.2f GB, sum over ranks %.2f GB",
-                 peaks[0] / 1e9, max(peaks[1:], default=0) / 1e9, sum(peaks) / 1e9)
-        if det.min() <= 0 or cd_min <= 0:
-            where = " and ".join(name for name, lo in (("transported", det.min()), ("by central differences of the map",
+        peaks = [peak_rss_bytes()] + peaks[1:]  # the other ranks' peaks are final: they only wait now
+        log.info("peak memory (RSS): rank 0 %.2f GB, largest other rank %.2f GB, sum over ranks %.2f GB "
+                 "(per rank: %s GB)", peaks[0] / 1e9, max(peaks[1:], default=0) / 1e9, sum(peaks) / 1e9,
+                 " ".join(f"{p / 1e9:.3f}" for p in peaks))
+        if det_min <= 0 or cd_min <= 0:
+            where = " and ".join(name for name, lo in (("transported", det_min), ("by central differences of the map",
                                                                                      cd_min)) if lo <= 0)
             logging.getLogger("claire_py").warning(
                 f"warning: det(grad y) <= 0 somewhere ({where}): the map folds; increase --beta or --nt")
@@ -329,11 +356,17 @@ def _build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("info", help="versions, MPI, threads and the decomposition of a grid",
+    p = sub.add_parser("info", help="versions, MPI, threads, the decomposition of a grid and the memory a "
+                                    "registration on it needs",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 128), metavar=("N1", "N2", "N3"),
                    help="grid whose decomposition to show")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="working precision")
+    p.add_argument("--ranks", type=int, metavar="P",
+                   help="predict the memory of a run over P ranks (default: this job's), without planning its FFTs")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON object: shape, ranks, precision and {"memory": {"per_rank_bytes", "rank0_bytes", '
+                        '"phases"}}')
     p.set_defaults(run=_cmd_info)
 
     p = sub.add_parser("smooth", help="Gaussian smoothing of a NIfTI image on the distributed spectral grid",
@@ -429,6 +462,9 @@ def _build_parser():
     p.add_argument("--affine-only", action="store_true",
                    help="stop after the affine stage: the outputs hold the affine map (velocity 0)")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
+    p.add_argument("--output-format", choices=("nii.gz", "nii"), default="nii.gz",
+                   help="image files of OUTDIR: nii.gz (rank 0 compresses) or nii (every rank writes its part in "
+                        "place: faster, larger; default nii.gz)")
     p.add_argument("--quiet", action="store_true", help="no per-iteration log, only the summary and warnings")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="save the solver's progress in OUTDIR/checkpoint every N Gauss-Newton iterations and at "

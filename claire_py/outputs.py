@@ -46,7 +46,13 @@ import numpy as np
 from .io import write_image, write_text
 from .kernels.fields import affine_to_fortran
 
-__all__ = ["write_outputs", "write_inverse", "prepare_outdir", "load_registration", "SavedRegistration"]
+__all__ = ["output_file", "write_outputs", "write_inverse", "prepare_outdir", "load_registration", "SavedRegistration"]
+
+
+def output_file(outdir, name):
+    """``outdir/name.nii.gz``, or ``outdir/name.nii`` when only that exists (``--output-format nii``)."""
+    path = os.path.join(outdir, name + ".nii.gz")
+    return path if os.path.exists(path) or not os.path.exists(path[:-3]) else path[:-3]
 
 
 @dataclasses.dataclass
@@ -98,7 +104,7 @@ def load_registration(outdir, comm):
     error, meta = comm.bcast((error, meta))
     if error:
         raise UserInputError(error)
-    img = read_image(os.path.join(outdir, "velocity.nii.gz"), comm, vector=True)
+    img = read_image(output_file(outdir, "velocity"), comm, vector=True)
     velocity = None
     if img.data is not None:
         spacing = np.array([2 * np.pi / n for n in img.shape[:3]])
@@ -188,40 +194,64 @@ def _write_json(path, payload):
     write_text(path, json.dumps(payload, indent=2))
 
 
-def _map_images(velocity, displacement, det, affine, transform=None):
-    """The NIfTI arrays describing a map: velocity (voxels / unit time), det_grad_y,
-    deformation_map (RAS mm) and displacement (ITK: LPS mm, 5-D), all float32 and in
-    Fortran order (NIfTI's: the file's bytes are the array's, written without a transpose).
+def _map_images(velocity, displacement, det, affine, transform=None, *, velocity_grid=None, k0=0):
+    """The NIfTI arrays describing a map: velocity (voxels / unit time), det_grad_y (when
+    ``det`` is given), deformation_map (RAS mm) and displacement (ITK: LPS mm, 5-D), all
+    float32 and in Fortran order (NIfTI's: the file's bytes are the array's, written without a
+    transpose); keys are the file names without their suffix.
 
-    ``velocity`` and ``displacement`` are ``(3, n1, n2, n3)`` in radians of the box and in
-    voxels; with ``A`` the affine's linear part, ``t`` its offset and ``T x = L x + s`` the
-    affine part of the map (``transform``, default the identity), ``deformation_map = L (A (i +
-    u) + t) + s`` and ``displacement = diag(-1, -1, 1) A u`` (the deformable part alone)."""
-    shape = det.shape
+    ``velocity`` and ``displacement`` are ``(3, n1, n2, dk)``: the planes ``k0 <= k < k0 + dk``
+    of the grid, in radians of the box of ``velocity_grid`` (default the grid itself; a padded
+    grid's box when the solve padded) and in voxels; with ``A`` the affine's linear part, ``t``
+    its offset and ``T x = L x + s`` the affine part of the map (``transform``, default the
+    identity), ``deformation_map = L (A (i + u) + t) + s`` and ``displacement = diag(-1, -1, 1) A
+    u`` (the deformable part alone)."""
+    shape = np.shape(displacement)[1:]
+    grid = velocity_grid or shape
     linear, offset = np.asarray(affine, float)[:3, :3], np.asarray(affine, float)[:3, 3]
     T = np.eye(4) if transform is None else np.asarray(transform, float)
     displacement = np.ascontiguousarray(displacement)
     itk = np.empty(shape + (1, 3), np.float32, order="F")
     whole = T[:3, :3] @ linear
-    return {
-        "velocity.nii.gz": affine_to_fortran(np.ascontiguousarray(velocity), np.diag([n / (2 * np.pi) for n in shape])),
-        "det_grad_y.nii.gz": _fortran(det),
-        "deformation_map.nii.gz": affine_to_fortran(displacement, whole, T[:3, :3] @ offset + T[:3, 3], whole),
-        "displacement.nii.gz": affine_to_fortran(displacement, np.diag([-1.0, -1.0, 1.0]) @ linear, out=itk),
+    origin = whole @ np.array([0.0, 0.0, float(k0)])  # the slab's first plane is plane k0
+    images = {
+        "velocity": affine_to_fortran(np.ascontiguousarray(velocity), np.diag([n / (2 * np.pi) for n in grid])),
+        "deformation_map": affine_to_fortran(displacement, whole, T[:3, :3] @ offset + T[:3, 3] + origin, whole),
+        "displacement": affine_to_fortran(displacement, np.diag([-1.0, -1.0, 1.0]) @ linear, out=itk),
     }
+    if det is not None:
+        images["det_grad_y"] = _fortran(det)
+    return images
 
 
-def _transform_writers(transform, images, affine, inverse=False):
-    """Writers of ``affine.mat`` and ``transform.h5`` (each ``writer(path)``, atomic): the
-    ITK/ANTs files of the map whose displacement image is in ``images``."""
+def _write_transform_files(outdir, transform, displacement_lps, affine, comm, shape, inverse=False):
+    """``affine.mat`` (rank 0) and ``transform.h5`` (collective: each rank gives its slab of
+    the LPS displacement, ``(n1, n2, dk, 3)``), each atomically."""
+    from .errors import UserInputError
     from .transforms import write_affine_mat, write_composite_h5
 
-    displacement = images["displacement.nii.gz"][:, :, :, 0, :]
-    return {
-        "affine.mat": lambda path: _atomic(path, lambda tmp: write_affine_mat(tmp, transform)),
-        "transform.h5": lambda path: _atomic(path, lambda tmp: write_composite_h5(
-            tmp, transform, displacement, affine, inverse=inverse)),
-    }
+    error = None
+    if comm.Get_rank() == 0:
+        try:
+            _atomic(os.path.join(outdir, "affine.mat"), lambda tmp: write_affine_mat(tmp, transform))
+        except OSError as exc:
+            error = f"{outdir}/affine.mat: writing failed ({exc})"
+    error = comm.bcast(error)
+    if error:
+        raise UserInputError(error)
+    path = os.path.join(outdir, "transform.h5")
+    from .io import atomic_path
+
+    tmp = comm.bcast(atomic_path(path) if comm.Get_rank() == 0 else None)
+    error = write_composite_h5(tmp, transform, displacement_lps, affine, inverse=inverse, comm=comm, shape=shape)
+    if comm.Get_rank() == 0:
+        if not error:
+            os.replace(tmp, path)
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
+    error = comm.bcast(error)
+    if error:
+        raise UserInputError(error)
 
 
 def _atomic(path, write):
@@ -246,68 +276,120 @@ def _fortran(image):
     return affine_to_fortran(image, np.eye(image.shape[0]))
 
 
-def _write_images(outdir, images, affine, writers=None, affines=None):
-    """Write ``images`` (``{file name: array}``) and the files of ``writers`` (``{file name:
-    writer(path)}``) into ``outdir``, several files at once: the compression of each runs in
-    its own thread (zlib releases the GIL) on the cores of this rank's node, which the other
-    ranks leave idle while rank 0 writes."""
+def _write_images(outdir, images, affine, affines=None):
+    """Write ``images`` (``{file name: array}``, global, on this rank) into ``outdir``, several
+    files at once: the compression of each runs in its own thread (zlib releases the GIL);
+    ``affines``: ``{name: voxel-to-world}`` where not ``affine``."""
     from concurrent.futures import ThreadPoolExecutor
 
-    writers = writers or {}  # {name: writer(path)}; affines: {name: voxel-to-world} where not ``affine``
-
     def write(name):
-        if name in writers:
-            return writers[name](os.path.join(outdir, name))
         write_image(os.path.join(outdir, name), images[name], (affines or {}).get(name, affine),
                     intent="vector" if name == "displacement.nii.gz" else None)
 
-    names = list(images) + list(writers)
-    workers = max(1, min(len(names), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+    workers = max(1, min(len(images), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                          else os.cpu_count() or 1))
-    # largest first, so that the last file to start is a small one (the composite transform
-    # holds the displacement in float64: twice its image)
-    size = {name: np.asarray(images[name]).nbytes for name in images}
-    size.update({name: 2 * size.get("displacement.nii.gz", 0) if name == "transform.h5" else 0 for name in writers})
-    order = sorted(names, key=lambda name: -size[name])
+    order = sorted(images, key=lambda name: -np.asarray(images[name]).nbytes)  # largest first
     with ThreadPoolExecutor(workers) as pool:
         for future in [pool.submit(write, name) for name in order]:
             future.result()
 
 
-def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, ranks, seconds, timing=None):
-    """Write the registration's files; call on rank 0 with the gathered ``result``.
+class Slabs:
+    """This rank's slabs of the fields of a registration, as the files store them.
 
-    ``fixed`` and ``moving`` are the global input arrays; ``affine`` is FIXED's; ``timing``
-    (``{phase: [seconds per rank]}``, see :mod:`claire_py.timing`) is stored with this
-    writing's own time added as ``write``, and returned so.
+    ``get(name)`` returns the ``(C, n1, n2, k1 - k0)`` part (C order) of field ``name`` on the
+    planes :func:`claire_py.blockio.slab_bounds` gives this rank of ``comm``, or ``None`` when
+    absent. Names: ``velocity`` (``C = 3``, radians per unit time of the box ``[0, 2 pi)^3`` of
+    ``velocity_grid``), ``displacement`` (``C = 3``, voxels, the deformable part), ``det_grad_y`` (``C = 1``; the
+    whole map's), ``warped``, ``fixed`` (``C`` channels each, intensities as given) and
+    ``moving_before`` (MOVING through the headers alone, whose range normalises the residuals).
+    ``channels``: the images have a
+    channel axis (``(C, n1, n2, n3)``, stored last) rather than being 3-D."""
+
+    def __init__(self, comm, shape, get, *, velocity_grid=None, channels=False):
+        from .blockio import slab_bounds
+
+        self.comm, self.shape, self.get, self.channels = comm, tuple(shape), get, channels
+        self.k0, self.k1 = slab_bounds(self.shape[2], comm.Get_size())[comm.Get_rank()]
+        self.velocity_grid = tuple(velocity_grid or shape)
+
+    @classmethod
+    def of_arrays(cls, arrays, **kwargs):
+        """The slabs of global arrays held by this process alone (one rank: ``COMM_SELF``)."""
+        from mpi4py import MPI
+
+        arrays = {name: None if a is None else (np.asarray(a)[None] if np.ndim(a) == 3 else np.asarray(a))
+                  for name, a in arrays.items()}
+        shape = next(a.shape[-3:] for a in arrays.values() if a is not None)
+        return cls(MPI.COMM_SELF, shape, arrays.get, **kwargs)
+
+
+def _channel_ranges(slab, comm):
+    """``[(min, max)]`` per channel of a distributed ``(C, ...)`` slab, on every rank."""
+    from mpi4py import MPI
+
+    lo = np.array([float(c.min()) if c.size else np.inf for c in slab])
+    hi = np.array([float(c.max()) if c.size else -np.inf for c in slab])
+    comm.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
+    comm.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
+    return list(zip(lo.tolist(), hi.tolist()))
+
+
+def write_outputs(outdir, slabs, result, affine, config, *, inputs, ranks, seconds, timing=None, suffix=".nii.gz"):
+    """Write the registration's files from each rank's :class:`Slabs` (collective over
+    ``slabs.comm``; ``result`` holds the scalars: history, workload, transform, Dice...).
+
+    ``affine`` is FIXED's; ``timing`` (``{phase: [seconds per rank]}``, see
+    :mod:`claire_py.timing`) is stored with this writing's own time added as ``write``, and
+    returned so (on rank 0 of ``slabs.comm``; ``None`` elsewhere). ``suffix`` is ``.nii.gz`` or
+    ``.nii`` (written in place by every rank).
     """
+    from .blockio import write_volume
+
     t0 = time.perf_counter()
+    comm, shape, k0 = slabs.comm, slabs.shape, slabs.k0
+    root = comm.Get_rank() == 0
     transform = np.eye(4) if getattr(result, "transform", None) is None else np.asarray(result.transform, float)
-    images = _map_images(result.velocity, result.displacement, result.det_grad_y, affine, transform)
-    writers = _transform_writers(transform, images, affine)
-    channels = np.ndim(result.warped) == 4  # (C, n1, n2, n3): NIfTI keeps channels last
+    names = []
 
-    def residual(a, b, like):
-        return np.abs(_normalized(a) - _normalized(b, like))
+    def write(name, slab, **kw):
+        names.append(name)
+        write_volume(os.path.join(outdir, name + suffix), slab, comm, shape=shape, affine=affine, **kw)
 
-    if channels:
-        before = [residual(f, m, m) for f, m in zip(fixed, moving)]
-        after = [residual(f, w, m) for f, w, m in zip(fixed, result.warped, moving)]
-        images.update({"warped.nii.gz": _fortran(result.warped),
-                       "residual_before.nii.gz": _fortran(np.stack(before)),
-                       "residual_after.nii.gz": _fortran(np.stack(after))})
-    else:
-        images.update({
-            "warped.nii.gz": _fortran(result.warped),
-            "residual_before.nii.gz": _fortran(residual(fixed, moving, moving)),
-            # warped in MOVING's normalisation: cubic overshoot must not shift its background
-            "residual_after.nii.gz": _fortran(residual(fixed, result.warped, moving)),
-        })
-    _write_images(outdir, images, affine, writers)
+    images = _map_images(slabs.get("velocity"), slabs.get("displacement"), None, affine, transform,
+                         velocity_grid=slabs.velocity_grid, k0=k0)
+    det = slabs.get("det_grad_y")[0]
+    det_range = _channel_ranges(det[None], comm)[0]
+    write("det_grad_y", _fortran(det))
+    del det
+    for name in ("velocity", "deformation_map"):
+        write(name, images.pop(name))
+    write("displacement", images["displacement"], intent="vector")
+    _write_transform_files(outdir, transform, images.pop("displacement")[:, :, :, 0, :], affine, comm, shape)
+    warped, fixed, before = slabs.get("warped"), slabs.get("fixed"), slabs.get("moving_before")
+    ranges = _channel_ranges(before, comm)
+    fixed_ranges = _channel_ranges(fixed, comm)
+
+    def normalized(a, lohi):
+        lo, hi = lohi
+        return (np.asarray(a, np.float32) - np.float32(lo)) * np.float32(1 / (hi - lo)) if hi > lo \
+            else np.zeros(np.shape(a), np.float32)
+
+    channels = slabs.channels
+    write("warped", _fortran(warped if channels else warped[0]))
+    after = np.stack([np.abs(normalized(f, fr) - normalized(w, r)) for f, w, fr, r in
+                      zip(fixed, warped, fixed_ranges, ranges)])
+    write("residual_after", _fortran(after if channels else after[0]))
+    before = np.stack([np.abs(normalized(f, fr) - normalized(m, r)) for f, m, fr, r in
+                       zip(fixed, before, fixed_ranges, ranges)])
+    write("residual_before", _fortran(before if channels else before[0]))
+    del after, before
+    if not root:
+        return None
     timing = dict(timing or {}, write=[time.perf_counter() - t0] + [0.0] * (ranks - 1))
     payload = {
         "inputs": inputs,
-        "grid": list(np.shape(result.det_grad_y)),
+        "grid": list(shape),
         "ranks": ranks,
         "config": config.to_dict(),
         "converged": result.converged,
@@ -317,7 +399,7 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         "stages": result.stages or [],
         "affine": {"transform_ras": transform.tolist(), "history": getattr(result, "affine_history", None) or [],
                    **_moving_grid(result)},
-        "det_grad_y": {"min": float(result.det_grad_y.min()), "max": float(result.det_grad_y.max())},
+        "det_grad_y": {"min": det_range[0], "max": det_range[1]},
         "det_grad_y_central_differences": dict(zip(("min", "max"), map(float, result.det_central_differences))),
         "workload": result.workload,
         **({"dice": result.dice} if result.dice else {}),
@@ -325,7 +407,7 @@ def write_outputs(outdir, result, fixed, moving, affine, config, *, inputs, rank
         "timing": timing,
         **({"peak_rss_bytes": result.peak_rss} if getattr(result, "peak_rss", None) else {}),
         "versions": _versions(),
-        "files": sorted(list(images) + list(writers)),
+        "files": sorted([name + suffix for name in names] + ["affine.mat", "transform.h5"]),
         "conventions": "warped(x) = moving(T(y(x))), T = affine.transform_ras (world RAS mm, FIXED -> MOVING); "
                        "velocity in voxels per unit time along the array axes",
     }
@@ -355,21 +437,25 @@ def write_inverse(outdir, source, velocity, displacement, det, affine, config, *
     ``deformation_map`` (world RAS mm, ``(3, *shape)``) are the whole map's on that grid;
     without, all images are on FIXED's grid."""
     transform = np.eye(4) if transform is None else np.asarray(transform, float)
-    images = _map_images(velocity, displacement, det if target is None else np.ones(np.shape(displacement)[1:]),
-                         affine, transform)
-    writers = _transform_writers(transform, images, affine, inverse=True)
+    images = {name + ".nii.gz": image for name, image in _map_images(
+        velocity, displacement, det if target is None else np.ones(np.shape(displacement)[1:]), affine,
+        transform).items()}
+    from mpi4py import MPI
+
+    _write_transform_files(outdir, transform, images["displacement.nii.gz"][:, :, :, 0, :], affine, MPI.COMM_SELF,
+                           np.shape(displacement)[1:], inverse=True)
     affines = {}
     if target is not None:
         images["det_grad_y.nii.gz"] = _fortran(det)
         images["deformation_map.nii.gz"] = _fortran(np.ascontiguousarray(deformation_map))
         affines = {"det_grad_y.nii.gz": target[1], "deformation_map.nii.gz": target[1]}
-    _write_images(outdir, images, affine, writers, affines)
+    _write_images(outdir, images, affine, affines)
     payload = {"inverse_of": os.path.abspath(source), "grid": list(np.shape(det)), "ranks": ranks,
                "config": config.to_dict(), "det_grad_y": {"min": float(det.min()), "max": float(det.max())},
                "affine": {"transform_ras": transform.tolist(),
                           **({"moving_shape": list(target[0]), "moving_affine": np.asarray(target[1]).tolist()}
                              if target is not None else {})},
-               "versions": _versions(), "files": sorted(list(images) + list(writers)),
+               "versions": _versions(), "files": sorted(list(images) + ["affine.mat", "transform.h5"]),
                "conventions": "inverse map: image_on_moving(z) = image_on_fixed(y_inv(T(z))), T = "
                               "affine.transform_ras (MOVING -> FIXED), on the grid affine.moving_*; velocity = -v"}
     payload["complete"] = True

@@ -35,6 +35,7 @@ import numpy as np
 
 from .errors import UserInputError
 from .io import write_text
+from .outputs import output_file
 
 __all__ = ["write_report", "write_batch_report", "add_report_options", "add_report_command", "report_wanted",
            "FIGURE_SIZES", "DPI"]
@@ -78,28 +79,63 @@ def _load_meta(outdir):
     return meta
 
 
+class _Volume:
+    """A NIfTI file's voxels read only where used: ``volume[index]`` reads that slice (float32);
+    :meth:`chunks` yields slabs of planes for the statistics, a few MiB at a time. The report of
+    a large grid so holds the slices it draws, not the fields. ``channel`` picks one component of
+    a 4-D file."""
+
+    _CHUNK_BYTES = 32 << 20
+
+    def __init__(self, proxy, channel=None):
+        self.proxy, self.channel = proxy, channel
+        shape = tuple(proxy.shape)
+        self.shape = shape[:3] if channel is not None else shape
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        if self.channel is not None:
+            index = tuple(index) + (slice(None),) * (3 - len([i for i in index if i is not Ellipsis])) + (self.channel,)
+        return np.asarray(self.proxy[index], dtype=np.float32)
+
+    def chunks(self):
+        plane = 4 * int(np.prod(self.shape)) // self.shape[2]
+        step = max(1, self._CHUNK_BYTES // max(plane, 1))
+        for k in range(0, self.shape[2], step):
+            yield self[:, :, k:k + step]
+
+
+def _chunks(volume):
+    """Slabs of ``volume`` (an array, or a :class:`_Volume` read a few planes at a time)."""
+    return volume.chunks() if isinstance(volume, _Volume) else [np.asarray(volume, np.float32)]
+
+
+def _range_and_mean(volume):
+    lo, hi, total, n = np.inf, -np.inf, 0.0, 0
+    for c in _chunks(volume):
+        lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
+        total, n = total + float(c.sum(dtype=np.float64)), n + c.size
+    return lo, hi, total / max(n, 1)
+
+
 def _load_nifti(path):
-    """``(data, affine)`` of a NIfTI file as float32 (4-D/5-D fields keep their trailing axes),
-    or ``None`` when the file is absent or unreadable."""
+    """``(volume, affine)`` of a NIfTI file as a :class:`_Volume` (4-D/5-D fields keep their
+    trailing axes), or ``None`` when the file is absent or unreadable."""
     import nibabel as nib
 
     if not os.path.isfile(path):
         return None
     try:
         img = nib.load(path)
-        return np.asarray(img.dataobj, dtype=np.float32), np.asarray(img.affine, float)
+        return _Volume(img.dataobj), np.asarray(img.affine, float)
     except Exception:  # nibabel raises many types for damaged files: the panel is skipped
         return None
 
 
 def _load_images(outdir, names):
-    """``{name: (data, affine) or None}`` for ``outdir/name.nii.gz``, read by a few threads
-    (gzip inflation releases the GIL: most of the reading time for 128³ fields)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
-        loaded = pool.map(_load_nifti, [os.path.join(outdir, f"{name}.nii.gz") for name in names])
-        return dict(zip(names, loaded))
+    """``{name: (volume, affine) or None}`` for the files ``outdir/name.nii[.gz]``."""
+    return {name: _load_nifti(output_file(outdir, name)) for name in names}
 
 
 def _as_volume(image):
@@ -111,9 +147,10 @@ def _as_volume(image):
         if loaded is None:
             return None
         image = loaded[0]
-    image = np.asarray(image)
+    if not isinstance(image, _Volume):
+        image = np.asarray(image)
     if image.ndim == 4:  # a trailing singleton axis, or the channels of a multi-channel image: the first
-        image = image[..., 0]
+        image = _Volume(image.proxy, 0) if isinstance(image, _Volume) else image[..., 0]
     return image if image.ndim == 3 else None
 
 
@@ -257,9 +294,12 @@ def _grey_range(cuts):
 def _draw_slices(outdir, mosaic, rows):
     """FIXED, MOVING and warped, one row each, three planes per row. ``rows`` is a list of
     ``(label, volume or None, reason)``; a volume on another grid is shown at its own
-    mid-slices, stretched to the cells."""
+    mid-slices, stretched to the cells. The warped row takes MOVING's grey scale (when MOVING
+    is shown): the same intensities look the same, and the interpolation's undershoot at the
+    brain's edge stays black instead of greying the background."""
     fig = _figure("slices.png")
     ax = mosaic.axes(fig, [0.04, 0.0, 0.96, 0.97])
+    scales = {}
     for r, (label, volume, reason) in enumerate(rows):
         mosaic.label(ax, r, label)
         if volume is None:
@@ -267,7 +307,8 @@ def _draw_slices(outdir, mosaic, rows):
             continue
         own = None if volume.shape == mosaic.shape else [n // 2 for n in volume.shape]
         cuts = [mosaic.cut(volume, a, None if own is None else own[a]) for a in range(3)]
-        lo, hi = _grey_range(cuts)
+        lo, hi = scales[label] = scales.get("moving") if label == "warped moving" and "moving" in scales \
+            else _grey_range(cuts)
         for axis in range(3):
             mosaic.show(ax, cuts[axis], axis, r, cmap="gray", vmin=lo, vmax=hi)
     return _save(fig, outdir, "slices.png")
@@ -289,11 +330,16 @@ def _draw_residuals(outdir, mosaic, before, after):
 
 def _det_summary(det, bound):
     """Min, max and the shares (in %) of voxels below ``bound``, above ``1/bound`` and <= 0."""
-    n = det.size
-    return {"min": float(det.min()), "max": float(det.max()),
-            "below": 100.0 * np.count_nonzero(det < bound) / n if bound else float("nan"),
-            "above": 100.0 * np.count_nonzero(det > 1.0 / bound) / n if bound else float("nan"),
-            "folded": 100.0 * np.count_nonzero(det <= 0) / n}
+    n, lo, hi, below, above, folded = 0, np.inf, -np.inf, 0, 0, 0
+    for c in _chunks(det):
+        n, lo, hi = n + c.size, min(lo, float(c.min())), max(hi, float(c.max()))
+        folded += np.count_nonzero(c <= 0)
+        if bound:
+            below, above = below + np.count_nonzero(c < bound), above + np.count_nonzero(c > 1.0 / bound)
+    return {"min": lo, "max": hi,
+            "below": 100.0 * below / n if bound else float("nan"),
+            "above": 100.0 * above / n if bound else float("nan"),
+            "folded": 100.0 * folded / n}
 
 
 def _draw_det(outdir, mosaic, det, bound):
@@ -303,7 +349,8 @@ def _draw_det(outdir, mosaic, det, bound):
 
     fig = _figure("det_grad_y.png")
     ax = mosaic.axes(fig, [0.0, 0.02, 0.58, 0.88])
-    lo, hi = float(det.min()), float(det.max())
+    summary = _det_summary(det, None)
+    lo, hi = summary["min"], summary["max"]
     norm = TwoSlopeNorm(vcenter=1.0, vmin=min(lo, 1.0 - 1e-3), vmax=max(hi, 1.0 + 1e-3))
     mosaic.label(ax, 0, "")
     for axis in range(3):
@@ -312,7 +359,8 @@ def _draw_det(outdir, mosaic, det, bound):
     bar = fig.colorbar(im, cax=fig.add_axes([0.595, 0.12, 0.012, 0.72]), ticks=ticks, format="{x:.3g}")
     bar.ax.tick_params(labelsize=8)  # ticks on both sides of 1: the two halves have different scales
     ax = fig.add_axes([0.735, 0.17, 0.25, 0.73])
-    counts, edges = np.histogram(det, bins=80, range=(lo, hi if hi > lo else lo + 1.0))
+    edges = np.histogram_bin_edges([], bins=80, range=(lo, hi if hi > lo else lo + 1.0))
+    counts = sum(np.histogram(c, bins=edges)[0] for c in _chunks(det))
     ax.stairs(np.maximum(counts, 0.5), edges, fill=True, color="0.35", baseline=0.5)  # one artist, not 80 bars
     _plain_log(ax)
     ax.set_ylim(bottom=0.5)
@@ -334,7 +382,8 @@ def _map_in_voxels(mosaic, deformation_map, displacement, axis):
         ras = deformation_map[cut]  # (n_b, n_c, 3) mm
         return np.einsum("ab,...b->a...", inv[:3, :3], ras) + inv[:3, 3][:, None, None]
     if displacement is not None and displacement.shape[:3] == mosaic.shape:
-        u_ras = displacement.reshape(mosaic.shape + (3,))[cut] * np.array([-1.0, -1.0, 1.0])  # ITK's LPS
+        plane = tuple(n for a, n in enumerate(mosaic.shape) if a != axis)
+        u_ras = np.asarray(displacement[cut]).reshape(plane + (3,)) * np.array([-1.0, -1.0, 1.0])  # ITK's LPS
         index = np.meshgrid(*[np.arange(n, dtype=float) for n in mosaic.shape], indexing="ij")
         return np.einsum("ab,...b->a...", inv[:3, :3], u_ras) + np.stack([x[cut] for x in index])
     return None
@@ -614,7 +663,7 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
     channels = images["warped"] is not None and images["warped"][0].ndim == 4
     for name in ("warped", "residual_before", "residual_after"):  # multi-channel runs: show channel 0
         if channels and images[name] is not None and images[name][0].ndim == 4:
-            images[name] = (images[name][0][..., 0], images[name][1])
+            images[name] = (_Volume(images[name][0].proxy, 0), images[name][1])
     if channels:
         fixed, moving = (a[0] if isinstance(a, np.ndarray) and a.ndim == 4 else a for a in (fixed, moving))
     on_grid = next((images[n] for n in ("warped", "det_grad_y", "residual_before") if images[n] is not None), None)
@@ -647,16 +696,17 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
         sections.append(_section("Images", _figure_html(
             _draw_slices(outdir, mosaic(3), rows), "fixed, moving and warped slices",
             "FIXED (top), MOVING (middle) and MOVING warped onto FIXED (bottom), slices "
-            f"{', '.join(f'{n}={s}' for n, s in zip('ijk', mosaic(1).slices))}, each on its own grey scale "
-            "(0.5–99.5 percentiles of the slices shown): the bottom row should look like the top one.")))
+            f"{', '.join(f'{n}={s}' for n, s in zip('ijk', mosaic(1).slices))}; FIXED and MOVING each on its own "
+            "grey scale (0.5–99.5 percentiles of the slices shown), the warped image on MOVING's: the bottom row "
+            "should look like the top one.")))
 
     if mosaic is not None and images["residual_before"] is not None and images["residual_after"] is not None:
         before, after = images["residual_before"][0], images["residual_after"][0]
         sections.append(_section("Residuals", _figure_html(
             _draw_residuals(outdir, mosaic(2), before, after), "residuals before and after",
             "Residual |fixed − moving| before (top) and |fixed − warped| after (bottom) registration, on "
-            f"intensities normalised to [0, 1], one colour scale. Mean over the volume: {before.mean():.4f} "
-            f"before, {after.mean():.4f} after.")))
+            f"intensities normalised to [0, 1], one colour scale. Mean over the volume: "
+            f"{_range_and_mean(before)[2]:.4f} before, {_range_and_mean(after)[2]:.4f} after.")))
     else:
         notes.append("residual_before/after.nii.gz missing: no residual panel.")
 
@@ -678,7 +728,7 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
     deformation_map = None if images["deformation_map"] is None else images["deformation_map"][0]
     displacement = None
     if deformation_map is None:  # the ITK displacement describes the same map
-        loaded = _load_nifti(os.path.join(outdir, "displacement.nii.gz"))
+        loaded = _load_nifti(output_file(outdir, "displacement"))
         displacement = None if loaded is None else loaded[0]
     if mosaic is not None and (deformation_map is not None or displacement is not None):
         background = fixed if fixed is not None else warped

@@ -136,7 +136,7 @@ def _field_geometry(affine, shape):
     return np.concatenate([np.asarray(shape, float), origin, spacing, direction.ravel()])
 
 
-def write_composite_h5(path, transform, displacement_lps, affine, *, inverse=False):
+def write_composite_h5(path, transform, displacement_lps, affine, *, inverse=False, comm=None, shape=None):
     """Write ITK's composite transform ``x -> T(x + u(x))`` (with ``inverse``: ``x -> T x +
     u(T x)``, the form of an inverse map) to HDF5 (``SimpleITK.ReadTransform`` and
     ``antsApplyTransforms`` read it).
@@ -146,26 +146,70 @@ def write_composite_h5(path, transform, displacement_lps, affine, *, inverse=Fal
     transform : ndarray ``(4, 4)``
         The affine part, RAS, FIXED -> MOVING.
     displacement_lps : ndarray ``(n1, n2, n3, 3)``
-        ``u`` in LPS mm on FIXED's grid (any memory order).
+        ``u`` in LPS mm on FIXED's grid (any memory order); with ``comm``, this rank's slab
+        ``(n1, n2, k1 - k0, 3)`` of the planes :func:`claire_py.blockio.slab_bounds` gives it.
     affine : ndarray ``(4, 4)``
         FIXED's voxel-to-world (RAS) matrix.
+    comm, shape : optional
+        Collective over ``comm`` on the grid ``shape``: rank 0 writes the file, receiving the
+        other ranks' slabs one at a time (ITK stores ``x`` fastest, so each slab is one run of
+        the parameters). Returns an error message (or ``None``) on every rank then, and
+        ``None`` without ``comm``.
     """
-    import h5py
+    from mpi4py import MPI
 
+    from .blockio import slab_bounds
+
+    comm = MPI.COMM_SELF if comm is None else comm
     field = np.asarray(displacement_lps)
-    parameters = np.ascontiguousarray(np.transpose(field, (2, 1, 0, 3)), np.float64).ravel()  # ITK: x fastest
-    with h5py.File(path, "w") as h5:
-        for name, value in (("HDFVersion", h5py.version.hdf5_version), ("ITKVersion", "5.3.0"),
-                            ("OSName", "Linux"), ("OSVersion", "unknown")):
-            h5.create_dataset(name, data=np.array([value.encode()], dtype=h5py.string_dtype("ascii")))
-        group = h5.create_group("TransformGroup")
-        # ITK applies a composite's transforms to a point from the last one to the first
-        parts = [("AffineTransform_double_3_3", np.zeros(3), _itk_parameters(transform)),
-                 ("DisplacementFieldTransform_double_3_3", _field_geometry(affine, field.shape[:3]), parameters)]
-        entries = [("CompositeTransform_double_3_3", np.zeros(0), np.zeros(0))] + (parts[::-1] if inverse else parts)
-        for i, (kind, fixed, params) in enumerate(entries):
-            sub = group.create_group(str(i))
-            sub.create_dataset("TransformType", data=np.array([kind.encode()], dtype=h5py.string_dtype("ascii")))
-            sub.create_dataset("TransformFixedParameters", data=np.asarray(fixed, np.float64))
-            sub.create_dataset("TransformParameters", data=np.asarray(params, np.float64),
-                               **({"compression": "gzip", "compression_opts": 1, "chunks": True} if params.size > 4096 else {}))
+    shape = field.shape[:3] if shape is None else tuple(shape)
+    rank = comm.Get_rank()
+    bounds = slab_bounds(shape[2], comm.Get_size())
+
+    def parameters(f):  # ITK: x fastest, then the vector component innermost
+        return np.ascontiguousarray(np.transpose(f, (2, 1, 0, 3)), np.float64).ravel()
+
+    if rank != 0:
+        comm.Send(parameters(field), dest=0, tag=19)
+        return comm.bcast(None)
+    error, received = None, {0}
+    try:
+        import h5py
+
+        with h5py.File(path, "w") as h5:
+            for name, value in (("HDFVersion", h5py.version.hdf5_version), ("ITKVersion", "5.3.0"),
+                                ("OSName", "Linux"), ("OSVersion", "unknown")):
+                h5.create_dataset(name, data=np.array([value.encode()], dtype=h5py.string_dtype("ascii")))
+            group = h5.create_group("TransformGroup")
+            # ITK applies a composite's transforms to a point from the last one to the first
+            size = 3 * int(np.prod(shape))
+            parts = [("AffineTransform_double_3_3", np.zeros(3), _itk_parameters(transform)),
+                     ("DisplacementFieldTransform_double_3_3", _field_geometry(affine, shape), None)]
+            entries = [("CompositeTransform_double_3_3", np.zeros(0), np.zeros(0))] + (parts[::-1] if inverse else parts)
+            for i, (kind, fixed, params) in enumerate(entries):
+                sub = group.create_group(str(i))
+                sub.create_dataset("TransformType", data=np.array([kind.encode()], dtype=h5py.string_dtype("ascii")))
+                sub.create_dataset("TransformFixedParameters", data=np.asarray(fixed, np.float64))
+                if params is not None:
+                    sub.create_dataset("TransformParameters", data=np.asarray(params, np.float64))
+                    continue
+                dataset = sub.create_dataset("TransformParameters", (size,), np.float64,
+                                             **({"compression": "gzip", "compression_opts": 1, "chunks": True}
+                                                if size > 4096 else {}))
+                plane = 3 * shape[0] * shape[1]
+                for r, (k0, k1) in enumerate(bounds):
+                    if r == 0:
+                        chunk = parameters(field)
+                    else:
+                        chunk = np.empty(plane * (k1 - k0), np.float64)
+                        comm.Recv(chunk, source=r, tag=19)
+                        received.add(r)
+                    if chunk.size:
+                        dataset[plane * k0:plane * k1] = chunk
+    except Exception as exc:  # a full disk: recorded; the other ranks' slabs are all received above
+        error = f"{path}: writing failed ({exc})"
+        for r in range(comm.Get_size()):  # no rank may wait for ever in its Send
+            if r not in received:
+                k0, k1 = bounds[r]
+                comm.Recv(np.empty(3 * shape[0] * shape[1] * (k1 - k0), np.float64), source=r, tag=19)
+    return comm.bcast(error)

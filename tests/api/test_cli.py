@@ -1,5 +1,6 @@
 """The ``claire`` command: smoothing a NIfTI file end to end, and failing well."""
 
+import json
 import os
 import subprocess
 import sys
@@ -109,6 +110,29 @@ def test_info_command_runs_on_every_rank(capsys):
     out = capsys.readouterr().out
     if COMM.rank == 0:
         assert f"ranks        {COMM.size}" in out and "12x10x8" in out
+
+
+def test_info_predicts_the_memory_of_a_run_on_any_number_of_ranks(capsys):
+    """``--ranks P`` plans nothing (a 1024^3 grid over 64 ranks from one process); ``--json``
+    holds the keys scripts read; more ranks never need more memory per rank; rank 0 needs what
+    the others need (no rank gathers a field)."""
+    import json
+
+    memory = {}
+    for ranks in (8, 64):
+        assert main(["info", "--shape", "1024", "1024", "1024", "--ranks", str(ranks), "--json"]) == 0
+        out = capsys.readouterr().out
+        if COMM.rank == 0:
+            record = json.loads(out)
+            assert record["shape"] == [1024] * 3 and record["ranks"] == ranks
+            memory[ranks] = record["memory"]
+    if COMM.rank == 0:
+        assert memory[64]["rank0_bytes"] == memory[64]["per_rank_bytes"]
+        assert memory[64]["phases"]["solve"] < memory[8]["phases"]["solve"] / 4
+        assert memory[64]["per_rank_bytes"] == max(memory[64]["phases"].values())
+    assert main(["info", "--ranks", "0"]) == 2
+    err = capsys.readouterr().err
+    assert COMM.rank != 0 or "--ranks 0: give a number of ranks >= 1" in err  # printed by one rank
 
 
 def _synthetic_pair(n=24):
@@ -368,3 +392,32 @@ def test_invert_maps_fixed_back_onto_moving(shared_tmp):
     fixed_on_moving = nib.load(back).get_fdata()
     before = np.abs(fixed - moving).mean()
     assert np.abs(fixed_on_moving - moving).mean() < 0.5 * before
+
+
+def test_uncompressed_outputs_written_in_place_equal_the_compressed_ones_and_serve_the_tools(shared_tmp):
+    """--output-format nii: every rank writes its slab at its offsets; the files hold the same
+    values as the .nii.gz run's, and transport, jacobian and report read them."""
+    fixed, moving = _synthetic_pair(16)
+    f_path, m_path = os.path.join(shared_tmp, "f.nii"), os.path.join(shared_tmp, "m.nii.gz")
+    _write_nifti(f_path, fixed)
+    _write_nifti(m_path, moving)
+    runs = {}
+    for fmt in ("nii.gz", "nii"):
+        runs[fmt] = os.path.join(shared_tmp, fmt.replace(".", "_"))
+        assert main(["register", f_path, m_path, "-o", runs[fmt], "--quiet", "--beta", "1e-3", "--output-format", fmt,
+                     "--report"]) == 0
+    COMM.Barrier()
+    with open(os.path.join(runs["nii"], "registration.json")) as fh:
+        files = json.load(fh)["files"]
+    images = [f for f in files if f.endswith(".nii")]
+    assert len(images) == 7 and not any(f.endswith(".nii.gz") for f in files)
+    assert os.path.exists(os.path.join(runs["nii"], "report.html"))
+    for name in images:
+        a = np.asarray(nib.load(os.path.join(runs["nii"], name)).dataobj)
+        b = np.asarray(nib.load(os.path.join(runs["nii.gz"], name + ".gz")).dataobj)
+        np.testing.assert_array_equal(a, b)
+    det = os.path.join(shared_tmp, "det.nii")
+    assert main(["jacobian", runs["nii"], "-o", det]) == 0
+    COMM.Barrier()
+    np.testing.assert_allclose(nib.load(det).get_fdata(),
+                               nib.load(os.path.join(runs["nii"], "det_grad_y.nii")).get_fdata(), atol=1e-4)

@@ -287,3 +287,20 @@ def test_workload_groups_and_levels():
     assert rp._levels(history) == [2, 4]  # beta changes at 2; the counter restarts at 4 (a re-solve, same beta)
     history = [dict(h, level=n // 3) for n, h in enumerate({"iteration": n} for n in range(6))]
     assert rp._levels(history) == [3]  # a "level" entry, when present
+
+
+def test_the_warped_row_takes_movings_grey_scale(tmp_path, monkeypatch):
+    """Interpolation undershoots below MOVING's minimum at edges: on its own percentile scale
+    the warped background would turn grey; on MOVING's it stays black like MOVING's."""
+    moving = np.zeros((N, N, N))
+    moving[6:18, 6:18, 6:18] = 1.0
+    warped = moving.copy()
+    warped[5, :, :] = -0.3  # a ring of undershoot beside the edge
+    shown = []
+    monkeypatch.setattr(rp._Mosaic, "show", lambda self, ax, image, axis, row=0, **kw: shown.append((row, kw)))
+    mosaic = rp._Mosaic(moving.shape, np.eye(4), None, 3)
+    rp._draw_slices(str(tmp_path), mosaic, [("fixed", moving + 2.0, ""), ("moving", moving, ""),
+                                            ("warped moving", warped, "")])
+    scale = {row: (kw["vmin"], kw["vmax"]) for row, kw in shown}
+    assert scale[2] == scale[1] != scale[0]
+    assert rp._grey_range([warped[:, :, N // 2]])[0] < scale[1][0], "the warped image's own scale differs"
