@@ -59,7 +59,8 @@ def main():
             print(f"{ranks:>3} {'x'.join(map(str, meta['grid'])):>13} {peaks[0] / 1e9:>10.3f} {others / 1e9:>19.3f} "
                   f"{peaks[0] / others:>6.2f} {model['per_rank_bytes'] / 1e9:>9.3f} "
                   f"{max(peaks) / model['per_rank_bytes']:>16.2f} {phase:>12} {wall:>7.1f}", flush=True)
-            common = dict(n="x".join(map(str, meta["grid"])), dtype="float32", ranks=ranks, threads=1, unit="B")
+            common = dict(n="x".join(map(str, meta["grid"])), dtype="float32", ranks=ranks,
+                          threads=max(1, (os.cpu_count() or 1) // ranks), unit="B")
             rows += [dict(common, name="register_cli_peak_rss_rank0", value=peaks[0],
                           reference="median of the other ranks", reference_value=others),
                      dict(common, name="register_cli_peak_rss_largest", value=max(peaks),

@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import UserInputError
 
-__all__ = ["VolumeFile", "open_volume", "read_slab", "write_volume", "slab_bounds", "CHUNK_BYTES"]
+__all__ = ["VolumeFile", "open_volume", "read_slab", "iter_planes", "write_volume", "slab_bounds", "CHUNK_BYTES"]
 
 #: Largest message of a ``.nii.gz`` stream between rank 0 and another rank (planes of one component).
 CHUNK_BYTES = 16 << 20
@@ -185,6 +185,22 @@ def read_slab(volume, comm, dtype=None):
     if errors:
         raise UserInputError(errors[0])
     return ((0, n1), (0, n2), (k0, k1)), data
+
+
+def iter_planes(volume, dtype=np.float32):
+    """The whole of ``volume`` in one sequential pass of its file, by this process alone:
+    ``(component, k0, k1, planes)`` with ``planes`` of shape ``(n1, n2, k1 - k0)`` (a view of
+    Fortran order), at most :data:`CHUNK_BYTES` of stored voxels at a time. For a reader that
+    needs a few slices and some statistics of a large file (the report), without holding it."""
+    stored = np.dtype(volume.dtype)
+    n1, n2, _ = volume.shape
+    opener = (lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")) if volume.gz else (lambda raw: raw)
+    with open(volume.path, "rb") as raw, opener(raw) as fh:
+        _read_exact(fh, volume.offset, volume.path)
+        for c, _, start, stop in _chunks(volume, [(0, volume.shape[2])]):
+            raw_planes = _read_exact(fh, (stop - start) * volume.plane_items * stored.itemsize, volume.path)
+            planes = np.frombuffer(raw_planes, stored).reshape(stop - start, n2, n1)
+            yield c, start, stop, _as_values(planes, volume, dtype).transpose(2, 1, 0)
 
 
 def _stream_in(volume, comm, bounds, place):

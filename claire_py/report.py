@@ -80,62 +80,99 @@ def _load_meta(outdir):
 
 
 class _Volume:
-    """A NIfTI file's voxels read only where used: ``volume[index]`` reads that slice (float32);
-    :meth:`chunks` yields slabs of planes for the statistics, a few MiB at a time. The report of
-    a large grid so holds the slices it draws, not the fields. ``channel`` picks one component of
-    a 4-D file."""
+    """A NIfTI file of OUTDIR read in one sequential pass (:func:`claire_py.blockio.iter_planes`)
+    for the slices the report draws and the figures it prints: a large grid's report holds three
+    planes per file, never the field. ``volume[index]`` is a cut across one axis (``(n_b, n_c)``,
+    with the components last for a vector field); ``channel`` picks one component of a 4-D file."""
 
-    _CHUNK_BYTES = 32 << 20
-
-    def __init__(self, proxy, channel=None):
-        self.proxy, self.channel = proxy, channel
-        shape = tuple(proxy.shape)
-        self.shape = shape[:3] if channel is not None else shape
+    def __init__(self, file, channel=None):
+        self.file, self.channel = file, channel
+        self.shape = tuple(file.shape) + ((file.components,) if channel is None and file.components > 1 else ())
         self.ndim = len(self.shape)
+        self._cuts, self.stats = {}, None
+        self.preferred = tuple(n // 2 for n in file.shape)  # the slices a scan takes when a cut is asked for
+
+    def scan(self, slices, bound=None, edges=None):
+        """One pass: the cuts across each axis at ``slices[axis]``, and :attr:`stats` (``min``,
+        ``max``, ``mean``, the shares in % ``folded`` (<= 0), ``below`` ``bound`` and ``above``
+        ``1/bound``, and ``counts`` per bin of ``edges`` when given)."""
+        from .blockio import iter_planes
+
+        n1, n2, n3 = self.file.shape
+        trailing = self.shape[3:]
+        cuts = {0: np.zeros((n2, n3) + trailing, np.float32), 1: np.zeros((n1, n3) + trailing, np.float32),
+                2: np.zeros((n1, n2) + trailing, np.float32)}
+        lo, hi, total, n, folded, below, above = np.inf, -np.inf, 0.0, 0, 0, 0, 0
+        counts = None if edges is None else np.zeros(len(edges) - 1, np.int64)
+        for c, k0, k1, planes in iter_planes(self.file):
+            if self.channel is not None and c != self.channel:
+                continue
+            at = (c,) if trailing else ()
+            i, j, k = slices
+            cuts[0][(slice(None), slice(k0, k1)) + at] = planes[i]
+            cuts[1][(slice(None), slice(k0, k1)) + at] = planes[:, j]
+            if k0 <= k < k1:
+                cuts[2][(Ellipsis,) + at] = planes[:, :, k - k0]
+            lo, hi = min(lo, float(planes.min())), max(hi, float(planes.max()))
+            total, n = total + float(planes.sum(dtype=np.float64)), n + planes.size
+            folded += np.count_nonzero(planes <= 0)
+            if bound:
+                below, above = below + np.count_nonzero(planes < bound), above + np.count_nonzero(planes > 1 / bound)
+            if counts is not None:
+                counts += np.histogram(planes, bins=edges)[0]
+        self._cuts = {axis: (slices[axis], cut) for axis, cut in cuts.items()}
+        share = 100.0 / max(n, 1)
+        self.stats = {"min": lo, "max": hi, "mean": total / max(n, 1), "folded": share * folded,
+                      "below": share * below if bound else float("nan"),
+                      "above": share * above if bound else float("nan"), "counts": counts}
+        return self
 
     def __getitem__(self, index):
         index = index if isinstance(index, tuple) else (index,)
-        if self.channel is not None:
-            index = tuple(index) + (slice(None),) * (3 - len([i for i in index if i is not Ellipsis])) + (self.channel,)
-        return np.asarray(self.proxy[index], dtype=np.float32)
-
-    def chunks(self):
-        plane = 4 * int(np.prod(self.shape)) // self.shape[2]
-        step = max(1, self._CHUNK_BYTES // max(plane, 1))
-        for k in range(0, self.shape[2], step):
-            yield self[:, :, k:k + step]
+        axis = next(a for a, i in enumerate(index) if not isinstance(i, slice))
+        if axis not in self._cuts or self._cuts[axis][0] != index[axis]:
+            slices = list(self.preferred)
+            slices[axis] = int(index[axis])
+            self.scan(tuple(slices))
+        cut = self._cuts[axis][1]
+        return cut[index[axis + 1:]] if len(index) > axis + 1 else cut
 
 
-def _chunks(volume):
-    """Slabs of ``volume`` (an array, or a :class:`_Volume` read a few planes at a time)."""
-    return volume.chunks() if isinstance(volume, _Volume) else [np.asarray(volume, np.float32)]
+def _load_nifti(path, vector=False):
+    """``(volume, affine)`` of a NIfTI file as a :class:`_Volume` (a field of 3-vectors with
+    ``vector``, its components last), or ``None`` when the file is absent or unreadable."""
+    from mpi4py import MPI
 
-
-def _range_and_mean(volume):
-    lo, hi, total, n = np.inf, -np.inf, 0.0, 0
-    for c in _chunks(volume):
-        lo, hi = min(lo, float(c.min())), max(hi, float(c.max()))
-        total, n = total + float(c.sum(dtype=np.float64)), n + c.size
-    return lo, hi, total / max(n, 1)
-
-
-def _load_nifti(path):
-    """``(volume, affine)`` of a NIfTI file as a :class:`_Volume` (4-D/5-D fields keep their
-    trailing axes), or ``None`` when the file is absent or unreadable."""
-    import nibabel as nib
+    from .blockio import open_volume
 
     if not os.path.isfile(path):
         return None
     try:
-        img = nib.load(path)
-        return _Volume(img.dataobj), np.asarray(img.affine, float)
-    except Exception:  # nibabel raises many types for damaged files: the panel is skipped
+        file = open_volume(path, MPI.COMM_SELF, vector=vector, channels=not vector)
+    except Exception:  # a damaged or unexpected file: the panel is skipped
         return None
+    return _Volume(file), np.asarray(file.affine, float)
+
+
+def _stats(volume, slices, bound=None, edges=None):
+    """:attr:`_Volume.stats` of a file (scanned once more only when ``bound`` or ``edges`` ask
+    for what the first pass did not count), or the same figures of an array."""
+    if isinstance(volume, _Volume):
+        if volume.stats is None or bound or edges is not None:
+            volume.scan(slices, bound, edges)
+        return volume.stats
+    a = np.asarray(volume, np.float32)
+    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()),
+            "folded": 100.0 * np.count_nonzero(a <= 0) / a.size,
+            "below": 100.0 * np.count_nonzero(a < bound) / a.size if bound else float("nan"),
+            "above": 100.0 * np.count_nonzero(a > 1.0 / bound) / a.size if bound else float("nan"),
+            "counts": None if edges is None else np.histogram(a, bins=edges)[0]}
 
 
 def _load_images(outdir, names):
     """``{name: (volume, affine) or None}`` for the files ``outdir/name.nii[.gz]``."""
-    return {name: _load_nifti(output_file(outdir, name)) for name in names}
+    return {name: _load_nifti(output_file(outdir, name), vector=name in ("velocity", "deformation_map", "displacement"))
+            for name in names}
 
 
 def _as_volume(image):
@@ -150,7 +187,7 @@ def _as_volume(image):
     if not isinstance(image, _Volume):
         image = np.asarray(image)
     if image.ndim == 4:  # a trailing singleton axis, or the channels of a multi-channel image: the first
-        image = _Volume(image.proxy, 0) if isinstance(image, _Volume) else image[..., 0]
+        image = _Volume(image.file, 0) if isinstance(image, _Volume) else image[..., 0]
     return image if image.ndim == 3 else None
 
 
@@ -239,6 +276,8 @@ class _Mosaic:
     def cut(self, volume, axis, index=None):
         """The slice of ``volume`` across ``axis`` as drawn: ``(n_c, n_b)``, a view."""
         index = self.slices[axis] if index is None else index
+        if isinstance(volume, _Volume) and volume.shape[:3] == self.shape:
+            volume.preferred = tuple(self.slices)  # one pass of the file serves the three cuts
         return volume[(slice(None),) * axis + (index,)].T
 
     def extent(self, axis, row=0):
@@ -328,18 +367,9 @@ def _draw_residuals(outdir, mosaic, before, after):
     return _save(fig, outdir, "residuals.png")
 
 
-def _det_summary(det, bound):
+def _det_summary(det, bound, slices):
     """Min, max and the shares (in %) of voxels below ``bound``, above ``1/bound`` and <= 0."""
-    n, lo, hi, below, above, folded = 0, np.inf, -np.inf, 0, 0, 0
-    for c in _chunks(det):
-        n, lo, hi = n + c.size, min(lo, float(c.min())), max(hi, float(c.max()))
-        folded += np.count_nonzero(c <= 0)
-        if bound:
-            below, above = below + np.count_nonzero(c < bound), above + np.count_nonzero(c > 1.0 / bound)
-    return {"min": lo, "max": hi,
-            "below": 100.0 * below / n if bound else float("nan"),
-            "above": 100.0 * above / n if bound else float("nan"),
-            "folded": 100.0 * folded / n}
+    return {k: v for k, v in _stats(det, slices, bound).items() if k in ("min", "max", "below", "above", "folded")}
 
 
 def _draw_det(outdir, mosaic, det, bound):
@@ -349,8 +379,8 @@ def _draw_det(outdir, mosaic, det, bound):
 
     fig = _figure("det_grad_y.png")
     ax = mosaic.axes(fig, [0.0, 0.02, 0.58, 0.88])
-    summary = _det_summary(det, None)
-    lo, hi = summary["min"], summary["max"]
+    first = _stats(det, mosaic.slices)
+    lo, hi = first["min"], first["max"]
     norm = TwoSlopeNorm(vcenter=1.0, vmin=min(lo, 1.0 - 1e-3), vmax=max(hi, 1.0 + 1e-3))
     mosaic.label(ax, 0, "")
     for axis in range(3):
@@ -360,7 +390,7 @@ def _draw_det(outdir, mosaic, det, bound):
     bar.ax.tick_params(labelsize=8)  # ticks on both sides of 1: the two halves have different scales
     ax = fig.add_axes([0.735, 0.17, 0.25, 0.73])
     edges = np.histogram_bin_edges([], bins=80, range=(lo, hi if hi > lo else lo + 1.0))
-    counts = sum(np.histogram(c, bins=edges)[0] for c in _chunks(det))
+    counts = _stats(det, mosaic.slices, edges=edges)["counts"]
     ax.stairs(np.maximum(counts, 0.5), edges, fill=True, color="0.35", baseline=0.5)  # one artist, not 80 bars
     _plain_log(ax)
     ax.set_ylim(bottom=0.5)
@@ -663,7 +693,7 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
     channels = images["warped"] is not None and images["warped"][0].ndim == 4
     for name in ("warped", "residual_before", "residual_after"):  # multi-channel runs: show channel 0
         if channels and images[name] is not None and images[name][0].ndim == 4:
-            images[name] = (_Volume(images[name][0].proxy, 0), images[name][1])
+            images[name] = (_Volume(images[name][0].file, 0), images[name][1])
     if channels:
         fixed, moving = (a[0] if isinstance(a, np.ndarray) and a.ndim == 4 else a for a in (fixed, moving))
     on_grid = next((images[n] for n in ("warped", "det_grad_y", "residual_before") if images[n] is not None), None)
@@ -706,7 +736,7 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
             _draw_residuals(outdir, mosaic(2), before, after), "residuals before and after",
             "Residual |fixed − moving| before (top) and |fixed − warped| after (bottom) registration, on "
             f"intensities normalised to [0, 1], one colour scale. Mean over the volume: "
-            f"{_range_and_mean(before)[2]:.4f} before, {_range_and_mean(after)[2]:.4f} after.")))
+            f"{_stats(before, mosaic(1).slices)['mean']:.4f} before, {_stats(after, mosaic(1).slices)['mean']:.4f} after.")))
     else:
         notes.append("residual_before/after.nii.gz missing: no residual panel.")
 
@@ -714,7 +744,7 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
     bound = continuation.get("det_bound")
     if mosaic is not None and images["det_grad_y"] is not None:
         det = images["det_grad_y"][0]
-        s = _det_summary(det, bound)
+        s = _det_summary(det, bound, mosaic(1).slices)
         bound_text = (f"{s['below']:.2f} % of voxels below the bound {bound:g} and {s['above']:.2f} % above "
                       f"1/bound = {1 / bound:.3g} (dashed)" if bound else "no det bound in the configuration")
         sections.append(_section("det(∇y)", _figure_html(
@@ -728,7 +758,7 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
     deformation_map = None if images["deformation_map"] is None else images["deformation_map"][0]
     displacement = None
     if deformation_map is None:  # the ITK displacement describes the same map
-        loaded = _load_nifti(output_file(outdir, "displacement"))
+        loaded = _load_nifti(output_file(outdir, "displacement"), vector=True)
         displacement = None if loaded is None else loaded[0]
     if mosaic is not None and (deformation_map is not None or displacement is not None):
         background = fixed if fixed is not None else warped

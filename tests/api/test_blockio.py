@@ -100,3 +100,16 @@ def test_a_failed_write_leaves_nothing_and_fails_on_every_rank(shared_tmp):
         blockio.write_volume(os.path.join(shared_tmp, "x.nii"), np.zeros((6, 5, k1 - k0 + 1), np.float32), COMM,
                              shape=shape, affine=np.eye(4))
     assert os.listdir(shared_tmp) == []
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_one_sequential_pass_of_planes_covers_the_file(shared_tmp, suffix, monkeypatch):
+    monkeypatch.setattr(blockio, "CHUNK_BYTES", 700)
+    data = np.random.default_rng(4).standard_normal((9, 7, 10, 3)).astype(np.float32)
+    path = _saved(os.path.join(shared_tmp, "planes" + suffix), nib.Nifti1Image(data, AFFINE))
+    volume = blockio.open_volume(path, MPI.COMM_SELF, vector=True)
+    seen = np.full(data.shape, np.nan, np.float32)
+    for c, k0, k1, planes in blockio.iter_planes(volume):
+        assert planes.shape == (9, 7, k1 - k0) and k1 - k0 < 10
+        seen[:, :, k0:k1, c] = planes
+    np.testing.assert_array_equal(seen, data)
