@@ -93,38 +93,14 @@ class _Volume:
         self.preferred = tuple(n // 2 for n in file.shape)  # the slices a scan takes when a cut is asked for
 
     def scan(self, slices, bound=None, edges=None):
-        """One pass: the cuts across each axis at ``slices[axis]``, and :attr:`stats` (``min``,
-        ``max``, ``mean``, the shares in % ``folded`` (<= 0), ``below`` ``bound`` and ``above``
-        ``1/bound``, and ``counts`` per bin of ``edges`` when given)."""
+        """One pass of the file: the cuts across each axis at ``slices[axis]``, and
+        :attr:`stats` (see :func:`_scan`)."""
         from .blockio import iter_planes
 
-        n1, n2, n3 = self.file.shape
-        trailing = self.shape[3:]
-        cuts = {0: np.zeros((n2, n3) + trailing, np.float32), 1: np.zeros((n1, n3) + trailing, np.float32),
-                2: np.zeros((n1, n2) + trailing, np.float32)}
-        lo, hi, total, n, folded, below, above = np.inf, -np.inf, 0.0, 0, 0, 0, 0
-        counts = None if edges is None else np.zeros(len(edges) - 1, np.int64)
-        for c, k0, k1, planes in iter_planes(self.file):
-            if self.channel is not None and c != self.channel:
-                continue
-            at = (c,) if trailing else ()
-            i, j, k = slices
-            cuts[0][(slice(None), slice(k0, k1)) + at] = planes[i]
-            cuts[1][(slice(None), slice(k0, k1)) + at] = planes[:, j]
-            if k0 <= k < k1:
-                cuts[2][(Ellipsis,) + at] = planes[:, :, k - k0]
-            lo, hi = min(lo, float(planes.min())), max(hi, float(planes.max()))
-            total, n = total + float(planes.sum(dtype=np.float64)), n + planes.size
-            folded += np.count_nonzero(planes <= 0)
-            if bound:
-                below, above = below + np.count_nonzero(planes < bound), above + np.count_nonzero(planes > 1 / bound)
-            if counts is not None:
-                counts += np.histogram(planes, bins=edges)[0]
+        planes = ((c, k0, k1, p) for c, k0, k1, p in iter_planes(self.file)
+                  if self.channel is None or c == self.channel)
+        cuts, self.stats = _scan(planes, self.file.shape, self.shape[3:], slices, bound, edges)
         self._cuts = {axis: (slices[axis], cut) for axis, cut in cuts.items()}
-        share = 100.0 / max(n, 1)
-        self.stats = {"min": lo, "max": hi, "mean": total / max(n, 1), "folded": share * folded,
-                      "below": share * below if bound else float("nan"),
-                      "above": share * above if bound else float("nan"), "counts": counts}
         return self
 
     def __getitem__(self, index):
@@ -154,19 +130,45 @@ def _load_nifti(path, vector=False):
     return _Volume(file), np.asarray(file.affine, float)
 
 
+def _scan(planes, shape, trailing, slices, bound=None, edges=None):
+    """From ``planes`` (``(component, k0, k1, array (n1, n2, k1 - k0))``, in any order): the cuts
+    across each axis at ``slices`` (``{axis: array}``, components last when ``trailing``) and
+    the figures ``min``, ``max``, ``mean``, the shares in % ``folded`` (<= 0), ``below``
+    ``bound`` and ``above`` ``1/bound``, and ``counts`` per bin of ``edges`` when given."""
+    n1, n2, n3 = shape
+    cuts = {0: np.zeros((n2, n3) + trailing, np.float32), 1: np.zeros((n1, n3) + trailing, np.float32),
+            2: np.zeros((n1, n2) + trailing, np.float32)}
+    lo, hi, total, n, folded, below, above = np.inf, -np.inf, 0.0, 0, 0, 0, 0
+    counts = None if edges is None else np.zeros(len(edges) - 1, np.int64)
+    i, j, k = slices
+    for c, k0, k1, p in planes:
+        at = (c,) if trailing else ()
+        cuts[0][(slice(None), slice(k0, k1)) + at] = p[i]
+        cuts[1][(slice(None), slice(k0, k1)) + at] = p[:, j]
+        if k0 <= k < k1:
+            cuts[2][(Ellipsis,) + at] = p[:, :, k - k0]
+        lo, hi = min(lo, float(p.min())), max(hi, float(p.max()))
+        total, n = total + float(p.sum(dtype=np.float64)), n + p.size
+        folded += np.count_nonzero(p <= 0)
+        if bound:
+            below, above = below + np.count_nonzero(p < bound), above + np.count_nonzero(p > 1 / bound)
+        if counts is not None:
+            counts += np.histogram(p, bins=edges)[0]
+    share = 100.0 / max(n, 1)
+    return cuts, {"min": lo, "max": hi, "mean": total / max(n, 1), "folded": share * folded,
+                  "below": share * below if bound else float("nan"),
+                  "above": share * above if bound else float("nan"), "counts": counts}
+
+
 def _stats(volume, slices, bound=None, edges=None):
-    """:attr:`_Volume.stats` of a file (scanned once more only when ``bound`` or ``edges`` ask
-    for what the first pass did not count), or the same figures of an array."""
+    """The figures of :func:`_scan` for a file (scanned once more only when ``bound`` or
+    ``edges`` ask for what the first pass did not count) or for a 3-D array."""
     if isinstance(volume, _Volume):
         if volume.stats is None or bound or edges is not None:
             volume.scan(slices, bound, edges)
         return volume.stats
     a = np.asarray(volume, np.float32)
-    return {"min": float(a.min()), "max": float(a.max()), "mean": float(a.mean()),
-            "folded": 100.0 * np.count_nonzero(a <= 0) / a.size,
-            "below": 100.0 * np.count_nonzero(a < bound) / a.size if bound else float("nan"),
-            "above": 100.0 * np.count_nonzero(a > 1.0 / bound) / a.size if bound else float("nan"),
-            "counts": None if edges is None else np.histogram(a, bins=edges)[0]}
+    return _scan([(0, 0, a.shape[2], a)], a.shape, (), slices, bound, edges)[1]
 
 
 def _load_images(outdir, names):
