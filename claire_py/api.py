@@ -11,6 +11,7 @@ import numpy as np
 
 from .config import RegistrationConfig
 from .errors import UserInputError
+from .parallel import world
 from .kernels import Decomposition, SpectralOperators, start_kernel_runtime
 from .solvers.monitor import Workload
 from .solvers import continuation
@@ -44,9 +45,7 @@ def _block_of(array, decomp, pad=0, dtype=None):
 def _image_shape(array, comm, name, components=None):
     """Grid shape of a global array held by rank 0, shared with every rank; every rank raises
     alike when it is not 3-D (or ``(components, n1, n2, n3)`` when ``components`` is given)."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD if comm is None else comm
+    comm = world(comm)
     shape = None
     if comm.Get_rank() == 0:
         shape = None if array is None else np.shape(array)
@@ -202,15 +201,9 @@ class RegistrationResult:
             slabs = Slabs.of_arrays({"velocity": self.velocity, "displacement": self.displacement,
                                      "det_grad_y": self.det_grad_y, "warped": self.warped, "fixed": self.fixed,
                                      "moving_before": self.moving}, channels=np.ndim(self.warped) == 4)
-        error = None
-        if slabs.comm.Get_rank() == 0:
-            try:
-                prepare_outdir(outdir, overwrite=overwrite)
-            except UserInputError as exc:
-                error = str(exc)
-        error = slabs.comm.bcast(error)
-        if error:
-            raise UserInputError(error)
+        from .parallel import on_root
+
+        on_root(slabs.comm, lambda: prepare_outdir(outdir, overwrite=overwrite))
         affine = np.eye(4) if self.affine is None else self.affine
         return write_outputs(outdir, slabs, self, affine, self.config, inputs=inputs or {}, ranks=self.ranks,
                              seconds=self.seconds, timing=self.timing if timing is None else timing, suffix=suffix)
@@ -247,9 +240,7 @@ def _read_input(image, comm, name, channels=False):
     ``(n1, n2, n3, C)`` with ``channels``."""
     import os
 
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD if comm is None else comm
+    comm = world(comm)
     if not isinstance(image, (str, os.PathLike)) or comm.Get_size() == 1:
         return _as_array(image, comm, name, channels)
     from .blockio import open_volume, read_slab
@@ -264,7 +255,7 @@ def _share(array, comm):
     """``array`` of rank 0 on every rank (unless every rank holds it already)."""
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD if comm is None else comm
+    comm = world(comm)
     if comm.allreduce(array is None, op=MPI.LOR):
         array = comm.bcast(np.asarray(array) if comm.Get_rank() == 0 else None)
     return array
@@ -379,7 +370,7 @@ def _check_memory(shape, comm, config, components=1, gather=True):
 
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD if comm is None else comm
+    comm = world(comm)
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         node_ranks, holds_root = node.Get_size(), node.allreduce(comm.Get_rank() == 0, op=MPI.LOR)
@@ -422,9 +413,7 @@ def _image_geometry(array, comm, name):
     """``(components, grid shape)`` of a global image held by rank 0, shared with every rank:
     ``(None, shape)`` for a 3-D array, ``(C, shape[1:])`` for ``(C, n1, n2, n3)``; every rank
     raises alike otherwise."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD if comm is None else comm
+    comm = world(comm)
     shape = comm.bcast(None if comm.Get_rank() != 0 or array is None else np.shape(array), root=0)
     if shape is not None and len(shape) == 3:
         return None, tuple(shape)
@@ -432,13 +421,6 @@ def _image_geometry(array, comm, name):
         return shape[0], tuple(shape[1:])
     raise UserInputError(f"{name}: a 3-D image (or (C, n1, n2, n3) with C <= 16 components) is needed, got shape "
                          f"{shape}")
-
-
-def comm_bcast(comm, value):
-    """``value`` of rank 0 on every rank of ``comm`` (``COMM_WORLD`` when ``None``)."""
-    from mpi4py import MPI
-
-    return (MPI.COMM_WORLD if comm is None else comm).bcast(value, root=0)
 
 
 def _pad(array, pad):
@@ -470,20 +452,10 @@ def _initial_transform(value, comm):
     """A 4 x 4 world transform from an array or an ITK/ANTs file (read on rank 0; errors on
     every rank)."""
     if isinstance(value, (str, bytes)) or hasattr(value, "__fspath__"):
+        from .parallel import on_root
         from .transforms import read_affine
 
-        from mpi4py import MPI
-
-        error, transform = None, None
-        if (MPI.COMM_WORLD if comm is None else comm).Get_rank() == 0:
-            try:
-                transform = read_affine(str(value))
-            except UserInputError as exc:
-                error = str(exc)
-        error, transform = comm_bcast(comm, (error, transform))
-        if error:
-            raise UserInputError(error)
-        return transform
+        return on_root(comm, lambda: read_affine(str(value)))
     transform = np.asarray(value, float)
     if transform.shape != (4, 4) or not np.all(np.isfinite(transform)) or abs(np.linalg.det(transform[:3, :3])) < 1e-8:
         raise UserInputError("initial_transform must be an invertible 4 x 4 world transform (or an ITK .mat file)")
@@ -653,7 +625,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         raise UserInputError(f"fixed {shape} and moving {moving_shape} images are not on the same grid (shape "
                              "and affine); pass --resample or an affine stage (files or nibabel images), "
                              "or resample moving first")
-    has_labels = comm_bcast(comm, labels is not None)
+    has_labels = world(comm).bcast(labels is not None)
     if has_labels:
         labels = [_read_input(lab, comm, name)[0]
                   for lab, name in zip(labels or (None, None), ("fixed labels", "moving labels"))]
@@ -661,10 +633,10 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
                                                 ("FIXED", "MOVING")):
             if _image_geometry(lab, comm, name) != (None, grid_shape):
                 raise UserInputError(f"{name} must be a 3-D label map on {which}'s grid {grid_shape}")
-            kind = comm_bcast(comm, None if lab is None else np.asarray(lab).dtype.kind)
+            kind = world(comm).bcast(None if lab is None else np.asarray(lab).dtype.kind)
             if kind not in ("i", "u"):
                 raise UserInputError(f"{name}: a label map needs an integer voxel type, not kind {kind!r}")
-    has_mask = comm_bcast(comm, mask is not None)  # rank 0 decides: other ranks may pass None
+    has_mask = world(comm).bcast(mask is not None)  # rank 0 decides: other ranks may pass None
     if has_mask:
         mask, _ = _read_input(mask, comm, "mask")
         if _image_geometry(mask, comm, "mask") != (None, shape):

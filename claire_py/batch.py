@@ -381,12 +381,12 @@ def _flat(nested, prefix=""):
 
 def _read_record(directory):
     """The ``registration.json`` of ``directory`` when it says complete, else ``None``."""
+    from .outputs import read_record
+
     try:
-        with open(os.path.join(directory, "registration.json")) as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError):
+        return read_record(directory)
+    except UserInputError:
         return None
-    return meta if isinstance(meta, dict) and meta.get("complete") is True else None
 
 
 def _row(job, **fields):

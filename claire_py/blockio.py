@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from .errors import UserInputError
+from .parallel import agree, on_root
 
 __all__ = ["VolumeFile", "open_volume", "read_slab", "iter_planes", "write_volume", "slab_bounds", "CHUNK_BYTES"]
 
@@ -62,25 +63,6 @@ class VolumeFile:
         return self.shape[0] * self.shape[1]
 
 
-def _collective(comm, func, root=0):
-    """``func()`` on ``root``, its value on every rank; a :class:`UserInputError` raised
-    there is raised on every rank, as is any other failure (as RuntimeError off the root)."""
-    value, error = None, None
-    if comm.Get_rank() == root:
-        try:
-            value = func()
-        except UserInputError as exc:
-            error = ("user", str(exc))
-        except Exception as exc:  # a bug: never leave the other ranks in the broadcast
-            error = ("bug", exc)
-    error, value = comm.bcast((None if error is None else (error[0], str(error[1])), value), root=root)
-    if error is not None:
-        if error[0] == "user":
-            raise UserInputError(error[1])
-        raise RuntimeError(error[1])
-    return value
-
-
 def _header_info(path, vector, channels):
     from .io import read_header
 
@@ -111,7 +93,7 @@ def open_volume(path, comm, *, vector=False, channels=False):
     """The :class:`VolumeFile` of ``path`` (its header read and checked on rank 0) on every
     rank. ``vector=True`` wants a field ``(n1, n2, n3, 3)`` (or ANTs' ``(n1, n2, n3, 1, 3)``);
     ``channels=True`` also accepts ``(n1, n2, n3, C)``, ``C <= 16``."""
-    return _collective(comm, lambda: _header_info(os.fspath(path), vector, channels))
+    return on_root(comm, lambda: _header_info(os.fspath(path), vector, channels))
 
 
 def _as_values(raw, volume, dtype):
@@ -181,9 +163,7 @@ def read_slab(volume, comm, dtype=None):
         elif float(np.abs(data).max()) > MAX_ABS_VALUE:
             error = (f"{volume.path}: voxel values reach beyond +-{MAX_ABS_VALUE:g} and overflow the spectral "
                      "arithmetic: rescale the image")
-    errors = [e for e in comm.allgather(error) if e]
-    if errors:
-        raise UserInputError(errors[0])
+    agree(comm, error)
     return ((0, n1), (0, n2), (k0, k1)), data
 
 
@@ -293,7 +273,7 @@ def write_volume(path, slab, comm, *, shape, affine, intent=None, header=None):
     components = int(np.prod(trailing, dtype=int)) if trailing else 1
     flat = slab.reshape(slab.shape[:3] + (components,), order="F")
     volume = VolumeFile(str(path), tuple(shape), components, dtype, 352, None, None, affine, suffix == ".nii.gz")
-    tmp = _collective(comm, lambda: _new_file(path, atomic_path))
+    tmp = on_root(comm, lambda: _new_file(path, atomic_path))
     error = None
     try:
         if not volume.gz:
@@ -317,15 +297,14 @@ def write_volume(path, slab, comm, *, shape, affine, intent=None, header=None):
                                 if rank == 0 else None, _GzipStream)
     except Exception as exc:  # a full disk, a vanished directory: on every rank, nothing left behind
         error = f"{path}: writing failed ({exc})"
-    errors = [e for e in comm.allgather(error) if e]
+    failed = comm.allgather(error)
     if rank == 0:
-        if errors:
+        if any(failed):
             if os.path.exists(tmp):
                 os.unlink(tmp)
         else:
             os.replace(tmp, path)
-    if errors:
-        raise UserInputError(errors[0])
+    agree(comm, next((e for e in failed if e), None))
     comm.Barrier()  # the file is in place on every rank's return
 
 

@@ -141,28 +141,14 @@ def _register_config(args):
         precision=args.precision or cfg.precision)
 
 
-def _rank0(comm, func):
-    """``func()`` on rank 0; a UserInputError there is raised on every rank alike."""
-    from .errors import UserInputError
-
-    value, error = None, None
-    if comm.Get_rank() == 0:
-        try:
-            value = func()
-        except UserInputError as exc:
-            error = str(exc)
-    error = comm.bcast(error)
-    if error:
-        raise UserInputError(error)
-    return value
-
-
 def _check_outdir(comm, outdir, overwrite):
     """Check OUTDIR on rank 0 before the work starts (creating nothing); every rank raises
     the same one-line error if it is unusable."""
     from .outputs import prepare_outdir
 
-    _rank0(comm, lambda: prepare_outdir(outdir, overwrite=overwrite, create=False))
+    from .parallel import on_root
+
+    on_root(comm, lambda: prepare_outdir(outdir, overwrite=overwrite, create=False))
 
 
 def _cmd_register(args):
@@ -170,6 +156,7 @@ def _cmd_register(args):
 
     from .api import register
     from .checkpoint import FileCheckpoint, read_checkpoint
+    from .parallel import on_root
     from .config import RegistrationConfig
     from .errors import UserInputError
     from .timing import peak_rss_bytes, seconds_since_process_start, summary
@@ -177,7 +164,7 @@ def _cmd_register(args):
     startup = seconds_since_process_start()
     comm = _comm()
     if args.resume:  # inputs, options and OUTDIR come from the checkpoint
-        meta = comm.bcast(_rank0(comm, lambda: read_checkpoint(args.resume)["meta"]))
+        meta = on_root(comm, lambda: read_checkpoint(args.resume)["meta"])
         for name in ("fixed", "moving", "mask", "labels_fixed", "labels_moving"):
             setattr(args, name, meta["inputs"].get(name))
         args.output, args.overwrite = args.resume, True

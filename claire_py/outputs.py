@@ -43,16 +43,35 @@ import time
 
 import numpy as np
 
+from .errors import UserInputError
 from .io import write_image, write_text
 from .kernels.fields import affine_to_fortran
 
-__all__ = ["output_file", "write_outputs", "write_inverse", "prepare_outdir", "load_registration", "SavedRegistration"]
+__all__ = ["output_file", "read_record", "write_outputs", "write_inverse", "prepare_outdir", "load_registration", "SavedRegistration"]
 
 
 def output_file(outdir, name):
     """``outdir/name.nii.gz``, or ``outdir/name.nii`` when only that exists (``--output-format nii``)."""
     path = os.path.join(outdir, name + ".nii.gz")
     return path if os.path.exists(path) or not os.path.exists(path[:-3]) else path[:-3]
+
+
+def read_record(outdir):
+    """The ``registration.json`` of a finished run in ``outdir`` (the one reader of it);
+    :class:`UserInputError` naming the fix if the directory, the file or its ``"complete":
+    true`` is missing."""
+    if not os.path.isdir(outdir):
+        raise UserInputError(f"{outdir}: no such directory; give the -o directory of claire register")
+    path = os.path.join(outdir, "registration.json")
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise UserInputError(f"{outdir}: no finished registration found ({exc}); "
+                             "give the -o directory of claire register") from None
+    if not isinstance(meta, dict) or meta.get("complete") is not True:
+        raise UserInputError(f"{outdir}: registration.json is incomplete (the run did not finish); run it again")
+    return meta
 
 
 @dataclasses.dataclass
@@ -89,21 +108,10 @@ def load_registration(outdir, comm):
     """The :class:`SavedRegistration` in ``outdir``. Errors (missing or incomplete run) are
     raised on every rank."""
     from .config import RegistrationConfig
-    from .errors import UserInputError
     from .io import read_image
+    from .parallel import on_root
 
-    error, meta = None, None
-    if comm.Get_rank() == 0:
-        try:
-            with open(os.path.join(outdir, "registration.json")) as fh:
-                meta = json.load(fh)
-            if not meta.get("complete"):
-                error = f"{outdir}: the registration there did not complete; run it again"
-        except (OSError, ValueError) as exc:
-            error = f"{outdir}: no finished registration found ({exc}); give the -o directory of claire register"
-    error, meta = comm.bcast((error, meta))
-    if error:
-        raise UserInputError(error)
+    meta = on_root(comm, lambda: read_record(outdir))
     img = read_image(output_file(outdir, "velocity"), comm, vector=True)
     velocity = None
     if img.data is not None:
@@ -227,31 +235,26 @@ def _map_images(velocity, displacement, det, affine, transform=None, *, velocity
 def _write_transform_files(outdir, transform, displacement_lps, affine, comm, shape, inverse=False):
     """``affine.mat`` (rank 0) and ``transform.h5`` (collective: each rank gives its slab of
     the LPS displacement, ``(n1, n2, dk, 3)``), each atomically."""
-    from .errors import UserInputError
+    from .io import atomic_path
+    from .parallel import agree, on_root
     from .transforms import write_affine_mat, write_composite_h5
 
-    error = None
-    if comm.Get_rank() == 0:
+    def write_mat():
         try:
             _atomic(os.path.join(outdir, "affine.mat"), lambda tmp: write_affine_mat(tmp, transform))
         except OSError as exc:
-            error = f"{outdir}/affine.mat: writing failed ({exc})"
-    error = comm.bcast(error)
-    if error:
-        raise UserInputError(error)
-    path = os.path.join(outdir, "transform.h5")
-    from .io import atomic_path
+            raise UserInputError(f"{outdir}/affine.mat: writing failed ({exc})") from exc
 
-    tmp = comm.bcast(atomic_path(path) if comm.Get_rank() == 0 else None)
+    on_root(comm, write_mat)
+    path = os.path.join(outdir, "transform.h5")
+    tmp = on_root(comm, lambda: atomic_path(path))
     error = write_composite_h5(tmp, transform, displacement_lps, affine, inverse=inverse, comm=comm, shape=shape)
     if comm.Get_rank() == 0:
         if not error:
             os.replace(tmp, path)
         elif os.path.exists(tmp):
             os.unlink(tmp)
-    error = comm.bcast(error)
-    if error:
-        raise UserInputError(error)
+    agree(comm, error)
 
 
 def _atomic(path, write):

@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import UserInputError
 from .io import write_text
-from .outputs import output_file
+from .outputs import output_file, read_record as _load_meta
 
 __all__ = ["write_report", "write_batch_report", "add_report_options", "add_report_command", "report_wanted",
            "FIGURE_SIZES", "DPI"]
@@ -61,22 +61,6 @@ _IMAGE_FILES = ("warped", "residual_before", "residual_after", "det_grad_y", "de
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _load_meta(outdir):
-    """``registration.json`` of ``outdir``; :class:`UserInputError` if missing or incomplete."""
-    if not os.path.isdir(outdir):
-        raise UserInputError(f"{outdir}: no such directory; give the -o directory of claire register")
-    path = os.path.join(outdir, "registration.json")
-    try:
-        with open(path) as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise UserInputError(f"{outdir}: no finished registration found ({exc}); "
-                             "give the -o directory of claire register") from None
-    if not isinstance(meta, dict) or meta.get("complete") is not True:
-        raise UserInputError(f"{outdir}: registration.json is incomplete (the run did not finish); run it again")
-    return meta
 
 
 class _Volume:

@@ -1,0 +1,47 @@
+"""The MPI patterns of the top floor: the default communicator, work done on rank 0 whose
+outcome every rank shares, and errors every rank agrees on. Whatever fails, every rank leaves
+the pattern together (raising alike), so that no rank is left waiting in a collective."""
+
+from __future__ import annotations
+
+from .errors import UserInputError
+
+__all__ = ["world", "on_root", "agree"]
+
+
+def world(comm=None):
+    """``comm``, or ``MPI.COMM_WORLD`` when it is ``None``."""
+    if comm is not None:
+        return comm
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def on_root(comm, func):
+    """``func()`` run on rank 0 of ``comm``; its value on every rank. A
+    :class:`UserInputError` there is raised on every rank alike; any other exception is
+    re-raised on rank 0 and raised as ``RuntimeError`` (its one line) on the others."""
+    comm = world(comm)
+    value, error, unexpected = None, None, None
+    if comm.Get_rank() == 0:
+        try:
+            value = func()
+        except UserInputError as exc:
+            error = ("user", str(exc))
+        except Exception as exc:  # a bug: raised below, after the other ranks learn of it
+            unexpected, error = exc, ("bug", f"{type(exc).__name__} on rank 0: {exc}")
+    error, value = comm.bcast((error, value))
+    if unexpected is not None:
+        raise unexpected
+    if error is not None:
+        raise UserInputError(error[1]) if error[0] == "user" else RuntimeError(error[1])
+    return value
+
+
+def agree(comm, error):
+    """Raise on every rank of ``comm`` the first (lowest rank's) of the ranks' ``error``
+    messages (``None`` where a rank had none), as :class:`UserInputError`; return when none."""
+    errors = [e for e in world(comm).allgather(error) if e]
+    if errors:
+        raise UserInputError(errors[0])
