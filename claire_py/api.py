@@ -376,13 +376,12 @@ def _check_memory(shape, comm, config, components=1, gather=True):
         node_ranks, holds_root = node.Get_size(), node.allreduce(comm.Get_rank() == 0, op=MPI.LOR)
     finally:
         node.Free()
-    resident = 0.0
 
     def need(store):
         per_rank, root = estimate_memory(shape, comm.Get_size(), config.precision, components, config.transport.nt,
                                          store_gradients=store, relaxed=config.regularization.relaxed,
                                          distance=config.distance.name, gather=gather)
-        return node_ranks * per_rank + (max(root - resident, 0.0) if holds_root else 0)
+        return node_ranks * per_rank + (root if holds_root else 0)
 
     available = float("inf")  # unknown (not Linux): no refusal
     try:
@@ -510,7 +509,7 @@ def _block_resampled(volume, matrix, decomp, pad, *, order, dtype):
     return out
 
 
-def _warp_labels_through(transport, decomp, labels, moving_world, fixed_world, transform, shape, pad):
+def _warp_labels_through(transport, decomp, labels, moving_world, fixed_world, transform, pad):
     """MOVING's labels (global, on every rank, on MOVING's grid) through the whole map: each
     label's indicator is interpolated (trilinear) through ``transform`` onto this rank's block
     of FIXED's grid, transported, and the most probable label wins (one interpolation of each
@@ -740,7 +739,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         phases.enter("labels")
         if through:  # each label's indicator goes through the affine part and the velocity at once
             warped_labels, affine_labels = _warp_labels_through(transport, decomp, moving_labels, moving_world,
-                                                                fixed_world, transform, shape, pad)
+                                                                fixed_world, transform, pad)
         else:
             warped_labels = transport.transport_labels(moving_labels, method="probability")
             warped_labels = _crop(decomp.gather(np.ascontiguousarray(warped_labels)), pad)
