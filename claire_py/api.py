@@ -213,9 +213,13 @@ def _local_images(image, name, decomp, shape, pad, components, normalize):
     """This rank's ``(C, *local)`` blocks of a global image every rank holds (padded, checked,
     optionally normalised to [0, 1]), in the working precision, one channel at a time."""
     channels = np.asarray(image).reshape((-1,) + shape)
-    local = np.empty((components or 1,) + decomp.local_shape, decomp.dtype)
-    for c in range(local.shape[0]):
-        local[c] = _block_of(channels[c], decomp, pad)
+    return _checked_blocks(np.stack([_block_of(c, decomp, pad) for c in channels]), name, decomp, normalize)
+
+
+def _checked_blocks(local, name, decomp, normalize):
+    """``local`` (``(C, *local)``, this rank's blocks of an image) in the working precision,
+    refused on every rank when not finite, optionally normalised to [0, 1] channel by channel."""
+    local = np.array(local, decomp.dtype)  # a copy: normalised in place below
     if not decomp.allreduce(bool(np.all(np.isfinite(local))), "min"):
         raise UserInputError(f"{name} image contains NaN or infinite values; replace them first")
     if normalize:
@@ -287,6 +291,12 @@ def _as_array(image, comm, name, channels=False):
 #: Resident bytes of a rank before its fields: Python, numpy, numba's compiled kernels, MPI,
 #: FFTW (fit of the peaks at 64^3-256^3 on 1 rank: 186 MiB).
 _BASE_BYTES = 190 * 2 ** 20
+#: Fields per local point the peaks of ``claire register`` hold beyond those counted: on the
+#: 160x192x160 brain pair (affine stage, labels) 12 float32 fields per local point higher at 1 and
+#: 2 ranks (``benchmarks/bench_memory_cli.py``, 2026-12-03), where the Python API's runs on
+#: synthetic cubes (``bench_memory.py``) match the count; about 4 of them are heap the allocator
+#: keeps (a fixed ``MALLOC_MMAP_THRESHOLD_`` returns them), the rest not yet traced.
+_UNTRACED_FIELDS = 12
 
 
 def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=True, distance="l2"):
@@ -311,11 +321,11 @@ def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=
 
 
 #: Bytes per grid point (of the whole grid) every rank holds while the inputs are prepared, per
-#: image component: FIXED and MOVING as read and shared (float32: 8), MOVING on FIXED's grid
-#: through the affine part and through the headers alone (float64: 16); with the affine stage
-#: also the scalar images (8) and the pyramid (FIXED 4, MOVING and its gradient 16, over the
-#: levels 1 + 1/8 + 1/64) once.
-_PREPARE_BYTES = 24
+#: image component: FIXED and MOVING as read and shared (float32: 8); with the affine stage also
+#: the scalar images (8) and the pyramid (FIXED 4, MOVING and its gradient 16, over the levels
+#: 1 + 1/8 + 1/64) once. MOVING goes onto FIXED's grid block by block (float64, through the
+#: affine part and through the headers alone: 4 float32 fields per local point and component).
+_PREPARE_BYTES = 8
 _PYRAMID_BYTES = 8 + 20 * (1 + 1 / 8 + 1 / 64)
 
 
@@ -326,10 +336,10 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
     Three phases, each on every rank: ``prepare`` (the inputs, shared by every rank while
     MOVING goes onto FIXED's grid and the affine stage runs: :data:`_PREPARE_BYTES` per point
     and component of the whole grid, plus :data:`_PYRAMID_BYTES` with ``affine``, next to the
-    decomposition's and the transport's ~20 local fields), ``solve``
+    decomposition's and the transport's ~20 local fields and MOVING's blocks), ``solve``
     (:func:`_fields_per_point` fields per local point, plus MOVING in its own intensities and,
-    without ``gather``, FIXED and MOVING as the residuals need them: the Gauss-Newton matvec's
-    peak) and ``write`` (the output blocks and the slabs being written: 24 fields per local
+    without ``gather`` (the command's path), FIXED and MOVING as the residuals need them and
+    :data:`_UNTRACED_FIELDS`: the Gauss-Newton matvec's peak) and ``write`` (the output blocks and the slabs being written: 24 fields per local
     point). On top, each rank's ~190 MiB of code and libraries. ``claire register`` writes
     in parallel (``gather=False``): rank 0 needs what the others need. With ``gather=True``
     (the Python API's default) rank 0 also holds the gathered outputs (velocity,
@@ -342,8 +352,9 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
     itemsize = 4 if precision == "float32" else 8
     kept = components * (1 if gather else 3)  # raw MOVING; FIXED and MOVING before, for the residuals
     solve = local * (_fields_per_point(nt, components, ranks, store_gradients=store_gradients, relaxed=relaxed,
-                                       distance=distance) + kept) * itemsize
-    prepare = points * (_PREPARE_BYTES * components + (_PYRAMID_BYTES if affine else 0)) + 20 * local * itemsize
+                                       distance=distance) + kept + (0 if gather else _UNTRACED_FIELDS)) * itemsize
+    prepare = points * (_PREPARE_BYTES * components + (_PYRAMID_BYTES if affine else 0)) + \
+        (20 + 4 * components) * local * itemsize
     write = local * (24 + 3 * components) * itemsize
     phases = {"prepare": _BASE_BYTES + prepare, "solve": _BASE_BYTES + solve, "write": _BASE_BYTES + write}
     per_rank = max(phases.values())
@@ -485,6 +496,16 @@ def _resampled(image, components, moving_world, fixed_world, shape, transform=No
     out = np.stack([np.clip(resample_affine(c, matrix, shape, order=order, dtype=np.float64), np.min(c), np.max(c))
                     for c in channels])
     return out if components else out[0]
+
+
+def _moving_blocks(image, components, moving_world, fixed_world, decomp, pad, transform=None, order=1):
+    """:func:`_resampled` on this rank's blocks only, ``(C, *local)`` float64: MOVING (every
+    rank holds it) through ``transform`` onto FIXED's grid padded by ``pad``, clipped to each
+    channel's range."""
+    matrix = _voxel_map(moving_world, fixed_world, transform)
+    channels = np.reshape(image, (-1,) + np.shape(image)[-3:])
+    return np.stack([np.clip(_block_resampled(c, matrix, decomp, pad, order=order, dtype=np.float64), np.min(c),
+                             np.max(c)) for c in channels])
 
 
 def _block_resampled(volume, matrix, decomp, pad, *, order, dtype):
@@ -676,29 +697,39 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         phases.enter("setup")
     moving_labels = labels[1] if has_labels else None  # on MOVING's grid
     through = not (same_grid and np.allclose(transform, np.eye(4), atol=1e-9))  # MOVING needs resampling
-    moving_before = moving
+    moving_blocks = before_blocks = None  # MOVING on FIXED's grid, this rank's blocks, when it needs resampling
     if through:
         # MOVING through the affine part onto FIXED's grid (cubic, clipped to its range:
         # trilinear blurs, and a blurred MOVING cost the deformable solve 0.02 Dice): the
         # solve starts there; "before" (residual, Dice) is MOVING through the headers alone
-        moving = _resampled(moving, components, moving_world, fixed_world, shape, transform, order=3)
-        moving_before = moving if np.allclose(transform, np.eye(4), atol=1e-9) else \
-            _resampled(moving_before, components, moving_world, fixed_world, shape)
+        moving_blocks = _moving_blocks(moving, components, moving_world, fixed_world, decomp, pad, transform, order=3)
+        before_blocks = moving_blocks if np.allclose(transform, np.eye(4), atol=1e-9) else \
+            _moving_blocks(moving, components, moving_world, fixed_world, decomp, pad)
         if has_labels and root:  # MOVING's labels through the headers alone: Dice before, counted on rank 0
             from .kernels.sampling import resample_affine
 
             labels = [labels[0], resample_affine(labels[1], _voxel_map(moving_world, fixed_world), shape, order=0,
                                                  dtype=labels[1].dtype)]
         log.info("moving %s onto fixed's grid %s through the affine part", moving_shape, shape)
-    stacked = {name: _local_images(img, name, decomp, shape, pad, components, config.preprocess.normalize)
-               for name, img in (("fixed", fixed), ("moving", moving))}
+    stacked = {"fixed": _local_images(fixed, "fixed", decomp, shape, pad, components, config.preprocess.normalize),
+               "moving": _local_images(moving, "moving", decomp, shape, pad, components, config.preprocess.normalize)
+               if moving_blocks is None else _checked_blocks(moving_blocks, "moving", decomp,
+                                                             config.preprocess.normalize)}
     # MOVING in its own intensities, to warp after the solve (normalised, the solve's own copy serves)
-    raw_moving = [_block_of(c, decomp, pad) for c in np.reshape(moving, (-1,) + shape)] \
-        if config.preprocess.normalize else None
+    raw_moving = None
+    if config.preprocess.normalize:
+        raw_moving = list(np.asarray(moving_blocks, decomp.dtype)) if moving_blocks is not None else \
+            [_block_of(c, decomp, pad) for c in np.reshape(moving, (-1,) + shape)]
+    moving_blocks = None
     kept = {}
     if not gather:  # the residuals' images as blocks
         kept["fixed"] = stacked["fixed"].copy()
-        kept["moving_before"] = _local_images(moving_before, "moving", decomp, shape, pad, components, False)
+        kept["moving_before"] = _local_images(moving, "moving", decomp, shape, pad, components, False) \
+            if before_blocks is None else np.array(before_blocks, decomp.dtype)
+    moving_before = moving if before_blocks is None else _crop(decomp.gather(before_blocks), pad) if gather else None
+    if moving_before is not None and before_blocks is not None and components is None:
+        moving_before = moving_before[0]
+    before_blocks = None
     mask_local = None
     if has_mask:
         mask_local = _block_of(np.asarray(mask, np.float64), decomp, pad)
