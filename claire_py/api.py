@@ -339,9 +339,10 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
     decomposition's and the transport's ~20 local fields and MOVING's blocks), ``solve``
     (:func:`_fields_per_point` fields per local point, plus MOVING in its own intensities and,
     without ``gather`` (the command's path), FIXED and MOVING as the residuals need them and
-    :data:`_UNTRACED_FIELDS`: the Gauss-Newton matvec's peak) and ``write`` (the output blocks and the slabs being written: 24 fields per local
-    point). On top, each rank's ~190 MiB of code and libraries. ``claire register`` writes
-    in parallel (``gather=False``): rank 0 needs what the others need. With ``gather=True``
+    :data:`_UNTRACED_FIELDS`: the Gauss-Newton matvec's peak) and ``write`` (the output blocks
+    and the slabs being written: 24 fields per local point). On top, each rank's ~190 MiB of
+    code and libraries. ``claire register`` writes in parallel (``gather=False``): rank 0 needs
+    what the others need. With ``gather=True``
     (the Python API's default) rank 0 also holds the gathered outputs (velocity,
     displacement, warped image, det: ``8 + 4 C`` values per point).
 
@@ -726,9 +727,11 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         kept["fixed"] = stacked["fixed"].copy()
         kept["moving_before"] = _local_images(moving, "moving", decomp, shape, pad, components, False) \
             if before_blocks is None else np.array(before_blocks, decomp.dtype)
-    moving_before = moving if before_blocks is None else _crop(decomp.gather(before_blocks), pad) if gather else None
-    if moving_before is not None and before_blocks is not None and components is None:
-        moving_before = moving_before[0]
+    moving_before = moving  # MOVING through the headers alone, whole, for a gathered result on rank 0
+    if before_blocks is not None:
+        moving_before = _crop(decomp.gather(before_blocks), pad) if gather else None
+        if moving_before is not None and components is None:
+            moving_before = moving_before[0]
     before_blocks = None
     mask_local = None
     if has_mask:

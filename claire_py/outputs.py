@@ -47,7 +47,8 @@ from .errors import UserInputError
 from .io import write_image, write_text
 from .kernels.fields import affine_to_fortran
 
-__all__ = ["output_file", "read_record", "write_outputs", "write_inverse", "prepare_outdir", "load_registration", "SavedRegistration"]
+__all__ = ["output_file", "read_record", "write_outputs", "write_inverse", "prepare_outdir", "load_registration",
+           "SavedRegistration", "Slabs"]
 
 
 def output_file(outdir, name):

@@ -722,7 +722,8 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
             _draw_residuals(outdir, mosaic(2), before, after), "residuals before and after",
             "Residual |fixed − moving| before (top) and |fixed − warped| after (bottom) registration, on "
             f"intensities normalised to [0, 1], one colour scale. Mean over the volume: "
-            f"{_stats(before, mosaic(1).slices)['mean']:.4f} before, {_stats(after, mosaic(1).slices)['mean']:.4f} after.")))
+            f"{_stats(before, mosaic(1).slices)['mean']:.4f} before, "
+            f"{_stats(after, mosaic(1).slices)['mean']:.4f} after.")))
     else:
         notes.append("residual_before/after.nii.gz missing: no residual panel.")
 

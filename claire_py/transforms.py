@@ -185,7 +185,8 @@ def write_composite_h5(path, transform, displacement_lps, affine, *, inverse=Fal
             size = 3 * int(np.prod(shape))
             parts = [("AffineTransform_double_3_3", np.zeros(3), _itk_parameters(transform)),
                      ("DisplacementFieldTransform_double_3_3", _field_geometry(affine, shape), None)]
-            entries = [("CompositeTransform_double_3_3", np.zeros(0), np.zeros(0))] + (parts[::-1] if inverse else parts)
+            entries = [("CompositeTransform_double_3_3", np.zeros(0), np.zeros(0))] + \
+                (parts[::-1] if inverse else parts)
             for i, (kind, fixed, params) in enumerate(entries):
                 sub = group.create_group(str(i))
                 sub.create_dataset("TransformType", data=np.array([kind.encode()], dtype=h5py.string_dtype("ascii")))
