@@ -104,6 +104,13 @@ def _as_values(raw, volume, dtype):
     return data if dtype is None else data.astype(dtype, copy=False)
 
 
+def _planes(raw, volume, count, dtype):
+    """``count`` planes of stored bytes ``raw`` as an ``(n1, n2, count)`` view of Fortran order, as
+    numbers (:func:`_as_values`)."""
+    planes = np.frombuffer(raw, np.dtype(volume.dtype)).reshape(count, volume.shape[1], volume.shape[0])
+    return _as_values(planes, volume, dtype).transpose(2, 1, 0)
+
+
 def _chunks(volume, bounds):
     """``(component, rank, k0, k1)`` of every chunk of the stream, in file order."""
     planes = max(1, CHUNK_BYTES // (volume.plane_items * volume.dtype.itemsize))
@@ -137,17 +144,14 @@ def read_slab(volume, comm, dtype=None):
     total = volume.plane_items * volume.shape[2]
 
     def place(c, start, stop, raw):
-        planes = np.frombuffer(raw, stored).reshape(stop - start, n2, n1)
-        data[c, :, :, start - k0:stop - k0] = _as_values(planes, volume, dtype).transpose(2, 1, 0)
+        data[c, :, :, start - k0:stop - k0] = _planes(raw, volume, stop - start, dtype)
 
     error = None
     if not volume.gz:
         try:
             with open(volume.path, "rb") as fh:
-                for c in range(volume.components):
-                    planes = max(1, CHUNK_BYTES // (volume.plane_items * stored.itemsize))
-                    for start in range(k0, k1, planes):
-                        stop = min(start + planes, k1)
+                for c, owner, start, stop in _chunks(volume, bounds):
+                    if owner == rank:
                         fh.seek(volume.offset + stored.itemsize * (c * total + start * volume.plane_items))
                         place(c, start, stop, _read_exact(fh, (stop - start) * volume.plane_items * stored.itemsize,
                                                           volume.path))
@@ -173,14 +177,12 @@ def iter_planes(volume, dtype=np.float32):
     Fortran order), at most :data:`CHUNK_BYTES` of stored voxels at a time. For a reader that
     needs a few slices and some statistics of a large file (the report), without holding it."""
     stored = np.dtype(volume.dtype)
-    n1, n2, _ = volume.shape
     opener = (lambda raw: gzip.GzipFile(fileobj=raw, mode="rb")) if volume.gz else (lambda raw: raw)
     with open(volume.path, "rb") as raw, opener(raw) as fh:
         _read_exact(fh, volume.offset, volume.path)
         for c, _, start, stop in _chunks(volume, [(0, volume.shape[2])]):
             raw_planes = _read_exact(fh, (stop - start) * volume.plane_items * stored.itemsize, volume.path)
-            planes = np.frombuffer(raw_planes, stored).reshape(stop - start, n2, n1)
-            yield c, start, stop, _as_values(planes, volume, dtype).transpose(2, 1, 0)
+            yield c, start, stop, _planes(raw_planes, volume, stop - start, dtype)
 
 
 def _stream_in(volume, comm, bounds, place):
@@ -256,7 +258,7 @@ def write_volume(path, slab, comm, *, shape, affine, intent=None, header=None):
     gzip stream deflated on rank 0 (see :func:`claire_py.io.write_image` for the level). The
     file appears under ``path`` only when complete (a temporary name, then a rename); keeps the
     permissions the umask gives."""
-    from .io import _GzipStream, _deflate_level, _suffix, atomic_path
+    from .io import _GzipStream, _deflate_level, _suffix
 
     rank, size = comm.Get_rank(), comm.Get_size()
     suffix = _suffix(path)
@@ -273,15 +275,15 @@ def write_volume(path, slab, comm, *, shape, affine, intent=None, header=None):
     components = int(np.prod(trailing, dtype=int)) if trailing else 1
     flat = slab.reshape(slab.shape[:3] + (components,), order="F")
     volume = VolumeFile(str(path), tuple(shape), components, dtype, 352, None, None, affine, suffix == ".nii.gz")
-    tmp = on_root(comm, lambda: _new_file(path, atomic_path))
-    error = None
-    try:
-        if not volume.gz:
-            if rank == 0:
-                with open(tmp, "r+b") as fh:
-                    fh.write(_header_bytes(tuple(shape) + trailing, dtype, affine, intent, header))
-                    fh.truncate(352 + dtype.itemsize * components * int(np.prod(shape, dtype=np.int64)))
-            comm.Barrier()
+    tmp = on_root(comm, lambda: _new_file(path))
+    head = _header_bytes(tuple(shape) + trailing, dtype, affine, intent, header) if rank == 0 else None
+    if not volume.gz:
+        def write_header():
+            with open(tmp, "r+b") as fh:
+                fh.write(head)
+                fh.truncate(352 + dtype.itemsize * components * int(np.prod(shape, dtype=np.int64)))
+
+        def write_slab():
             with open(tmp, "r+b") as fh:
                 total = volume.plane_items * shape[2]
                 for c in range(components):
@@ -289,14 +291,14 @@ def write_volume(path, slab, comm, *, shape, affine, intent=None, header=None):
                     fh.write(memoryview(np.ascontiguousarray(flat[..., c].T)).cast("B"))
                 fh.flush()
                 os.fsync(fh.fileno())
-        else:
-            middle = next(r for r, (a, b) in enumerate(bounds) if a <= shape[2] // 2 < b)
-            level = comm.bcast(_deflate_level(flat[..., 0]) if rank == middle else None, root=middle)
-            error = _stream_out(volume, comm, bounds, flat, tmp, level,
-                                _header_bytes(tuple(shape) + trailing, dtype, affine, intent, header)
-                                if rank == 0 else None, _GzipStream)
-    except Exception as exc:  # a full disk, a vanished directory: on every rank, nothing left behind
-        error = f"{path}: writing failed ({exc})"
+
+        error = comm.bcast(_attempt(path, write_header) if rank == 0 else None)  # the file sized, or not at all
+        if error is None:
+            error = _attempt(path, write_slab)
+    else:
+        middle = next(r for r, (a, b) in enumerate(bounds) if a <= shape[2] // 2 < b)
+        level = comm.bcast(_deflate_level(flat[..., 0]) if rank == middle else None, root=middle)
+        error = _stream_out(volume, comm, bounds, flat, tmp, level, head, _GzipStream)
     failed = comm.allgather(error)
     if rank == 0:
         if any(failed):
@@ -308,7 +310,18 @@ def write_volume(path, slab, comm, *, shape, affine, intent=None, header=None):
     comm.Barrier()  # the file is in place on every rank's return
 
 
-def _new_file(path, atomic_path):
+def _attempt(path, write):
+    """``write()``; the one-line error of a failure (a full disk, a vanished directory), or ``None``."""
+    try:
+        write()
+    except OSError as exc:
+        return f"{path}: writing failed ({exc})"
+    return None
+
+
+def _new_file(path):
+    from .io import atomic_path
+
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserInputError(f"{directory}: output directory does not exist")
@@ -328,11 +341,16 @@ def _stream_out(volume, comm, bounds, flat, tmp, level, head, gzip_stream):
                 comm.Send([np.ascontiguousarray(flat[:, :, start - k0:stop - k0, c].T), MPI.BYTE], dest=0,
                           tag=_DATA_TAG)
         return None
-    error = None
-    raw = open(tmp, "wb")
+    raw, stream = None, None
     try:
+        raw = open(tmp, "wb")
         stream = gzip_stream(raw, level)
         stream.write(head)
+    except OSError as exc:
+        error = f"{volume.path}: writing failed ({exc})"
+    else:
+        error = None
+    try:
         for c, owner, start, stop in _chunks(volume, bounds):
             if owner == 0:
                 chunk = np.ascontiguousarray(flat[:, :, start - k0:stop - k0, c].T)
@@ -340,14 +358,15 @@ def _stream_out(volume, comm, bounds, flat, tmp, level, head, gzip_stream):
                 chunk = np.empty((stop - start) * volume.plane_items, volume.dtype)
                 comm.Recv([chunk, MPI.BYTE], source=owner, tag=_DATA_TAG)
             if error is None:
-                try:
-                    stream.write(memoryview(chunk).cast("B"))
-                except OSError as exc:
-                    error = f"{volume.path}: writing failed ({exc})"
+                error = _attempt(volume.path, lambda: stream.write(memoryview(chunk).cast("B")))
         if error is None:
-            stream.finish()
-            raw.flush()
-            os.fsync(raw.fileno())
+            def finish():
+                stream.finish()
+                raw.flush()
+                os.fsync(raw.fileno())
+
+            error = _attempt(volume.path, finish)
     finally:
-        raw.close()
+        if raw is not None:
+            raw.close()
     return error

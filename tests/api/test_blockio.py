@@ -113,3 +113,26 @@ def test_one_sequential_pass_of_planes_covers_the_file(shared_tmp, suffix, monke
         assert planes.shape == (9, 7, k1 - k0) and k1 - k0 < 10
         seen[:, :, k0:k1, c] = planes
     np.testing.assert_array_equal(seen, data)
+
+
+def test_a_full_disk_on_rank_0_mid_stream_fails_on_every_rank_and_leaves_nothing(shared_tmp, monkeypatch):
+    """Rank 0 keeps receiving the other ranks' chunks after its write failed (none waits for
+    ever in its send), then every rank raises the same line."""
+    import claire_py.io
+
+    monkeypatch.setattr(blockio, "CHUNK_BYTES", 600)
+    writes = []
+
+    def full_disk(self, data):
+        writes.append(len(data))
+        if len(writes) > 2:
+            raise OSError(28, "No space left on device")
+        return len(data)
+
+    monkeypatch.setattr(claire_py.io._GzipStream, "write", full_disk)
+    shape = (6, 5, 16)
+    k0, k1 = blockio.slab_bounds(shape[2], COMM.size)[COMM.rank]
+    with pytest.raises(UserInputError, match="writing failed .*No space left"):
+        blockio.write_volume(os.path.join(shared_tmp, "full.nii.gz"), np.zeros((6, 5, k1 - k0), np.float32, order="F"),
+                             COMM, shape=shape, affine=np.eye(4))
+    assert os.listdir(shared_tmp) == []
