@@ -12,6 +12,7 @@ import numpy as np
 from .config import RegistrationConfig
 from .errors import UserInputError
 from .parallel import world
+from .prepare import BlockSampler, Inputs, dice_counts, dice_from_counts, label_values, source
 from .kernels import Decomposition, SpectralOperators, start_kernel_runtime
 from .solvers.monitor import Workload
 from .solvers import continuation
@@ -29,17 +30,6 @@ def _global_input(array, decomp):
     """Scatter a global array given on rank 0 (or on every rank) to local blocks; its shape
     was checked by :func:`_image_shape` on every rank before."""
     return decomp.scatter(None if decomp.rank != 0 else np.asarray(array, dtype=decomp.dtype))
-
-
-def _block_of(array, decomp, pad=0, dtype=None):
-    """This rank's block of the grid padded by ``pad`` (the frame filled with the array's
-    minimum, as :func:`_pad` fills it) of a global array every rank holds, leading axes kept."""
-    array = np.asarray(array)
-    lead = array.shape[:-3]
-    if pad:
-        array = _pad(array.reshape((-1,) + array.shape[-3:]), pad).reshape(lead + tuple(n + 2 * pad for n in
-                                                                                        array.shape[-3:]))
-    return np.array(array[(...,) + decomp.real_slice], dtype=decomp.dtype if dtype is None else dtype)
 
 
 def _image_shape(array, comm, name, components=None):
@@ -209,13 +199,6 @@ class RegistrationResult:
                              seconds=self.seconds, timing=self.timing if timing is None else timing, suffix=suffix)
 
 
-def _local_images(image, name, decomp, shape, pad, components, normalize):
-    """This rank's ``(C, *local)`` blocks of a global image every rank holds (padded, checked,
-    optionally normalised to [0, 1]), in the working precision, one channel at a time."""
-    channels = np.asarray(image).reshape((-1,) + shape)
-    return _checked_blocks(np.stack([_block_of(c, decomp, pad) for c in channels]), name, decomp, normalize)
-
-
 def _checked_blocks(local, name, decomp, normalize):
     """``local`` (``(C, *local)``, this rank's blocks of an image) in the working precision,
     refused on every rank when not finite, optionally normalised to [0, 1] channel by channel."""
@@ -234,58 +217,6 @@ def _normalized(local, decomp, name):
     if not hi > lo:
         raise UserInputError(f"{name} image is constant (every voxel is {lo:g}): there is nothing to register")
     return (local - lo) / (hi - lo)
-
-
-def _read_input(image, comm, name, channels=False):
-    """``(array or None, affine or None)`` of an image: a NIfTI file is read in slabs by all
-    ranks (:mod:`claire_py.blockio`) and shared, so that every rank holds it; an array or
-    nibabel image stays where it was given (rank 0 at least; :func:`_share` shares it once
-    the memory check passed). ``(n1, n2, n3)``, or ``(C, n1, n2, n3)`` for a 4-D NIfTI
-    ``(n1, n2, n3, C)`` with ``channels``."""
-    import os
-
-    comm = world(comm)
-    if not isinstance(image, (str, os.PathLike)) or comm.Get_size() == 1:
-        return _as_array(image, comm, name, channels)
-    from .blockio import open_volume, read_slab
-
-    volume = open_volume(os.fspath(image), comm, channels=channels)
-    _, slab = read_slab(volume, comm)
-    data = np.concatenate(comm.allgather(slab), axis=-1)
-    return (data if volume.components > 1 else data[0]), volume.affine
-
-
-def _share(array, comm):
-    """``array`` of rank 0 on every rank (unless every rank holds it already)."""
-    from mpi4py import MPI
-
-    comm = world(comm)
-    if comm.allreduce(array is None, op=MPI.LOR):
-        array = comm.bcast(np.asarray(array) if comm.Get_rank() == 0 else None)
-    return array
-
-
-def _as_array(image, comm, name, channels=False):
-    """``(array or None, affine or None)`` from an array, a NIfTI path or a nibabel image.
-    With ``channels``, a 4-D NIfTI ``(n1, n2, n3, C)`` becomes ``(C, n1, n2, n3)``."""
-    import os
-
-    if isinstance(image, (str, os.PathLike)):
-        from .io import read_image
-
-        img = read_image(os.fspath(image), comm, channels=channels)
-        data = img.data
-        if data is not None and data.ndim == 4:
-            data = np.moveaxis(data, -1, 0)
-        return data, img.affine
-    if hasattr(image, "dataobj") and hasattr(image, "affine"):
-        data = np.asanyarray(image.dataobj)
-        if data.ndim == 4 and data.shape[-1] == 1:
-            data = data[..., 0]
-        elif data.ndim == 4 and channels:
-            data = np.moveaxis(data, -1, 0)
-        return data, np.asarray(image.affine, float)
-    return image, None
 
 
 #: Resident bytes of a rank before its fields: Python, numpy, numba's compiled kernels, MPI,
@@ -320,26 +251,42 @@ def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=
     return components * (state + 2) + 2 * 4 * 1.03 + 1 + newton + fft + 8 + lncc
 
 
-#: Bytes per grid point (of the whole grid) every rank holds while the inputs are prepared, per
-#: image component: FIXED and MOVING as read and shared (float32: 8); with the affine stage also
-#: the scalar images (8) and the pyramid (FIXED 4, MOVING and its gradient 16, over the levels
-#: 1 + 1/8 + 1/64) once. MOVING goes onto FIXED's grid block by block (float64, through the
-#: affine part and through the headers alone: 4 float32 fields per local point and component).
-_PREPARE_BYTES = 8
-_PYRAMID_BYTES = 8 + 20 * (1 + 1 / 8 + 1 / 64)
+#: Fields (of the working precision) per local grid point and image component while the inputs
+#: are prepared (:mod:`claire_py.prepare`): FIXED's and MOVING's planes (2), MOVING through the
+#: affine part and through the headers alone (float64: 4), the box of MOVING a block maps into
+#: and a block being resampled (float64: 3), the solver's copies of FIXED and MOVING and MOVING
+#: in its own intensities (3).
+_PREPARE_FIELDS = 12
+#: Bytes per voxel of the affine stage's pyramid (each kept level whole on every rank): FIXED 4,
+#: MOVING and its gradient 16, and the gradient being stacked (16) at the level being built.
+_PYRAMID_BYTES = 36
+
+
+def _pyramid_voxels(shape, options=None):
+    """Voxels of the levels of the affine stage's pyramid (:class:`~claire_py.solvers.affine.ImagePyramid`)
+    on ``shape``: those of at most ``options.max_level_voxels``, or the coarsest one that fits."""
+    from .solvers.affine import AffineOptions
+
+    options = AffineOptions() if options is None else options
+    sizes = [math.prod(math.ceil(n / s) for n in shape) for s in options.shrink]
+    kept = [v for v in sizes if v <= options.max_level_voxels]
+    if kept:
+        return sum(kept)
+    shrink = max(2, math.ceil((math.prod(shape) / options.max_level_voxels) ** (1 / 3)))
+    return math.prod(math.ceil(n / shrink) for n in shape)
 
 
 def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store_gradients=True, relaxed=True,
                  distance="l2", affine=True, gather=False):
     """Predicted peak resident bytes of a registration on ``shape`` over ``ranks`` ranks.
 
-    Three phases, each on every rank: ``prepare`` (the inputs, shared by every rank while
-    MOVING goes onto FIXED's grid and the affine stage runs: :data:`_PREPARE_BYTES` per point
-    and component of the whole grid, plus :data:`_PYRAMID_BYTES` with ``affine``, next to the
-    decomposition's and the transport's ~20 local fields and MOVING's blocks), ``solve``
-    (:func:`_fields_per_point` fields per local point, plus MOVING in its own intensities and,
-    without ``gather`` (the command's path), FIXED and MOVING as the residuals need them and
-    :data:`_UNTRACED_FIELDS`: the Gauss-Newton matvec's peak) and ``write`` (the output blocks
+    Three phases, each on every rank: ``prepare`` (each rank's part of the inputs while MOVING
+    goes onto FIXED's grid: :data:`_PREPARE_FIELDS` per local point and component next to the
+    decomposition's and the transport's ~20, and with ``affine`` the pyramid's levels, whole on
+    every rank, :data:`_PYRAMID_BYTES` per voxel of :func:`_pyramid_voxels`), ``solve``
+    (:func:`_fields_per_point` fields per local point, and without ``gather`` (the command's
+    path) :data:`_UNTRACED_FIELDS`: the Gauss-Newton matvec's peak; the inputs are read again
+    after the solve, none held through it) and ``write`` (the output blocks
     and the slabs being written: 24 fields per local point). On top, each rank's ~190 MiB of
     code and libraries. ``claire register`` writes in parallel (``gather=False``): rank 0 needs
     what the others need. With ``gather=True``
@@ -351,11 +298,10 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
     points = float(np.prod(shape))
     local = points / ranks
     itemsize = 4 if precision == "float32" else 8
-    kept = components * (1 if gather else 3)  # raw MOVING; FIXED and MOVING before, for the residuals
     solve = local * (_fields_per_point(nt, components, ranks, store_gradients=store_gradients, relaxed=relaxed,
-                                       distance=distance) + kept + (0 if gather else _UNTRACED_FIELDS)) * itemsize
-    prepare = points * (_PREPARE_BYTES * components + (_PYRAMID_BYTES if affine else 0)) + \
-        (20 + 4 * components) * local * itemsize
+                                       distance=distance) + (0 if gather else _UNTRACED_FIELDS)) * itemsize
+    prepare = (20 + _PREPARE_FIELDS * components) * local * itemsize + \
+        (_PYRAMID_BYTES * _pyramid_voxels(shape) if affine else 0)
     write = local * (24 + 3 * components) * itemsize
     phases = {"prepare": _BASE_BYTES + prepare, "solve": _BASE_BYTES + solve, "write": _BASE_BYTES + write}
     per_rank = max(phases.values())
@@ -420,27 +366,6 @@ def _check_memory(shape, comm, config, components=1, gather=True):
                          "available; use more nodes (mpiexec -n P across nodes) or a smaller/cropped grid")
 
 
-def _image_geometry(array, comm, name):
-    """``(components, grid shape)`` of a global image held by rank 0, shared with every rank:
-    ``(None, shape)`` for a 3-D array, ``(C, shape[1:])`` for ``(C, n1, n2, n3)``; every rank
-    raises alike otherwise."""
-    comm = world(comm)
-    shape = comm.bcast(None if comm.Get_rank() != 0 or array is None else np.shape(array), root=0)
-    if shape is not None and len(shape) == 3:
-        return None, tuple(shape)
-    if shape is not None and len(shape) == 4 and 1 <= shape[0] <= 16:
-        return shape[0], tuple(shape[1:])
-    raise UserInputError(f"{name}: a 3-D image (or (C, n1, n2, n3) with C <= 16 components) is needed, got shape "
-                         f"{shape}")
-
-
-def _pad(array, pad):
-    """Pad the three grid axes of a (C, n1, n2, n3) array by ``pad`` voxels of its minimum."""
-    if not pad:
-        return array
-    return np.stack([np.pad(c, pad, mode="constant", constant_values=float(c.min())) for c in array])
-
-
 def _range_inside(local, decomp, pad):
     """``(min, max)`` over the grid without its ``pad`` frame of a local block, on every rank."""
     if pad:
@@ -473,12 +398,14 @@ def _initial_transform(value, comm):
     return transform
 
 
-def _scalar_image(image, components):
-    """The affine stage's image: float32, each channel rescaled to [0, 1], channels averaged."""
-    channels = np.asarray(image, np.float32).reshape((-1,) + np.shape(image)[-3:])
-    lo = channels.min(axis=(1, 2, 3))[:, None, None, None]
-    hi = channels.max(axis=(1, 2, 3))[:, None, None, None]
-    return np.ascontiguousarray(((channels - lo) / np.maximum(hi - lo, 1e-30)).mean(axis=0))
+def _scalar_planes(image, comm):
+    """The affine stage's image (this rank's planes, 3-D): float32, each channel rescaled to
+    [0, 1] over the whole image, channels averaged."""
+    ranges = image.channel_ranges(comm)
+    out = np.zeros(image.data.shape[1:], np.float32)
+    for channel, (lo, hi) in zip(image.data, ranges):
+        out += (np.asarray(channel, np.float32) - np.float32(lo)) / np.float32(max(hi - lo, 1e-30))
+    return out / np.float32(len(ranges))
 
 
 def _voxel_map(moving_world, fixed_world, transform=None):
@@ -499,66 +426,34 @@ def _resampled(image, components, moving_world, fixed_world, shape, transform=No
     return out if components else out[0]
 
 
-def _moving_blocks(image, components, moving_world, fixed_world, decomp, pad, transform=None, order=1):
-    """:func:`_resampled` on this rank's blocks only, ``(C, *local)`` float64: MOVING (every
-    rank holds it) through ``transform`` onto FIXED's grid padded by ``pad``, clipped to each
-    channel's range."""
-    matrix = _voxel_map(moving_world, fixed_world, transform)
-    channels = np.reshape(image, (-1,) + np.shape(image)[-3:])
-    return np.stack([np.clip(_block_resampled(c, matrix, decomp, pad, order=order, dtype=np.float64), np.min(c),
-                             np.max(c)) for c in channels])
-
-
-def _block_resampled(volume, matrix, decomp, pad, *, order, dtype):
-    """This rank's block of ``resample_affine(volume, matrix, shape)`` on the grid padded by
-    ``pad`` (``matrix``: FIXED's voxel -> ``volume``'s voxel); the frame is filled with the
-    global minimum (as :func:`_pad` fills it)."""
-    from .kernels.sampling import resample_affine
-
-    inside = tuple(slice(max(pad - s.start, 0), max(min(n - pad, s.stop) - s.start, 0))
-                   for s, n in zip(decomp.real_slice, decomp.shape))
-    out = np.zeros(decomp.local_shape, dtype)
-    sub_shape = tuple(i.stop - i.start for i in inside)
-    if all(sub_shape):
-        shift = np.eye(4)
-        shift[:3, 3] = [s.start + i.start - pad for s, i in zip(decomp.real_slice, inside)]
-        out[inside] = resample_affine(volume, np.asarray(matrix, float) @ shift, sub_shape, order=order, dtype=dtype)
-    if pad:
-        lo = decomp.allreduce(float(out[inside].min()) if out[inside].size else np.inf, "min")
-        frame = np.ones(decomp.local_shape, bool)
-        frame[inside] = False
-        out[frame] = lo
-    return out
-
-
 def _warp_labels_through(transport, decomp, labels, moving_world, fixed_world, transform, pad):
-    """MOVING's labels (global, on every rank, on MOVING's grid) through the whole map: each
-    label's indicator is interpolated (trilinear) through ``transform`` onto this rank's block
-    of FIXED's grid, transported, and the most probable label wins (one interpolation of each
-    indicator before the transport, as with :meth:`SemiLagrangianTransport.transport_labels`).
-    Returns the warped labels and those after the affine part alone (global, rank 0)."""
-    matrix = _voxel_map(moving_world, fixed_world, transform)
-    values, counts = np.unique(labels, return_counts=True)
-    rest = values[np.argmax(counts)].item()
+    """MOVING's labels (:class:`~claire_py.prepare.Planes` on MOVING's grid) through the whole
+    map: each label's indicator is interpolated (trilinear) through ``transform`` onto this
+    rank's block of FIXED's grid, transported, and the most probable label wins (one
+    interpolation of each indicator before the transport, as with
+    :meth:`SemiLagrangianTransport.transport_labels`). Returns this rank's blocks of the warped
+    labels and of those after the affine part alone."""
+    sampler = BlockSampler(labels, _voxel_map(moving_world, fixed_world, transform), decomp, pad, order=1)
+    _, (counts,) = label_values(decomp.comm, labels)
+    rest = max(counts, key=counts.get)  # the background, usually: the complement of the others
+    source, dtype = sampler.source[0], labels.data.dtype
     best = np.full(decomp.local_shape, -np.inf, np.float32)
-    affine_labels = np.full(decomp.local_shape, rest, labels.dtype)
+    affine_labels = np.full(decomp.local_shape, rest, dtype)
     total = np.zeros(decomp.local_shape, np.float32)
 
     def probabilities():
-        for value in values.tolist():
+        for value in sorted(counts):
             if value == rest:
                 continue
-            p = _block_resampled((labels == value).astype(np.float32), matrix, decomp, pad, order=1,
-                                 dtype=np.float32)
+            p = sampler.resample((source == value).astype(np.float32), order=1, dtype=np.float32)
             total[...] += p
             better = p > best
             affine_labels[better], best[better] = value, p[better]
             yield value, p
 
-    warped = transport.most_probable_label(probabilities(), rest, labels.dtype)
+    warped = transport.most_probable_label(probabilities(), rest, dtype)
     affine_labels[1 - total > best] = rest
-    return (_crop(decomp.gather(np.ascontiguousarray(warped)), pad),
-            _crop(decomp.gather(np.ascontiguousarray(affine_labels)), pad))
+    return warped, affine_labels
 
 
 def dice_overlap(fixed_labels, moving_labels, warped_labels):
@@ -626,13 +521,15 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     config = RegistrationConfig() if config is None else config
     phases = Phases()
     phases.enter("read")
-    # every rank holds the inputs while they are prepared (symmetric: rank 0 holds no more)
-    fixed, affine = _read_input(fixed, comm, "fixed", channels=True)
-    moving, moving_affine = _read_input(moving, comm, "moving", channels=True)
-    components, shape = _image_geometry(fixed, comm, "fixed")
-    moving_components, moving_shape = _image_geometry(moving, comm, "moving")
-    if moving_components != components:
-        raise UserInputError(f"fixed has {components or 1} component(s) and moving {moving_components or 1}; "
+    # each rank holds its planes of each input (claire_py.prepare): no rank holds a whole image
+    comm = world(comm)
+    fixed = source(fixed, comm, "fixed", channels=True)
+    moving = source(moving, comm, "moving", channels=True)
+    components, shape = fixed.components, fixed.shape
+    moving_shape = moving.shape
+    affine, moving_affine = fixed.affine, moving.affine
+    if moving.components != components:
+        raise UserInputError(f"fixed has {components or 1} component(s) and moving {moving.components or 1}; "
                              "give both the same channels")
     weights = config.distance.weights
     if weights is not None and len(weights) != (components or 1):
@@ -646,21 +543,17 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         raise UserInputError(f"fixed {shape} and moving {moving_shape} images are not on the same grid (shape "
                              "and affine); pass --resample or an affine stage (files or nibabel images), "
                              "or resample moving first")
-    has_labels = world(comm).bcast(labels is not None)
+    has_labels = comm.bcast(labels is not None)
     if has_labels:
-        labels = [_read_input(lab, comm, name)[0]
+        labels = [source(lab, comm, name)
                   for lab, name in zip(labels or (None, None), ("fixed labels", "moving labels"))]
-        for lab, name, grid_shape, which in zip(labels, ("fixed labels", "moving labels"), (shape, moving_shape),
-                                                ("FIXED", "MOVING")):
-            if _image_geometry(lab, comm, name) != (None, grid_shape):
-                raise UserInputError(f"{name} must be a 3-D label map on {which}'s grid {grid_shape}")
-            kind = world(comm).bcast(None if lab is None else np.asarray(lab).dtype.kind)
-            if kind not in ("i", "u"):
-                raise UserInputError(f"{name}: a label map needs an integer voxel type, not kind {kind!r}")
-    has_mask = world(comm).bcast(mask is not None)  # rank 0 decides: other ranks may pass None
+        for lab, grid_shape, which in zip(labels, (shape, moving_shape), ("FIXED", "MOVING")):
+            if lab.components is not None or lab.shape != grid_shape:
+                raise UserInputError(f"{lab.name} must be a 3-D label map on {which}'s grid {grid_shape}")
+    has_mask = comm.bcast(mask is not None)  # rank 0 decides: other ranks may pass None
     if has_mask:
-        mask, _ = _read_input(mask, comm, "mask")
-        if _image_geometry(mask, comm, "mask") != (None, shape):
+        mask = source(mask, comm, "mask")
+        if mask.components is not None or mask.shape != shape:
             raise UserInputError(f"the mask must be a 3-D image on FIXED's grid {shape}")
     if config.affine.only:  # the affine part alone: one evaluation at v = 0, no continuation
         import dataclasses
@@ -672,10 +565,19 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     pad = config.preprocess.pad
     grid = tuple(n + 2 * pad for n in shape)
     config = _check_memory(grid, comm, config, components or 1, gather)
-    fixed, moving = _share(fixed, comm), _share(moving, comm)
-    mask = _share(mask, comm) if has_mask else None
-    if has_labels:
-        labels = [_share(lab, comm) for lab in labels]
+    sources = {"fixed": fixed, "moving": moving, **({"mask": mask} if has_mask else {}),
+               **(dict(zip(("fixed labels", "moving labels"), labels)) if has_labels else {})}
+    inputs = Inputs(sources, comm, precision=config.precision)
+    fixed, moving = inputs.planes("fixed"), inputs.planes("moving")
+    for image, name in ((fixed, "fixed"), (moving, "moving")):
+        if image.data.dtype.kind == "f" and comm.allreduce(int(not np.all(np.isfinite(image.data)))):
+            raise UserInputError(f"{name} image contains NaN or infinite values; replace them first")
+    mask = inputs.planes("mask") if has_mask else None
+    for name in ("fixed labels", "moving labels") if has_labels else ():
+        kind = inputs.planes(name).data.dtype.kind
+        if kind not in ("i", "u"):
+            raise UserInputError(f"{name}: a label map needs an integer voxel type, not kind {kind!r}")
+    labels = None
     t0 = time.perf_counter()
     phases.enter("setup")
     workload = Workload()
@@ -690,67 +592,36 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     affine_history = []
     if config.affine.mode != "none":
         phases.enter("affine")
-        pyramid = ImagePyramid(_scalar_image(fixed, components), _scalar_image(moving, components), fixed_world,
-                               moving_world, config.affine, mask=None if mask is None else np.asarray(mask, np.float32))
+        pyramid = ImagePyramid(_scalar_planes(fixed, comm), _scalar_planes(moving, comm), fixed_world, moving_world,
+                               config.affine, mask=None if mask is None else np.asarray(mask.data[0], np.float32),
+                               decomp=decomp, planes=(fixed.k0, moving.k0), shapes=(shape, moving_shape))
         transform, affine_history = affine_stage(pyramid, decomp, config.affine, distance=config.distance.name,
                                                  initial=initial)
         pyramid = None
         phases.enter("setup")
-    moving_labels = labels[1] if has_labels else None  # on MOVING's grid
     through = not (same_grid and np.allclose(transform, np.eye(4), atol=1e-9))  # MOVING needs resampling
-    moving_blocks = before_blocks = None  # MOVING on FIXED's grid, this rank's blocks, when it needs resampling
+    # MOVING through the affine part onto FIXED's grid (cubic, clipped to its range: trilinear
+    # blurs, and a blurred MOVING cost the deformable solve 0.02 Dice): the solve starts there;
+    # "before" (residual, Dice) is MOVING through the headers alone
+    inputs.place(decomp, pad, transform=_voxel_map(moving_world, fixed_world, transform),
+                 headers=_voxel_map(moving_world, fixed_world), through=through)
     if through:
-        # MOVING through the affine part onto FIXED's grid (cubic, clipped to its range:
-        # trilinear blurs, and a blurred MOVING cost the deformable solve 0.02 Dice): the
-        # solve starts there; "before" (residual, Dice) is MOVING through the headers alone
-        moving_blocks = _moving_blocks(moving, components, moving_world, fixed_world, decomp, pad, transform, order=3)
-        before_blocks = moving_blocks if np.allclose(transform, np.eye(4), atol=1e-9) else \
-            _moving_blocks(moving, components, moving_world, fixed_world, decomp, pad)
-        if has_labels and root:  # MOVING's labels through the headers alone: Dice before, counted on rank 0
-            from .kernels.sampling import resample_affine
-
-            labels = [labels[0], resample_affine(labels[1], _voxel_map(moving_world, fixed_world), shape, order=0,
-                                                 dtype=labels[1].dtype)]
         log.info("moving %s onto fixed's grid %s through the affine part", moving_shape, shape)
-    stacked = {"fixed": _local_images(fixed, "fixed", decomp, shape, pad, components, config.preprocess.normalize),
-               "moving": _local_images(moving, "moving", decomp, shape, pad, components, config.preprocess.normalize)
-               if moving_blocks is None else _checked_blocks(moving_blocks, "moving", decomp,
-                                                             config.preprocess.normalize)}
-    # MOVING in its own intensities, to warp after the solve (normalised, the solve's own copy serves)
-    raw_moving = None
-    if config.preprocess.normalize:
-        raw_moving = list(np.asarray(moving_blocks, decomp.dtype)) if moving_blocks is not None else \
-            [_block_of(c, decomp, pad) for c in np.reshape(moving, (-1,) + shape)]
-    moving_blocks = None
-    kept = {}
-    if not gather:  # the residuals' images as blocks
-        kept["fixed"] = stacked["fixed"].copy()
-        kept["moving_before"] = _local_images(moving, "moving", decomp, shape, pad, components, False) \
-            if before_blocks is None else np.array(before_blocks, decomp.dtype)
-    moving_before = moving  # MOVING through the headers alone, whole, for a gathered result on rank 0
-    if before_blocks is not None:
-        moving_before = _crop(decomp.gather(before_blocks), pad) if gather else None
-        if moving_before is not None and components is None:
-            moving_before = moving_before[0]
-    before_blocks = None
+    normalize = config.preprocess.normalize
+    stacked = {"fixed": _checked_blocks(inputs.fixed(), "fixed", decomp, normalize),
+               "moving": _checked_blocks(inputs.moving(), "moving", decomp, normalize)}
     mask_local = None
     if has_mask:
-        mask_local = _block_of(np.asarray(mask, np.float64), decomp, pad)
+        mask_local = inputs.fixed("mask", np.float64)[0]
         lo, hi = decomp.allreduce(float(mask_local.min()), "min"), decomp.allreduce(float(mask_local.max()), "max")
         if lo < 0 or hi > 1 or hi == 0:
             raise UserInputError(f"mask values lie in [{lo:g}, {hi:g}]; a mask must lie in [0, 1] and not be all 0")
-    mask = None
-    if not (gather and root):  # the global inputs: only a gathered result on rank 0 returns them
-        fixed = moving = moving_before = None
-    if has_labels:
-        labels = labels if root else None  # Dice is counted on rank 0
-        if not through:  # on FIXED's grid: this rank's block; else every rank resamples its block after the solve
-            moving_labels = _block_of(moving_labels, decomp, pad, moving_labels.dtype)
+    # nothing of the inputs is held through the solve: the outputs read them again
+    inputs.release()
+    fixed = moving = mask = None
     problem = RegistrationProblem(transport, stacked.pop("fixed"), stacked["moving"], config.regularization,
                                   workload, distance=config.distance, mask=mask_local, sigma=config.preprocess.sigma)
-    # the problem keeps its own (smoothed) images; the input blocks are needed no longer,
-    # except the moving one when the outputs warp it in its own (unnormalised) intensities
-    raw_moving = stacked["moving"] if raw_moving is None else raw_moving
+    # the problem keeps its own (smoothed) images; the input blocks are needed no longer
     stacked = mask_local = None
     log.info("registering %s%s on %s (%s, distance %s)", "x".join(map(str, shape)),
              f" padded to {'x'.join(map(str, grid))}" if pad else "", decomp, config.precision, config.distance.name)
@@ -766,24 +637,34 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         transport.set_velocity(result.velocity)
     # each output is gathered as soon as it is made, so that rank 0 holds one local copy at a time
     out = _Outputs(decomp, pad, gather)  # gathered onto rank 0 one at a time, or kept as blocks
-    warped = out.keep("warped", np.stack([transport.transport_image(c) for c in raw_moving]))
-    raw_moving = None
+    # MOVING in its own intensities (checked, not normalised), read again
+    warped = out.keep("warped", np.stack([transport.transport_image(c) for c in
+                                          _checked_blocks(inputs.moving(), "moving", decomp, False)]))
     dice = None
     if has_labels:
         phases.enter("labels")
+        label_set, fixed_labels, moving_labels, before_labels = inputs.labels()
+        inputs.release()
         if through:  # each label's indicator goes through the affine part and the velocity at once
             warped_labels, affine_labels = _warp_labels_through(transport, decomp, moving_labels, moving_world,
                                                                 fixed_world, transform, pad)
         else:
             warped_labels = transport.transport_labels(moving_labels, method="probability")
-            warped_labels = _crop(decomp.gather(np.ascontiguousarray(warped_labels)), pad)
-            affine_labels = None if labels is None else labels[1]
-        if root:
-            dice = dice_overlap(labels[0], labels[1], warped_labels)
-            if use_affine:
-                dice["affine"] = dice_overlap(labels[0], labels[1], affine_labels)["after"]
-            log.info("Dice (mean over %d labels): %.3f -> %.3f", len(dice["labels"]),
-                     np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
+            affine_labels = before_labels
+        moving_labels = None
+
+        def overlap(other):
+            return dice_from_counts(label_set, dice_counts(decomp, pad, np.asarray(label_set), fixed_labels, other))
+
+        dice = {"labels": [int(v) for v in label_set if v > 0], "before": overlap(before_labels),
+                "after": overlap(warped_labels)}
+        if use_affine:
+            dice["affine"] = overlap(affine_labels)
+        fixed_labels = before_labels = warped_labels = affine_labels = None
+        log.info("Dice (mean over %d labels): %.3f -> %.3f", len(dice["labels"]),
+                 np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
+        if not root:
+            dice = None
     phases.enter("det")
     det_affine = float(np.linalg.det(transform[:3, :3]))  # the whole map's det: affine part x deformable part
     det = transport.det_grad_y()
@@ -811,8 +692,20 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     if not gather:
         from .outputs import Slabs
 
-        out.blocks.update(kept)
+        # the residuals' images: FIXED as the solve saw it (normalised), MOVING before, read again
+        out.blocks["fixed"] = _checked_blocks(inputs.fixed(), "fixed", decomp, normalize)
+        out.blocks["moving_before"] = np.asarray(inputs.moving_before(), decomp.dtype)
+        inputs.release()
         slabs = Slabs(decomp.comm, shape, out.slab, velocity_grid=grid, channels=components is not None)
+    fixed_whole = moving_before = None
+    if gather:  # the inputs whole on rank 0: FIXED, and MOVING through the headers alone
+        fixed_whole = inputs.planes("fixed").gather(comm)
+        if through:
+            moving_before = _crop(decomp.gather(np.ascontiguousarray(inputs.moving_before())), pad)
+            moving_before = moving_before[0] if moving_before is not None and components is None else moving_before
+        else:
+            moving_before = inputs.planes("moving").gather(comm)
+        inputs.release()
     phases.stop()
     timing, peak_rss = phases.gathered(decomp.comm), phases.gathered(decomp.comm, "peak_rss")
     if gather:  # nothing refers to the decomposition now: its communicators go (a batch makes many)
@@ -823,7 +716,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         det_grad_y=det, det_central_differences=det_central, displacement=displacement,
         history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
         beta=result.beta, config=config,
-        fixed=None if fixed is None else np.asarray(fixed),
+        fixed=fixed_whole,
         moving=None if moving_before is None else np.asarray(moving_before),
         affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size, stages=result.stages, dice=dice,
         timing=timing, peak_rss=peak_rss, transform=transform, affine_history=affine_history, moving_grid=(tuple(moving_shape), moving_world),

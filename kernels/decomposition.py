@@ -552,6 +552,18 @@ class Decomposition:
         local = np.full(data.shape[:-3] + tuple(e - s for s, e in mine), fill, data.dtype)
         return self._place(local, mine, self._box_exchange(data, have, self._real_blocks))
 
+    def regroup(self, data, box, want, *, fill=0.0):
+        """The part ``want`` of a field (on any grid) that every rank holds a part of:
+        ``data`` is the part ``box`` (``((start, stop),) * 3``, disjoint across ranks, leading
+        component axes allowed); every rank names its own ``want`` (overlapping or not); grid
+        points in no rank's ``box`` take ``fill``. :meth:`blocks_from_boxes` is the case
+        ``want`` = this rank's block."""
+        have = self.comm.allgather(tuple((int(s), int(e)) for s, e in box))
+        wants = self.comm.allgather(tuple((int(s), int(e)) for s, e in want))
+        mine = wants[self.rank]
+        out = np.full(data.shape[:-3] + tuple(max(e - s, 0) for s, e in mine), fill, data.dtype)
+        return self._place(out, mine, self._box_exchange(data, have, wants))
+
     def boxes_from_blocks(self, local, box):
         """The part ``box`` of a distributed field (this rank's block ``local``, leading axes
         allowed), collected from the ranks that own it; every rank names its own ``box``

@@ -70,7 +70,8 @@ or ``iterations`` steps), or a line search finding no decrease.
 
 Distribution
 ------------
-Every rank holds the (coarse) pyramid whole, at most :attr:`AffineOptions.max_level_voxels` per
+The pyramid is built from each rank's planes of the images and every rank then holds its
+(coarse) levels whole, at most :attr:`AffineOptions.max_level_voxels` per
 level, and samples its own share of the points; the 12 x 12 normal equations are summed over
 the ranks (:meth:`Decomposition.allreduce_array`), so every rank takes the same steps; for
 ``mi`` the joint histogram, its derivative and the count, in one call per evaluation.
@@ -158,55 +159,93 @@ class AffineOptions:
         object.__setattr__(self, "iterations", iterations)
 
 
-def _smoothed_levels(image, shrinks):
+def _smoothed_levels(image, shrinks, k0=0, n3=None, decomp=None):
     """``{shrink: image}``: Gaussian-smoothed by ``sigma = shrink / 2`` voxels (none at shrink
     1, as ANTs' affine stage) and subsampled, built fine to coarse, each level from the one
-    before when its shrink divides (the extra ``sigma`` only: a quarter of the work per level)."""
+    before when its shrink divides (the extra ``sigma`` only: a quarter of the work per level).
+
+    With ``decomp``, ``image`` is this rank's planes ``k0 <= k < k0 + image.shape[2]`` of an
+    image of ``n3`` planes (contiguous, in rank order) and each level comes back as this rank's
+    planes of it, ``(planes, first plane)``: each rank smooths its planes with the neighbours'
+    planes within the kernel's radius (:meth:`Decomposition.regroup`), so that the levels equal
+    the whole image's, and no rank holds more than its planes and their margins."""
     image = np.asarray(image, np.float32)
-    out, base, base_shrink, base_sigma = {}, image, 1, 0.0
+    n3 = image.shape[2] if n3 is None else n3
+    full = (image, k0, n3)
+    out, (base, b0, bn3), base_shrink, base_sigma = {}, full, 1, 0.0
     for shrink in sorted(set(shrinks)):
         if shrink % base_shrink:
-            base, base_shrink, base_sigma = image, 1, 0.0
+            (base, b0, bn3), base_shrink, base_sigma = full, 1, 0.0
         sigma = 0.0 if shrink == 1 else 0.5 * shrink
         extra = math.sqrt(max(sigma ** 2 - base_sigma ** 2, 0.0)) / base_shrink  # in base's voxels
-        smooth = gaussian_smooth(base, extra) if extra > 0 else base
         step = shrink // base_shrink
-        out[shrink] = base = np.ascontiguousarray(smooth[::step, ::step, ::step])
-        base_shrink, base_sigma = shrink, sigma
+        j0, j1 = -(-b0 // step), -(-(b0 + base.shape[2]) // step)  # this rank's planes of the level
+        if decomp is not None:
+            radius = int(3.0 * extra + 0.5) if extra > 0 else 0
+            want = (max(j0 * step - radius, 0), min((j1 - 1) * step + radius + 1, bn3)) if j1 > j0 else (b0, b0)
+            n1, n2 = base.shape[:2]
+            chunk = decomp.regroup(base, ((0, n1), (0, n2), (b0, b0 + base.shape[2])), ((0, n1), (0, n2), want))
+            origin = want[0]
+        else:
+            chunk, origin = base, b0
+        smooth = gaussian_smooth(chunk, extra) if extra > 0 and chunk.size else chunk
+        level = np.ascontiguousarray(smooth[::step, ::step, j0 * step - origin::step][:, :, :j1 - j0])
+        out[shrink] = (level, j0) if decomp is not None else level
+        base, b0, bn3, base_shrink, base_sigma = level, j0, -(-bn3 // step), shrink, sigma
     return out
 
 
 class ImagePyramid:
-    """Smoothed, subsampled copies of FIXED and MOVING (global arrays, built on one rank).
+    """Smoothed, subsampled copies of FIXED and MOVING, every level whole on every rank.
 
     ``levels[k]`` is a dict with ``shrink``, ``fixed`` (3-D float32), ``fixed_affine`` and
     ``moving_affine`` (voxel-to-world 4 x 4 of the level), ``moving`` (``(4, ...)`` float32:
     the image and its central-difference gradient in level voxels) and ``mask`` (or None).
+
+    ``fixed``, ``moving`` (and ``mask``, on FIXED's grid) are whole images, or, with
+    ``decomp``, this rank's planes along the last axis, from ``planes[0]`` (FIXED's first
+    plane here) and ``planes[1]`` (MOVING's) of images of shapes ``shapes``: the levels are
+    smoothed by planes (:func:`_smoothed_levels`) and only the kept ones, each at most
+    :attr:`AffineOptions.max_level_voxels`, are gathered whole.
     """
 
-    def __init__(self, fixed, moving, fixed_affine, moving_affine, options, mask=None):
+    def __init__(self, fixed, moving, fixed_affine, moving_affine, options, mask=None, *, decomp=None,
+                 planes=(0, 0), shapes=None):
         self.levels = []
+        shapes = (np.shape(fixed), np.shape(moving)) if shapes is None else tuple(map(tuple, shapes))
         kept = [(shrink, iterations) for shrink, iterations in zip(options.shrink, options.iterations)
-                if math.prod(math.ceil(n / shrink) for n in max(fixed.shape, moving.shape)) <= options.max_level_voxels]
-        fixed_levels = _smoothed_levels(fixed, [shrink for shrink, _ in kept])
-        moving_levels = _smoothed_levels(moving, [shrink for shrink, _ in kept])
+                if math.prod(math.ceil(n / shrink) for n in max(shapes)) <= options.max_level_voxels]
+        shrinks = [shrink for shrink, _ in kept]
+
+        def whole(level):  # this rank's planes of a level -> the level
+            return level if decomp is None else np.ascontiguousarray(np.concatenate(decomp.allgather(level[0]),
+                                                                                    axis=2))
+
+        fixed_levels = _smoothed_levels(fixed, shrinks, planes[0], shapes[0][2], decomp)
+        moving_levels = _smoothed_levels(moving, shrinks, planes[1], shapes[1][2], decomp)
         for shrink, iterations in kept:
             scale = np.diag([shrink, shrink, shrink, 1.0])
-            m = moving_levels[shrink]
+            m = whole(moving_levels.pop(shrink))
             grads = np.gradient(m) if min(m.shape) > 1 else [np.zeros_like(m)] * 3
+            sub = None
+            if mask is not None:
+                first = -(-planes[0] // shrink) * shrink - planes[0]  # this rank's first plane on the level
+                sub = np.ascontiguousarray(np.asarray(mask)[::shrink, ::shrink, first::shrink])
+                sub = sub if decomp is None else whole((sub, None))
             self.levels.append({
                 "shrink": shrink, "iterations": iterations,
-                "fixed": fixed_levels[shrink],
+                "fixed": whole(fixed_levels.pop(shrink)),
                 "fixed_affine": np.asarray(fixed_affine, float) @ scale,
                 "moving_affine": np.asarray(moving_affine, float) @ scale,
                 "moving": np.ascontiguousarray(np.stack([m, *grads]).astype(np.float32)),
-                "mask": None if mask is None else np.ascontiguousarray(np.asarray(mask)[::shrink, ::shrink, ::shrink]),
+                "mask": sub,
             })
         if not self.levels:  # every level too large: the coarsest one that fits
-            shrink = max(2, math.ceil((math.prod(fixed.shape) / options.max_level_voxels) ** (1 / 3)))
+            shrink = max(2, math.ceil((math.prod(shapes[0]) / options.max_level_voxels) ** (1 / 3)))
             coarse = AffineOptions(shrink=(shrink,), iterations=(options.iterations[0],),
                                    max_level_voxels=options.max_level_voxels * 8)
-            self.levels = ImagePyramid(fixed, moving, fixed_affine, moving_affine, coarse, mask).levels
+            self.levels = ImagePyramid(fixed, moving, fixed_affine, moving_affine, coarse, mask, decomp=decomp,
+                                       planes=planes, shapes=shapes).levels
 
 
 def _world_points(shape, affine, stride, offset=0):
