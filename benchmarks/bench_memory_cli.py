@@ -5,7 +5,8 @@ Runs the command as a user types it (defaults, the pair's tissue labels, the rep
 peak RSS (``ru_maxrss`` at the end, from the log) and ``registration.json``'s peaks by phase.
 Prints rank 0's peak over the median of the other ranks' (issue 18: at most 1.25 at 4 ranks on
 a pair of at least 160³) and the measured largest peak over ``claire info --ranks P --json``'s
-``per_rank_bytes`` (the model: within 25 %).
+``per_rank_bytes`` (the model: within 25 %), and the peak by the end of the preparation (the
+``setup`` phase) over the model's ``phases.prepare``.
 
 Run (benchmarks/RESULTS.md, issue 18)::
 

@@ -482,8 +482,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         The reference ``m_R`` and the template ``m_T`` (the ANTs/DIPY/ITK order): global
         arrays ``(n1, n2, n3)``, or ``(C, n1, n2, n3)`` for ``C`` components (channels, e.g.
         tissue probability maps; NIfTI files store them as ``(n1, n2, n3, C)``), on rank 0
-        (other ranks may pass ``None``, or the same arrays), or files / images (read on
-        rank 0).
+        (other ranks may pass ``None``, or the same arrays; rank 0 sends each rank its
+        planes), or files / images (files are read by planes on every rank: no rank holds a
+        whole image, :mod:`claire_py.prepare`).
     config : RegistrationConfig, optional
     comm : mpi4py.MPI.Comm, optional
     callback : callable, optional
