@@ -12,7 +12,7 @@ import numpy as np
 from .config import RegistrationConfig
 from .errors import UserInputError
 from .parallel import world
-from .prepare import BlockSampler, Inputs, dice_counts, dice_from_counts, label_values, source
+from .prepare import BlockSampler, Inputs, dice_counts, dice_from_counts, inner_slices, label_values, source
 from .kernels import Decomposition, SpectralOperators, start_kernel_runtime
 from .solvers.monitor import Workload
 from .solvers import continuation
@@ -369,9 +369,7 @@ def _check_memory(shape, comm, config, components=1, gather=True):
 def _range_inside(local, decomp, pad):
     """``(min, max)`` over the grid without its ``pad`` frame of a local block, on every rank."""
     if pad:
-        inside = tuple(slice(max(pad - s.start, 0), max(min(n - pad, s.stop) - s.start, 0))
-                       for s, n in zip(decomp.real_slice, decomp.shape))
-        local = local[inside]
+        local = local[inner_slices(decomp, pad)]
     lo = float(local.min()) if local.size else math.inf
     hi = float(local.max()) if local.size else -math.inf
     return decomp.allreduce(lo, "min"), decomp.allreduce(hi, "max")
@@ -570,9 +568,6 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
                **(dict(zip(("fixed labels", "moving labels"), labels)) if has_labels else {})}
     inputs = Inputs(sources, comm, precision=config.precision)
     fixed, moving = inputs.planes("fixed"), inputs.planes("moving")
-    for image, name in ((fixed, "fixed"), (moving, "moving")):
-        if image.data.dtype.kind == "f" and comm.allreduce(int(not np.all(np.isfinite(image.data)))):
-            raise UserInputError(f"{name} image contains NaN or infinite values; replace them first")
     mask = inputs.planes("mask") if has_mask else None
     for name in ("fixed labels", "moving labels") if has_labels else ():
         kind = inputs.planes(name).data.dtype.kind

@@ -31,7 +31,8 @@ import numpy as np
 from .errors import UserInputError
 from .parallel import world
 
-__all__ = ["Planes", "Source", "source", "Inputs", "blocks", "BlockSampler", "resampled_blocks", "label_values", "dice_counts", "dice_from_counts"]
+__all__ = ["Planes", "Source", "source", "Inputs", "blocks", "BlockSampler", "resampled_blocks", "inner_slices",
+           "label_values", "dice_counts", "dice_from_counts"]
 
 #: Voxels beyond the bounding box of a block's corners (in MOVING) that the cubic stencil reads.
 _STENCIL_MARGIN = 2
@@ -103,7 +104,9 @@ class Source:
     everywhere: bool = False
 
     def planes(self, comm, dtype=None):
-        """This rank's :class:`Planes` (in ``dtype``, default: as given or stored)."""
+        """This rank's :class:`Planes` (in ``dtype``, default: as given or stored); floating-point
+        voxels must be finite (on every rank alike; :func:`~claire_py.blockio.read_slab` checks
+        a file's)."""
         from .blockio import read_slab, slab_bounds
 
         comm = world(comm)
@@ -129,6 +132,8 @@ class Source:
             else:
                 _recv_bytes(comm, data, 0)
             data = data.astype(dtype, copy=False)
+        if data.dtype.kind == "f" and comm.allreduce(int(not np.all(np.isfinite(data)))):
+            raise UserInputError(f"{self.name} image contains NaN or infinite values; replace them first")
         return Planes(data, self.shape, k0, self.affine, self.components)
 
 
@@ -192,7 +197,7 @@ def _as_array(image, channels):
     return image, None
 
 
-def _inside(decomp, pad):
+def inner_slices(decomp, pad):
     """Slices of this rank's block that lie inside the grid without its ``pad`` frame."""
     return tuple(slice(max(pad - s.start, 0), max(min(n - pad, s.stop) - s.start, 0))
                  for s, n in zip(decomp.real_slice, decomp.shape))
@@ -230,7 +235,7 @@ class BlockSampler:
 
     def __init__(self, planes, matrix, decomp, pad, *, order):
         self.decomp, self.pad = decomp, pad
-        self.inside = _inside(decomp, pad)
+        self.inside = inner_slices(decomp, pad)
         self.sub_shape = tuple(i.stop - i.start for i in self.inside)
         shift = np.eye(4)
         shift[:3, 3] = [s.start + i.start - pad for s, i in zip(decomp.real_slice, self.inside)]
@@ -260,8 +265,7 @@ def resampled_blocks(planes, matrix, decomp, pad, *, order, dtype):
     at edges)."""
     sampler = BlockSampler(planes, matrix, decomp, pad, order=order)
     out = np.stack([sampler.resample(channel, order=order, dtype=dtype) for channel in sampler.source])
-    sampler = None
-    inside = _inside(decomp, pad)
+    inside, sampler = sampler.inside, None
     for c, (lo, hi) in enumerate(planes.channel_ranges(decomp.comm)):
         if pad:
             interior = out[(c,) + inside]
@@ -358,7 +362,7 @@ def dice_counts(decomp, pad, values, fixed, other):
     """``(|A_k|, |B_k|, |A_k & B_k|)`` for each of ``values`` (sorted, holding every value of
     both maps) over the grid without its ``pad`` frame: ``fixed`` and ``other`` are this
     rank's blocks of two label maps; summed over the ranks (float64 arrays, exact to 2^53)."""
-    inside = _inside(decomp, pad)
+    inside = inner_slices(decomp, pad)
     a, b = np.asarray(fixed)[inside].ravel(), np.asarray(other)[inside].ravel()
     ia, ib = np.searchsorted(values, a), np.searchsorted(values, b)
     n = len(values)
