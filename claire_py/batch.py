@@ -481,29 +481,78 @@ def _agree(agreement, error, name):
     return next(e for e in agreement.allgather(error) if e)
 
 
-def _run_job(job, group, agreement):
-    """Register one job on ``group`` and save it; its row on the group's rank 0 (a failure
-    is a row too), ``None`` on the other ranks."""
+def _job_checkpoint(job, group, every):
+    """The job's :class:`~claire_py.checkpoint.FileCheckpoint` in ``OUTDIR/NAME/checkpoint``
+    (saved every ``every`` Gauss-Newton iterations), resuming from the one there when it was
+    made by the same inputs and options (another's is discarded); and, when resuming, the
+    ``(level, iteration)`` it resumes from."""
+    from .checkpoint import FileCheckpoint, read_checkpoint
+
+    meta = {"inputs": job.inputs, "config": json.loads(json.dumps(job.config.to_dict()))}
+    start = None
+    if group.Get_rank() == 0:
+        try:
+            state = read_checkpoint(job.directory)
+            if state.get("meta") == meta:
+                current = state.get("current") or {}
+                start = (current.get("level", len(state.get("levels", {}))),
+                         current.get("resume", {}).get("iteration", 0))
+        except UserInputError:
+            pass  # none there (or unreadable): start afresh
+    start = group.bcast(start, root=0)
+    return FileCheckpoint(job.directory, group, every=every, meta=meta, resume=start is not None), start
+
+
+def _execute(job, group, agreement, checkpoint_every=None):
+    """Register one job on ``group`` and save it (on the group's rank 0).
+
+    Returns
+    -------
+    error : str or None
+        The one-line error of the first rank that failed (the same on every rank).
+    seconds : float
+        Wall time of the attempt.
+    resumed_from : tuple or None
+        ``(level, iteration)`` of the checkpoint the job resumed from.
+    """
     t0 = time.perf_counter()
     leader = group.Get_rank() == 0
-    error, row = None, None
+    error, start = None, None
     try:
+        checkpoint = None
+        if checkpoint_every:
+            checkpoint, start = _job_checkpoint(job, group, checkpoint_every)
+            if start is not None and leader:
+                log.info("job %s: resuming from its checkpoint (level %d, iteration %d)", job.name, *start)
         labels = (job.inputs["labels_fixed"], job.inputs["labels_moving"]) if "labels_fixed" in job.inputs else None
         result = register(job.inputs["fixed"], job.inputs["moving"], config=job.config, comm=group,
-                          mask=job.inputs.get("mask"), labels=labels)
+                          mask=job.inputs.get("mask"), labels=labels, checkpoint=checkpoint)
         if leader:
             result.save(job.directory, overwrite=True, inputs=job.inputs)
             del result
-            row = _complete_row(job, _read_record(job.directory), resumed=False)
+            if checkpoint is not None:
+                checkpoint.remove()  # the outputs are complete
     except Exception as exc:  # noqa: BLE001 - a failing job is recorded, the batch goes on
         error = _one_line(exc)
         if not isinstance(exc, UserInputError):
             log.warning("job %s failed", job.name, exc_info=True)
     if agreement is not None:
         error = _agree(agreement, error, job.name)
-    if error and leader:
-        row = _row(job, status="failed", resumed=False, seconds=time.perf_counter() - t0, error=error)
-    return row
+    return error, time.perf_counter() - t0, start
+
+
+def _finished_row(job, error, seconds):
+    """The row of a job that ran: read back from its ``registration.json``, or its failure."""
+    if error is None:
+        return _complete_row(job, _read_record(job.directory), resumed=False)
+    return _row(job, status="failed", resumed=False, seconds=seconds, error=error)
+
+
+def _run_job(job, group, agreement, checkpoint_every=None):
+    """Register one job on ``group`` and save it; its row on the group's rank 0 (a failure
+    is a row too), ``None`` on the other ranks."""
+    error, seconds, _ = _execute(job, group, agreement, checkpoint_every)
+    return _finished_row(job, error, seconds) if group.Get_rank() == 0 else None
 
 
 def _columns(plan):
@@ -567,7 +616,7 @@ class _Results:
         return [{k: row.get(k) for k in self.columns} for row in self.rows]
 
 
-def _run_in_order(plan, comm, results):
+def _run_in_order(plan, comm, results, checkpoint_every=None):
     """One group (every rank of ``comm``): the jobs in list order."""
     group = comm.Dup()
     agreement = group.Dup() if group.Get_size() > 1 else None
@@ -577,7 +626,7 @@ def _run_in_order(plan, comm, results):
                 continue
             if results is not None:
                 results.set(index, _row(job, status="running"), final=False)
-            row = _run_job(job, group, agreement)
+            row = _run_job(job, group, agreement, checkpoint_every)
             if results is not None:
                 results.set(index, row)
     finally:
@@ -611,7 +660,7 @@ def _dispatch(plan, work, groups, results):
             groups -= 1
 
 
-def _work(plan, work, group):
+def _work(plan, work, group, checkpoint_every=None):
     """A group of ranks 1..P-1: ask world rank 0 for a job, run it, report it, ask again."""
     agreement = group.Dup() if group.Get_size() > 1 else None
     finished = None
@@ -624,18 +673,21 @@ def _work(plan, work, group):
             index = group.bcast(index, root=0)
             if index < 0:
                 return
-            row = _run_job(plan[index], group, agreement)
+            row = _run_job(plan[index], group, agreement, checkpoint_every)
             finished = (index, row)
     finally:
         if agreement is not None:
             agreement.Free()
 
 
+def _positive(value, what):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserInputError(f"{what} {value!r} must be an integer >= 1")
+    return int(value)
+
+
 def _check_layout(size, ranks_per_job):
-    if isinstance(ranks_per_job, (bool, np.bool_)) or not isinstance(ranks_per_job, (int, np.integer)) \
-            or ranks_per_job < 1:
-        raise UserInputError(f"ranks per job {ranks_per_job!r} must be an integer >= 1")
-    k = int(ranks_per_job)
+    k = _positive(ranks_per_job, "ranks per job")
     if size != k and (size < k or (size - 1) % k):
         raise UserInputError(
             f"{size} rank(s) cannot run groups of {k}: launch P = {k} ranks (one group, the jobs in order) or "
@@ -643,8 +695,10 @@ def _check_layout(size, ranks_per_job):
     return k
 
 
-def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, preset=None, overwrite=False):
-    """Run many registrations as one MPI job: a list of pairs, times a parameter sweep.
+def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, preset=None, overwrite=False,
+          engine="mpi", parsl_config=None, checkpoint_every=None):
+    """Run many registrations: a list of pairs, times a parameter sweep, as one MPI job
+    (``engine="mpi"``) or as Parsl apps (``engine="parsl"``, see :mod:`claire_py.batch_parsl`).
 
     Parameters
     ----------
@@ -674,6 +728,17 @@ def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, 
         refine, unless a job names its own.
     overwrite : bool
         Redo every job, even those already complete in ``outdir``.
+    engine : {"mpi", "parsl"}
+        ``"mpi"``: the ranks of ``comm`` run the jobs (the scheduling above). ``"parsl"``:
+        this one process (``comm`` of size 1) hands every job to Parsl, which runs it as its
+        own MPI job of ``ranks_per_job`` ranks and retries it when its worker is lost.
+    parsl_config : parsl.config.Config or path, optional
+        With ``engine="parsl"``: the Parsl configuration, or a Python file defining one as
+        ``config``; default :func:`claire_py.batch_parsl.local_config` (this machine).
+    checkpoint_every : int, optional
+        Save each job's progress in ``OUTDIR/NAME/checkpoint`` every this many Gauss-Newton
+        iterations; a job run again (a rerun, a Parsl retry) resumes from its checkpoint
+        when that was made by the same inputs and options.
 
     Returns
     -------
@@ -691,14 +756,30 @@ def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, 
     UserInputError
         On every rank alike, before any job runs: an unreadable job list, an unknown key or
         a bad option value (naming the job), duplicate names, a rank count that does not
-        split into groups, an unusable ``outdir``. Failures of single jobs are not raised:
+        split into groups, an unusable ``outdir``, an engine that cannot start (Parsl not
+        installed, a Parsl configuration file that does not define one). Failures of single jobs are not raised:
         they are rows with ``status == "failed"`` and the one-line ``error``.
     """
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm
     rank, size = comm.Get_rank(), comm.Get_size()
-    k = _check_layout(size, ranks_per_job)
+    if checkpoint_every is not None:
+        checkpoint_every = _positive(checkpoint_every, "checkpoint every")
+    if engine == "parsl":
+        if size > 1:
+            raise UserInputError("--engine parsl runs in one process (Parsl launches each job's ranks): start claire "
+                                 "batch without mpiexec")
+        from . import batch_parsl
+
+        k = _positive(ranks_per_job, "ranks per job")
+        parsl_config = batch_parsl.load_config(parsl_config)  # a bad one is refused before any work
+    elif engine == "mpi":
+        if parsl_config is not None:
+            raise UserInputError("a Parsl configuration is for --engine parsl; drop it or choose that engine")
+        k = _check_layout(size, ranks_per_job)
+    else:
+        raise UserInputError(f"engine {engine!r} is unknown; use mpi or parsl")
     plan, error, cause = None, None, None
     if rank == 0:
         try:
@@ -713,11 +794,16 @@ def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, 
     if error:
         raise UserInputError(error)
     skipped = sum(job.record is not None for job in plan)
-    if rank == 0:
+    if rank == 0 and engine == "parsl":
+        log.info("batch: %d job(s), %d already complete, as Parsl apps of %d rank(s) each", len(plan), skipped, k)
+    elif rank == 0:
         log.info("batch: %d job(s), %d already complete, on %d rank(s) in %s of %d", len(plan), skipped, size,
                  "one group" if size == k else f"{(size - 1) // k} group(s)", k)
-    if size == k:
-        _run_in_order(plan, comm, results)
+    if engine == "parsl":
+        batch_parsl.run(plan, os.fspath(outdir), results, ranks_per_job=k, checkpoint_every=checkpoint_every,
+                        config=parsl_config)
+    elif size == k:
+        _run_in_order(plan, comm, results, checkpoint_every)
     else:
         work = comm.Dup()  # private: never matches the jobs' own messages
         try:
@@ -726,7 +812,7 @@ def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, 
                 _dispatch(plan, work, (size - 1) // k, results)
             else:
                 try:
-                    _work(plan, work, group)
+                    _work(plan, work, group, checkpoint_every)
                 finally:
                     group.Free()
             request = work.Ibarrier()  # idle ranks sleep instead of spinning in a collective
@@ -782,7 +868,8 @@ def _cmd_batch(args):
     log.setLevel(logging.INFO if comm.Get_rank() == 0 else logging.WARNING)
     sweep = parse_sweep(args.sweep)
     rows = batch(args.jobs, args.output, comm=comm, ranks_per_job=args.ranks_per_job,
-                 sweep=sweep, config=args.config, preset=args.preset, overwrite=args.overwrite)
+                 sweep=sweep, config=args.config, preset=args.preset, overwrite=args.overwrite,
+                 engine=args.engine, parsl_config=args.parsl_config, checkpoint_every=args.checkpoint_every)
     if comm.Get_rank() == 0:
         print(summary_table(rows, os.path.join(args.output, "results.csv")))
         if not args.no_report:
@@ -805,7 +892,8 @@ def add_batch_command(subparsers):
                     "(one group of K = --ranks-per-job, the jobs in order) or P = 1 + G*K (rank 0 hands out the\n"
                     "jobs to G groups as they finish, sleeping in between). A rerun skips the complete jobs and\n"
                     "redoes the others; a failing job is recorded and the others go on (exit status 1 when any\n"
-                    "failed).",
+                    "failed). With --engine parsl, run it as one process (no mpiexec): Parsl starts each job's K\n"
+                    "ranks on the resources of --parsl-config and retries a job whose worker is lost.",
         epilog="JOBS columns (CSV header) or keys (YAML/JSON list of mappings): fixed, moving (required),\n"
                "name, labels_fixed, labels_moving, mask (paths relative to JOBS' directory), preset, and the\n"
                "options (as claire register's flags; an empty cell leaves one unset):\n  "
@@ -821,6 +909,16 @@ def add_batch_command(subparsers):
     p.add_argument("--config", help="JSON or YAML RegistrationConfig file: settings of every job")
     p.add_argument("--preset", choices=tuple(PRESETS), help="start every job from this preset (a job's own wins)")
     p.add_argument("--overwrite", action="store_true", help="redo every job, even those already complete")
+    p.add_argument("--engine", choices=("mpi", "parsl"), default="mpi",
+                   help="mpi (default): the ranks of this MPI job run the jobs; parsl: this one process hands each job "
+                        "to Parsl as its own MPI job of K ranks, retried when its worker is lost (pip install "
+                        "'claire_py[parsl]')")
+    p.add_argument("--parsl-config", metavar="FILE",
+                   help="with --engine parsl: a Python file defining `config = parsl.config.Config(...)` (a cluster's "
+                        "provider, nodes, launcher); default: this machine, cores/K jobs at a time, 2 retries")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="save each job's progress in OUTDIR/NAME/checkpoint every N Gauss-Newton iterations; a job run "
+                        "again (a rerun, a retry) resumes from it")
     p.add_argument("--no-report", action="store_true", help="skip OUTDIR/batch_report.html (table and plot of the results)")
     p.set_defaults(run=_cmd_batch)
     return p

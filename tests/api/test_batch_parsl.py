@@ -1,0 +1,211 @@
+"""``claire batch --engine parsl``: the jobs as Parsl apps on this machine.
+
+The Parsl runs are command-line processes started by rank 0 (a clean environment: each job
+is its own MPI job launched by Parsl); under ``mpiexec -n P`` their jobs have ``P`` ranks and
+are compared with the MPI engine running the same list on this run's ``P`` ranks (one group).
+The other ranks wait asleep (not spinning in a barrier) while rank 0's subprocesses run."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from claire_py import UserInputError
+from claire_py._testing import clean_subprocess_env
+from claire_py.batch import batch
+
+COMM = MPI.COMM_WORLD
+K = COMM.size  # ranks of every job, under both engines
+CLAIRE = [sys.executable, "-m", "claire_py", "batch"]
+
+
+def _pair(n, shift):
+    x = np.meshgrid(*[2 * np.pi * np.arange(n) / n] * 3, indexing="ij")
+    moving = (np.sin(x[0]) ** 2 + np.sin(x[1]) ** 2 + np.sin(x[2]) ** 2) / 3
+    fixed = (np.sin(x[0] - shift * np.sin(x[1])) ** 2 + np.sin(x[1]) ** 2 + np.sin(x[2]) ** 2) / 3
+    return fixed, moving
+
+
+def _write(directory, files, jobs_csv):
+    """``files``: ``{stem: (n, shift)}`` pairs saved as ``f{stem}``/``m{stem}.nii.gz``; the job list."""
+    if COMM.rank == 0:
+        for stem, (n, shift) in files.items():
+            for prefix, image in zip("fm", _pair(n, shift)):
+                nib.save(nib.Nifti1Image(image.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])),
+                         os.path.join(directory, f"{prefix}{stem}.nii.gz"))
+        with open(os.path.join(directory, "jobs.csv"), "w") as fh:
+            fh.write(jobs_csv)
+    COMM.Barrier()
+    return os.path.join(directory, "jobs.csv")
+
+
+def _wait_asleep():
+    request = COMM.Ibarrier()
+    while not request.Test():
+        time.sleep(0.01)
+
+
+def _table(outdir):
+    with open(os.path.join(outdir, "results.csv"), newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _attempts(outdir, name):
+    with open(os.path.join(outdir, ".parsl", "jobs", f"{name}.log")) as fh:
+        return fh.read().count("=== attempt:")
+
+
+def _without_seconds(rows):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+JOBS = """name,fixed,moving,beta,max-iter,precision
+a,f16.nii.gz,m16.nii.gz,1e-2,3,float64
+b,f24.nii.gz,m24.nii.gz,1e-3,2,float64
+bad,f16.nii.gz,nowhere.nii.gz,,2,float64
+"""
+
+
+def test_three_jobs_one_invalid_as_with_the_mpi_engine_and_a_rerun_does_no_work(shared_tmp):
+    jobs = _write(shared_tmp, {"16": (16, 0.3), "24": (24, 0.3)}, JOBS)
+    by_mpi, by_parsl = os.path.join(shared_tmp, "mpi"), os.path.join(shared_tmp, "parsl")
+    batch(jobs, by_mpi, ranks_per_job=K)
+    try:
+        if COMM.rank == 0:
+            command = CLAIRE + [jobs, "-o", by_parsl, "--engine", "parsl", "--ranks-per-job", str(K), "--no-report"]
+            done = subprocess.run(command, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600)
+            assert done.returncode == 1, done.stderr  # one job failed
+            table = _table(by_parsl)
+            assert [(r["name"], r["status"]) for r in table] == [("a", "complete"), ("b", "complete"),
+                                                                 ("bad", "failed")]
+            assert table[2]["error"] == f"{shared_tmp}/nowhere.nii.gz: no such file"
+            assert table[0]["ranks"] == str(K)
+            assert _without_seconds(table) == _without_seconds(_table(by_mpi))  # the engines agree
+            assert [_attempts(by_parsl, n) for n in ("a", "b", "bad")] == [1, 1, 1]  # a user error is not retried
+            for name in ("a", "b"):
+                for file in ("velocity.nii.gz", "warped.nii.gz"):
+                    np.testing.assert_array_equal(nib.load(os.path.join(by_parsl, name, file)).get_fdata(),
+                                                  nib.load(os.path.join(by_mpi, name, file)).get_fdata())
+
+            # a rerun registers nothing again: the complete jobs are read back, the failed one retried
+            stamps = [os.stat(os.path.join(by_parsl, n, "registration.json")).st_mtime_ns for n in ("a", "b")]
+            again = subprocess.run(command, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600)
+            assert again.returncode == 1, again.stderr
+            assert [os.stat(os.path.join(by_parsl, n, "registration.json")).st_mtime_ns for n in ("a", "b")] == stamps
+            assert [r["resumed"] for r in _table(by_parsl)] == ["True", "True", "False"]
+            assert [_attempts(by_parsl, n) for n in ("a", "b", "bad")] == [1, 1, 2]
+            assert "2 of 3 job(s) complete (2 from an earlier run), 1 failed" in again.stdout
+    finally:
+        _wait_asleep()
+
+
+SLOW = """name,fixed,moving,beta,gtol,max-iter,precision
+slow,f32.nii.gz,m32.nii.gz,1e-5,1e-4,30,float64
+"""
+
+
+def _kill_the_worker_of(spec, state, proc):
+    """SIGKILL the Parsl worker running the job of ``spec`` once its checkpoint holds iteration 2."""
+    import psutil
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with open(state) as fh:
+                if json.load(fh)["current"]["resume"]["iteration"] >= 2:
+                    break
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert proc.poll() is None, "the batch ended before its job could be killed"
+    rank = next(p for p in psutil.process_iter(["cmdline"]) if spec in (p.info["cmdline"] or ())
+                and os.path.basename(p.info["cmdline"][0]) != "mpiexec")
+    mpiexec = next(p for p in rank.parents() if os.path.basename(p.cmdline()[0]) == "mpiexec")
+    worker = mpiexec.parent()  # the Parsl worker process whose app launched the job
+    assert "python" in os.path.basename(worker.cmdline()[0])
+    worker.send_signal(signal.SIGKILL)
+    psutil.wait_procs([rank], timeout=30)  # its ranks die with it: no orphan races the retry
+    assert not rank.is_running() or rank.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint_on_a_retry(shared_tmp):
+    jobs = _write(shared_tmp, {"32": (32, 0.3)}, SLOW)
+    whole, killed = os.path.join(shared_tmp, "whole"), os.path.join(shared_tmp, "killed")
+    batch(jobs, whole, ranks_per_job=K)  # the uninterrupted run (MPI engine, same ranks)
+    try:
+        if COMM.rank == 0:
+            config = os.path.join(shared_tmp, "parsl_config.py")
+            with open(config, "w") as fh:  # a configuration file, as a cluster's would be
+                fh.write("from claire_py.batch_parsl import local_config\n"
+                         f"config = local_config({os.path.join(shared_tmp, 'parsl_run')!r}, ranks_per_job={K}, "
+                         "retries=1)\n")
+            command = CLAIRE + [jobs, "-o", killed, "--engine", "parsl", "--parsl-config", config, "--ranks-per-job",
+                                str(K), "--checkpoint-every", "1", "--no-report"]
+            proc = subprocess.Popen(command, env=clean_subprocess_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                _kill_the_worker_of(os.path.join(killed, ".parsl", "jobs", "slow.json"),
+                                    os.path.join(killed, "slow", "checkpoint", "state.json"), proc)
+                out, err = proc.communicate(timeout=600)
+            finally:
+                proc.kill()
+            assert proc.returncode == 0, err
+            assert "job slow: resumed from its checkpoint (level 0, iteration 2) after a lost attempt" in err
+            assert _attempts(killed, "slow") == 2
+            assert [r["status"] for r in _table(killed)] == ["complete"]
+            meta = json.load(open(os.path.join(killed, "slow", "registration.json")))
+            reference = json.load(open(os.path.join(whole, "slow", "registration.json")))
+            assert len(meta["history"]) == len(reference["history"])
+            # another process: FFTW may have measured other (equally exact) plans (see test_checkpoint)
+            np.testing.assert_allclose([h["objective"] for h in meta["history"]],
+                                       [h["objective"] for h in reference["history"]], rtol=1e-8)
+            for name in ("velocity.nii.gz", "warped.nii.gz", "det_grad_y.nii.gz"):
+                a = nib.load(os.path.join(killed, "slow", name)).get_fdata()
+                b = nib.load(os.path.join(whole, "slow", name)).get_fdata()
+                assert np.abs(a - b).max() <= 4 * np.finfo(np.float32).eps * np.abs(b).max(), name
+            assert not os.path.exists(os.path.join(killed, "slow", "checkpoint"))  # removed once complete
+    finally:
+        _wait_asleep()
+
+
+def test_without_parsl_the_engine_says_how_to_install_it(tmp_path):
+    if COMM.rank == 0:
+        code = ("import sys; sys.modules['parsl'] = None; from claire_py.cli import main; "
+                f"sys.exit(main(['batch', 'jobs.csv', '-o', {str(tmp_path / 'out')!r}, '--engine', 'parsl']))")
+        done = subprocess.run([sys.executable, "-c", code], env=clean_subprocess_env(), capture_output=True,
+                              text=True, cwd=tmp_path)
+        assert done.returncode == 2
+        assert done.stderr.strip().splitlines() == [
+            "claire: error: --engine parsl needs Parsl, which is not installed: pip install 'claire_py[parsl]'"]
+        assert not os.path.exists(tmp_path / "out")
+    _wait_asleep()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x = 1\n", r"define the configuration as `config = parsl.config.Config\(...\)`"),
+    ("raise RuntimeError('no cluster here')\n", r"running it failed \(RuntimeError: no cluster here\)"),
+], ids=["no-config", "raises"])
+def test_a_bad_parsl_config_is_refused_before_any_work(shared_tmp, text, message):
+    jobs = _write(shared_tmp, {"16": (16, 0.3)}, "fixed,moving\nf16.nii.gz,m16.nii.gz\n")
+    out = os.path.join(shared_tmp, "out")
+    if COMM.rank == 0:
+        config = os.path.join(shared_tmp, "parsl_config.py")
+        with open(config, "w") as fh:
+            fh.write(text)
+        with pytest.raises(UserInputError, match=message):
+            batch(jobs, out, comm=MPI.COMM_SELF, engine="parsl", parsl_config=config)
+        with pytest.raises(UserInputError, match="a Parsl configuration is for --engine parsl"):
+            batch(jobs, out, comm=MPI.COMM_SELF, parsl_config=config)
+        assert not os.path.exists(out)
+    if COMM.size > 1:  # the Parsl engine is one process; Parsl launches the ranks
+        with pytest.raises(UserInputError, match="start claire batch without mpiexec"):
+            batch(jobs, out, engine="parsl")
+    _wait_asleep()
