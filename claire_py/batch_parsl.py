@@ -72,7 +72,9 @@ def local_config(directory, *, ranks_per_job=1, workers=None, retries=2):
     One :class:`parsl.executors.MPIExecutor` block on a
     :class:`parsl.providers.LocalProvider`, running ``workers`` jobs at a time (default: as
     many as this machine's cores hold, ``cores // ranks_per_job``, at least one), each
-    launched by the ``mpiexec`` beside this Python, and retrying a lost job ``retries`` times.
+    launched by the ``mpiexec`` beside this Python with ``cores // (workers * ranks_per_job)``
+    threads per rank (``NUMBA_NUM_THREADS``, which caps FFTW's too), and retrying a lost job
+    ``retries`` times.
 
     Parameters
     ----------
@@ -98,7 +100,10 @@ def local_config(directory, *, ranks_per_job=1, workers=None, retries=2):
     nodefile = os.path.join(directory, "nodes")
     with open(nodefile, "w") as fh:
         fh.write("localhost\n" * workers)
-    worker_init = f"export PBS_NODEFILE={shlex.quote(nodefile)}; export PATH={shlex.quote(_bindir())}:$PATH"
+    # each job's ranks share the cores with the other jobs: cores / (jobs at once * K) threads each
+    threads = max(1, _cores() // (workers * ranks_per_job))
+    worker_init = (f"export PBS_NODEFILE={shlex.quote(nodefile)} NUMBA_NUM_THREADS={threads}; "
+                   f"export PATH={shlex.quote(_bindir())}:$PATH")
     executor = MPIExecutor(
         label="claire_local", address="127.0.0.1", max_workers_per_block=workers, mpi_launcher="mpiexec",
         heartbeat_period=2, heartbeat_threshold=20,  # a lost worker is noticed within seconds
@@ -218,6 +223,8 @@ def run(plan, outdir, results, *, ranks_per_job, checkpoint_every=None, config=N
     os.environ["PATH"] = _bindir() + os.pathsep + path  # Parsl starts interchange.py (and local workers) by name
     try:
         dfk = parsl.load(config)
+    except Exception as exc:  # noqa: BLE001 - a configuration Parsl refuses: one line, not a traceback
+        raise UserInputError(f"Parsl cannot start with this configuration ({_one_line(exc)})") from exc
     finally:
         os.environ["PATH"] = path
     try:
@@ -235,8 +242,8 @@ def run(plan, outdir, results, *, ranks_per_job, checkpoint_every=None, config=N
                            error=f"lost {config.retries + 1} time(s): {_one_line(exc)}")
             else:
                 if outcome.get("resumed_from"):
-                    log.info("job %s: resumed from its checkpoint (level %d, iteration %d) after a lost attempt",
-                             job.name, *outcome["resumed_from"])
+                    log.info("job %s: resumed from its checkpoint (level %d, iteration %d)", job.name,
+                             *outcome["resumed_from"])
                 row = _finished_row(job, outcome["error"], outcome["seconds"])
             results.set(index, row)
     finally:

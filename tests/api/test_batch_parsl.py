@@ -8,6 +8,7 @@ The other ranks wait asleep (not spinning in a barrier) while rank 0's subproces
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,42 +68,44 @@ def _without_seconds(rows):
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
-JOBS = """name,fixed,moving,beta,max-iter,precision
-a,f16.nii.gz,m16.nii.gz,1e-2,3,float64
-b,f24.nii.gz,m24.nii.gz,1e-3,2,float64
-bad,f16.nii.gz,nowhere.nii.gz,,2,float64
+JOBS = """name,fixed,moving,max-iter,precision
+a,f16.nii.gz,m16.nii.gz,3,float64
+b,f24.nii.gz,m24.nii.gz,2,float64
+bad,f16.nii.gz,nowhere.nii.gz,2,float64
 """
+NAMES = [f"{name}__beta={beta}" for name in ("a", "b", "bad") for beta in ("1e-2", "1e-3")]
 
 
-def test_three_jobs_one_invalid_as_with_the_mpi_engine_and_a_rerun_does_no_work(shared_tmp):
+def test_three_pairs_one_invalid_as_with_the_mpi_engine_and_a_rerun_does_no_work(shared_tmp):
+    """Three pairs (one with a missing image) times a sweep of two values of beta."""
     jobs = _write(shared_tmp, {"16": (16, 0.3), "24": (24, 0.3)}, JOBS)
     by_mpi, by_parsl = os.path.join(shared_tmp, "mpi"), os.path.join(shared_tmp, "parsl")
-    batch(jobs, by_mpi, ranks_per_job=K)
+    batch(jobs, by_mpi, ranks_per_job=K, sweep={"beta": ["1e-2", "1e-3"]})
     try:
         if COMM.rank == 0:
-            command = CLAIRE + [jobs, "-o", by_parsl, "--engine", "parsl", "--ranks-per-job", str(K), "--no-report"]
+            command = CLAIRE + [jobs, "-o", by_parsl, "--engine", "parsl", "--ranks-per-job", str(K), "--no-report",
+                                "--sweep", "beta=1e-2,1e-3"]
             done = subprocess.run(command, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600)
-            assert done.returncode == 1, done.stderr  # one job failed
+            assert done.returncode == 1, done.stderr  # some jobs failed
             table = _table(by_parsl)
-            assert [(r["name"], r["status"]) for r in table] == [("a", "complete"), ("b", "complete"),
-                                                                 ("bad", "failed")]
-            assert table[2]["error"] == f"{shared_tmp}/nowhere.nii.gz: no such file"
-            assert table[0]["ranks"] == str(K)
+            assert [(r["name"], r["status"]) for r in table] == list(zip(NAMES, ["complete"] * 4 + ["failed"] * 2))
+            assert {r["error"] for r in table[4:]} == {f"{shared_tmp}/nowhere.nii.gz: no such file"}
+            assert [r["beta"] for r in table] == ["0.01", "0.001"] * 3 and table[0]["ranks"] == str(K)
             assert _without_seconds(table) == _without_seconds(_table(by_mpi))  # the engines agree
-            assert [_attempts(by_parsl, n) for n in ("a", "b", "bad")] == [1, 1, 1]  # a user error is not retried
-            for name in ("a", "b"):
+            assert [_attempts(by_parsl, n) for n in NAMES] == [1] * 6  # a user error is not retried
+            for name in NAMES[:4]:
                 for file in ("velocity.nii.gz", "warped.nii.gz"):
                     np.testing.assert_array_equal(nib.load(os.path.join(by_parsl, name, file)).get_fdata(),
                                                   nib.load(os.path.join(by_mpi, name, file)).get_fdata())
 
-            # a rerun registers nothing again: the complete jobs are read back, the failed one retried
-            stamps = [os.stat(os.path.join(by_parsl, n, "registration.json")).st_mtime_ns for n in ("a", "b")]
+            # a rerun registers nothing again: the complete jobs are read back, the failed ones tried again
+            stamps = [os.stat(os.path.join(by_parsl, n, "registration.json")).st_mtime_ns for n in NAMES[:4]]
             again = subprocess.run(command, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600)
             assert again.returncode == 1, again.stderr
-            assert [os.stat(os.path.join(by_parsl, n, "registration.json")).st_mtime_ns for n in ("a", "b")] == stamps
-            assert [r["resumed"] for r in _table(by_parsl)] == ["True", "True", "False"]
-            assert [_attempts(by_parsl, n) for n in ("a", "b", "bad")] == [1, 1, 2]
-            assert "2 of 3 job(s) complete (2 from an earlier run), 1 failed" in again.stdout
+            assert [os.stat(os.path.join(by_parsl, n, "registration.json")).st_mtime_ns for n in NAMES[:4]] == stamps
+            assert [r["resumed"] for r in _table(by_parsl)] == ["True"] * 4 + ["False"] * 2
+            assert [_attempts(by_parsl, n) for n in NAMES] == [1] * 4 + [2] * 2
+            assert "4 of 6 job(s) complete (4 from an earlier run), 2 failed" in again.stdout
     finally:
         _wait_asleep()
 
@@ -112,31 +115,54 @@ slow,f32.nii.gz,m32.nii.gz,1e-5,1e-4,30,float64
 """
 
 
-def _kill_the_worker_of(spec, state, proc):
-    """SIGKILL the Parsl worker running the job of ``spec`` once its checkpoint holds iteration 2."""
+def _kill_the_worker_of(spec, state, proc, iteration, spared=()):
+    """SIGKILL the Parsl worker running the job of ``spec`` (not one of the ranks ``spared``,
+    those of an earlier attempt) once its checkpoint holds ``iteration``; the killed rank."""
     import psutil
 
     deadline = time.time() + 300
+    rank = None
     while time.time() < deadline and proc.poll() is None:
         try:
             with open(state) as fh:
-                if json.load(fh)["current"]["resume"]["iteration"] >= 2:
-                    break
+                saved = json.load(fh)["current"]["resume"]["iteration"]
         except (OSError, ValueError, TypeError, KeyError):
-            pass
+            saved = -1
+        if saved >= iteration:
+            rank = next((p for p in psutil.process_iter(["cmdline"]) if spec in (p.info["cmdline"] or ())
+                         and os.path.basename(p.info["cmdline"][0]) != "mpiexec" and p.pid not in spared), None)
+            if rank is not None:
+                break
         time.sleep(0.02)
-    assert proc.poll() is None, "the batch ended before its job could be killed"
-    rank = next(p for p in psutil.process_iter(["cmdline"]) if spec in (p.info["cmdline"] or ())
-                and os.path.basename(p.info["cmdline"][0]) != "mpiexec")
+    assert proc.poll() is None and rank is not None, "the batch ended before its job could be killed"
     mpiexec = next(p for p in rank.parents() if os.path.basename(p.cmdline()[0]) == "mpiexec")
     worker = mpiexec.parent()  # the Parsl worker process whose app launched the job
     assert "python" in os.path.basename(worker.cmdline()[0])
     worker.send_signal(signal.SIGKILL)
     psutil.wait_procs([rank], timeout=30)  # its ranks die with it: no orphan races the retry
     assert not rank.is_running() or rank.status() == psutil.STATUS_ZOMBIE
+    return rank.pid
 
 
-def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint_on_a_retry(shared_tmp):
+def _same_registration(a, b):
+    """The registrations in directories ``a`` and ``b`` agree (the reliability tolerance)."""
+    meta = json.load(open(os.path.join(a, "registration.json")))
+    reference = json.load(open(os.path.join(b, "registration.json")))
+    assert len(meta["history"]) == len(reference["history"])
+    # another process: FFTW may have measured other (equally exact) plans (see test_checkpoint)
+    np.testing.assert_allclose([h["objective"] for h in meta["history"]],
+                               [h["objective"] for h in reference["history"]], rtol=1e-8)
+    for name in ("velocity.nii.gz", "warped.nii.gz", "det_grad_y.nii.gz"):
+        x = nib.load(os.path.join(a, name)).get_fdata()
+        y = nib.load(os.path.join(b, name)).get_fdata()
+        assert np.abs(x - y).max() <= 4 * np.finfo(np.float32).eps * np.abs(y).max(), name
+    assert not os.path.exists(os.path.join(a, "checkpoint"))  # removed once complete
+
+
+@pytest.mark.parametrize("kills", [1, 2], ids=["retried", "retries-exhausted"])
+def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(shared_tmp, kills):
+    """One kill: the retry resumes and completes. Two kills with one retry allowed: the job is
+    recorded as lost, the batch ends, and a rerun resumes it from its checkpoint."""
     jobs = _write(shared_tmp, {"32": (32, 0.3)}, SLOW)
     whole, killed = os.path.join(shared_tmp, "whole"), os.path.join(shared_tmp, "killed")
     batch(jobs, whole, ranks_per_job=K)  # the uninterrupted run (MPI engine, same ranks)
@@ -151,27 +177,32 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint_on_a_retry(sha
                                 str(K), "--checkpoint-every", "1", "--no-report"]
             proc = subprocess.Popen(command, env=clean_subprocess_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
+            spec = os.path.join(killed, ".parsl", "jobs", "slow.json")
+            state = os.path.join(killed, "slow", "checkpoint", "state.json")
             try:
-                _kill_the_worker_of(os.path.join(killed, ".parsl", "jobs", "slow.json"),
-                                    os.path.join(killed, "slow", "checkpoint", "state.json"), proc)
+                spared = [_kill_the_worker_of(spec, state, proc, 2)]
+                if kills == 2:  # the retry, once it has saved an iterate of its own
+                    spared.append(_kill_the_worker_of(spec, state, proc, 3, spared))
                 out, err = proc.communicate(timeout=600)
             finally:
                 proc.kill()
-            assert proc.returncode == 0, err
-            assert "job slow: resumed from its checkpoint (level 0, iteration 2) after a lost attempt" in err
             assert _attempts(killed, "slow") == 2
+            if kills == 1:
+                assert proc.returncode == 0, err
+                resumed = re.search(r"job slow: resumed from its checkpoint \(level 0, iteration (\d+)\)", err)
+                assert resumed and int(resumed.group(1)) >= 2, err  # not from the start
+            else:
+                assert proc.returncode == 1, err
+                [row] = _table(killed)
+                assert row["status"] == "failed" and row["error"].startswith("lost 2 time(s): "), row
+                assert not os.path.exists(os.path.join(killed, "slow", "registration.json"))
+                done = subprocess.run(command, env=clean_subprocess_env(), capture_output=True, text=True,
+                                      timeout=600)
+                assert done.returncode == 0, done.stderr
+                assert "job slow: resumed from its checkpoint (level 0, iteration " in done.stderr
+                assert _attempts(killed, "slow") == 3
             assert [r["status"] for r in _table(killed)] == ["complete"]
-            meta = json.load(open(os.path.join(killed, "slow", "registration.json")))
-            reference = json.load(open(os.path.join(whole, "slow", "registration.json")))
-            assert len(meta["history"]) == len(reference["history"])
-            # another process: FFTW may have measured other (equally exact) plans (see test_checkpoint)
-            np.testing.assert_allclose([h["objective"] for h in meta["history"]],
-                                       [h["objective"] for h in reference["history"]], rtol=1e-8)
-            for name in ("velocity.nii.gz", "warped.nii.gz", "det_grad_y.nii.gz"):
-                a = nib.load(os.path.join(killed, "slow", name)).get_fdata()
-                b = nib.load(os.path.join(whole, "slow", name)).get_fdata()
-                assert np.abs(a - b).max() <= 4 * np.finfo(np.float32).eps * np.abs(b).max(), name
-            assert not os.path.exists(os.path.join(killed, "slow", "checkpoint"))  # removed once complete
+            _same_registration(os.path.join(killed, "slow"), os.path.join(whole, "slow"))
     finally:
         _wait_asleep()
 
