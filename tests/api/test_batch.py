@@ -203,6 +203,51 @@ def test_an_unexpected_exception_fails_its_job_only(shared_tmp, monkeypatch):
     assert rows[0]["error"] == "RuntimeError: solver exploded" and rows[1]["incompressible"] is False
 
 
+def test_an_interrupted_job_resumes_from_its_checkpoint_unless_its_options_changed(shared_tmp, monkeypatch):
+    """``checkpoint_every``: a job stopped mid-solve (here by an exception at iteration 2) is
+    continued from its checkpoint by the next run and ends as the uninterrupted one; a job
+    whose options changed meanwhile starts afresh (the stale checkpoint is discarded)."""
+    _write_images(shared_tmp)
+    real, first = batch_module.register, []
+
+    def watched(fixed, moving, *, stop_at=None, **kwargs):
+        def callback(info):
+            if not first:
+                first.append(info.iteration)
+            if info.iteration == stop_at:
+                raise RuntimeError("interrupted")
+        return real(fixed, moving, callback=callback, **kwargs)
+
+    def run(name, beta, stop_at=None):
+        first.clear()
+        monkeypatch.setattr(batch_module, "register", lambda f, m, **kw: watched(f, m, stop_at=stop_at, **kw))
+        job = {"name": "job", "fixed": os.path.join(shared_tmp, "f24.nii.gz"),
+               "moving": os.path.join(shared_tmp, "m24.nii.gz"), "beta": beta, "gtol": 1e-6, "max_iter": 5,
+               "precision": "float64"}
+        [row] = batch([job], os.path.join(shared_tmp, name), ranks_per_job=1, checkpoint_every=1)
+        starts = [s for s in COMM.allgather(first[:1]) if s]  # from the rank that ran the job
+        return row, starts[0][0]
+
+    whole, start = run("whole", 1e-3)
+    assert whole["status"] == "complete" and start == 0
+    stopped, _ = run("stopped", 1e-3, stop_at=2)
+    assert stopped["status"] == "failed" and stopped["error"] == "RuntimeError: interrupted"
+    assert os.path.exists(os.path.join(shared_tmp, "stopped", "job", "checkpoint", "state.json"))
+    resumed, start = run("stopped", 1e-3)
+    assert resumed["status"] == "complete" and start > 0  # continued, not started again
+    assert not os.path.exists(os.path.join(shared_tmp, "stopped", "job", "checkpoint"))
+    drop = ("name", "seconds")
+    assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in whole.items() if k not in drop}
+    np.testing.assert_allclose([h["objective"] for h in _meta(os.path.join(shared_tmp, "stopped", "job"))["history"]],
+                               [h["objective"] for h in _meta(os.path.join(shared_tmp, "whole", "job"))["history"]],
+                               rtol=1e-12)
+
+    run("changed", 1e-3, stop_at=2)
+    changed, start = run("changed", 1e-2)  # other options: the checkpoint of beta = 1e-3 is not used
+    assert changed["status"] == "complete" and start == 0 and changed["beta_final"] == 1e-2
+    COMM.Barrier()
+
+
 @pytest.mark.parametrize("jobs, kwargs, message", [
     ([{"fixed": "f.nii", "moving": "m.nii", "betta": 1}], {},
      r"job 1: unknown key\(s\) betta; valid: name, fixed, moving, labels_fixed, labels_moving, mask, preset, beta"),
