@@ -30,7 +30,6 @@ def trig_poly(x, modes):
 def clean_subprocess_env():
     """The environment without the MPI launcher's variables, so that a Python subprocess
     started from inside an ``mpiexec`` rank initialises MPI as its own singleton."""
-    import os
+    from .parallel import without_launcher
 
-    prefixes = ("PMI_", "PMIX_", "HYDRA_", "MPIR_", "MPICH_", "OMPI_", "PMI")
-    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    return without_launcher()

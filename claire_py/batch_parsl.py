@@ -219,6 +219,14 @@ def run(plan, outdir, results, *, ranks_per_job, checkpoint_every=None, config=N
         config = local_config(work, ranks_per_job=ranks_per_job, workers=workers)
     resources = {"num_nodes": 1, "num_ranks": ranks_per_job, "ranks_per_node": ranks_per_job} \
         if _uses_mpi_mode(config) else {}
+    # Parsl's processes (interchange, local workers, the jobs' launchers) must not take this
+    # process's MPI launch for theirs (under `mpiexec -n 1 claire batch`): MPI here is
+    # initialised already, the variables are of no more use to it.
+    from .parallel import without_launcher
+
+    clean = without_launcher()
+    for name in set(os.environ) - set(clean):
+        del os.environ[name]
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = _bindir() + os.pathsep + path  # Parsl starts interchange.py (and local workers) by name
     try:

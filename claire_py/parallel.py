@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .errors import UserInputError
 
-__all__ = ["world", "on_root", "agree"]
+__all__ = ["world", "on_root", "agree", "without_launcher"]
 
 
 def world(comm=None):
@@ -45,3 +45,18 @@ def agree(comm, error):
     errors = [e for e in world(comm).allgather(error) if e]
     if errors:
         raise UserInputError(errors[0])
+
+
+#: Prefixes of the variables by which an MPI launcher (Hydra, PMI/PMIx, Open MPI) makes a
+#: process one of its ranks.
+_LAUNCHER_PREFIXES = ("PMI", "PMIX_", "HYDRA_", "MPIR_", "MPICH_", "OMPI_")
+
+
+def without_launcher(environ=None):
+    """A copy of ``environ`` (default ``os.environ``) without an MPI launcher's variables, so
+    that a process started with it initialises MPI on its own (as a singleton, or as a rank
+    of a launcher it was started by) instead of as a rank of this process's launcher."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}

@@ -98,9 +98,11 @@ def test_three_pairs_one_invalid_as_with_the_mpi_engine_and_a_rerun_does_no_work
                     np.testing.assert_array_equal(nib.load(os.path.join(by_parsl, name, file)).get_fdata(),
                                                   nib.load(os.path.join(by_mpi, name, file)).get_fdata())
 
-            # a rerun registers nothing again: the complete jobs are read back, the failed ones tried again
+            # a rerun registers nothing again: the complete jobs are read back, the failed ones tried again;
+            # started as a user may start it, under `mpiexec -n 1` (Parsl's processes must not take its launch)
             stamps = [os.stat(os.path.join(by_parsl, n, "registration.json")).st_mtime_ns for n in NAMES[:4]]
-            again = subprocess.run(command, env=clean_subprocess_env(), capture_output=True, text=True, timeout=600)
+            again = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mpiexec"), "-n", "1"] + command,
+                                   env=clean_subprocess_env(), capture_output=True, text=True, timeout=600)
             assert again.returncode == 1, again.stderr
             assert [os.stat(os.path.join(by_parsl, n, "registration.json")).st_mtime_ns for n in NAMES[:4]] == stamps
             assert [r["resumed"] for r in _table(by_parsl)] == ["True"] * 4 + ["False"] * 2
