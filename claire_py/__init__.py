@@ -5,8 +5,7 @@ Layers (imports point down only): ``claire_py`` (API, CLI, I/O) -> ``claire_py.s
 spectral operators, numba arithmetic).
 """
 
-__version__ = "0.1.0.dev0"
-
+from ._version import __version__
 from .api import RegistrationResult, invert, jacobian, register, smooth, transport  # noqa: E402
 from .batch import batch  # noqa: E402
 from .config import PreprocessOptions, RegistrationConfig  # noqa: E402

@@ -35,7 +35,7 @@ def _cmd_info(args):
     import numba
     from mpi4py import MPI
 
-    from . import __version__
+    from ._version import __version__
     from .api import memory_model
     from .config import RegistrationConfig
     from .errors import UserInputError

@@ -192,7 +192,7 @@ def _versions():
     import numba
     import scipy
 
-    from . import __version__
+    from ._version import __version__
 
     return {"claire_py": __version__, "python": platform.python_version(), "numpy": np.__version__,
             "scipy": scipy.__version__, "numba": numba.__version__, "mpi4py": mpi4py.__version__,

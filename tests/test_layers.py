@@ -56,6 +56,22 @@ def test_lower_floors_import_only_downwards(path):
             assert top != "mpi4py", f"{path.name}: solvers never touch MPI; call Decomposition methods"
 
 
+@pytest.mark.parametrize("path", _files("claire_py"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_top_floor_imports_its_modules_and_the_floors_below_by_their_installed_names(path):
+    """The top floor reaches ``solvers``/``kernels`` as ``.solvers``/``.kernels`` (the installed
+    ``claire_py.solvers``/``claire_py.kernels``), and its modules import each other's modules,
+    never a name of the package's ``__init__`` (which imports them all: an arrow up)."""
+    own = {p.stem for p in _files("claire_py")} | {"solvers", "kernels"}
+    for module, level in _imports(path):
+        top = module.split(".")[0]
+        assert not (level == 0 and top in ("claire_py", "solvers", "kernels")), \
+            f"{path.name}: absolute import of {module!r}; use a relative import (.{module.removeprefix('claire_py.')})"
+        assert level <= 1, f"{path.name}: import of {'.' * level}{module} climbs out of the package"
+        if level == 1 and path.name != "__init__.py":
+            assert top in own and top != "__init__", \
+                f"{path.name}: imports {module!r} from the package's __init__; import it from its own module"
+
+
 def test_only_decomposition_touches_the_communicator_in_kernels():
     users = [p.name for p in _files("kernels")
              if any(m.split(".")[0] == "mpi4py" for m, level in _imports(p) if level == 0)]
