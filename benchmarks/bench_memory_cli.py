@@ -6,7 +6,8 @@ peak RSS (``ru_maxrss`` at the end, from the log) and ``registration.json``'s pe
 Prints rank 0's peak over the median of the other ranks' (issue 18: at most 1.25 at 4 ranks on
 a pair of at least 160³) and the measured largest peak over ``claire info --ranks P --json``'s
 ``per_rank_bytes`` (the model: within 25 %), and the peak by the end of the preparation (the
-``setup`` phase) over the model's ``phases.prepare``.
+``setup`` phase) over the model's ``phases.prepare``, and by the end of the solve over
+``phases.solve``.
 
 Run (benchmarks/RESULTS.md, issue 18)::
 
@@ -46,7 +47,8 @@ def main():
     args = parser.parse_args()
     stems = prepare(os.path.expanduser("~/.cache/claire_py/real_pairs"))[args.pair]
     print(f"{'P':>3} {'grid':>13} {'rank 0 GB':>10} {'others (median) GB':>19} {'ratio':>6} {'model GB':>9} "
-          f"{'largest / model':>16} {'peak phase':>12} {'prepare GB':>11} {'/ model':>8} {'wall s':>7}")
+          f"{'largest / model':>16} {'peak phase':>12} {'prepare GB':>11} {'/ model':>8} {'solve GB':>9} "
+          f"{'/ model':>8} {'wall s':>7}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ranks in (int(r) for r in args.ranks.split(",")):
@@ -58,10 +60,12 @@ def main():
             by_phase = {phase: max(v) for phase, v in meta["peak_rss_bytes"].items()}
             phase = next(p for p, v in by_phase.items() if v >= 0.99 * max(by_phase.values()))
             prepared = by_phase["setup"]  # the peak by the end of the preparation (read, affine, setup)
+            solved = by_phase["solve"]  # ... and of the solve (the peaks are running maxima)
             print(f"{ranks:>3} {'x'.join(map(str, meta['grid'])):>13} {peaks[0] / 1e9:>10.3f} {others / 1e9:>19.3f} "
                   f"{peaks[0] / others:>6.2f} {model['per_rank_bytes'] / 1e9:>9.3f} "
                   f"{max(peaks) / model['per_rank_bytes']:>16.2f} {phase:>12} {prepared / 1e9:>11.3f} "
-                  f"{prepared / model['phases']['prepare']:>8.2f} {wall:>7.1f}", flush=True)
+                  f"{prepared / model['phases']['prepare']:>8.2f} {solved / 1e9:>9.3f} "
+                  f"{solved / model['phases']['solve']:>8.2f} {wall:>7.1f}", flush=True)
             common = dict(n="x".join(map(str, meta["grid"])), dtype="float32", ranks=ranks,
                           threads=max(1, (os.cpu_count() or 1) // ranks), unit="B")
             rows += [dict(common, name="register_cli_peak_rss_rank0", value=peaks[0],
@@ -69,7 +73,9 @@ def main():
                      dict(common, name="register_cli_peak_rss_largest", value=max(peaks),
                           reference="claire info per_rank_bytes", reference_value=model["per_rank_bytes"]),
                      dict(common, name="register_cli_peak_rss_prepare", value=prepared,
-                          reference="claire info phases.prepare", reference_value=model["phases"]["prepare"])]
+                          reference="claire info phases.prepare", reference_value=model["phases"]["prepare"]),
+                     dict(common, name="register_cli_peak_rss_solve", value=solved,
+                          reference="claire info phases.solve", reference_value=model["phases"]["solve"])]
     append_json(args.json, rows)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -628,7 +629,9 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     phases.enter("warp")
     log.info("stopped: %s (beta = %.3g)", result.stop_reason, result.beta)
     # the outputs need the transport's plans only: the solver's state goes before they are made
+    # (collected now: mpi4py-fft's FFT objects of the coarse levels sit in reference cycles)
     problem = None
+    gc.collect()
     if transport.velocity is not result.velocity:
         transport.set_velocity(result.velocity)
     # each output is gathered as soon as it is made, so that rank 0 holds one local copy at a time

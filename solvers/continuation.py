@@ -23,6 +23,7 @@ solved inexactly (``presolve_tolerance``) except the last, solved to the request
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 from dataclasses import dataclass
@@ -251,9 +252,12 @@ def _coarse_to_fine(problem, v, beta, newton, presolve, options, run_on):
             v_start = restrict(v if prolong is None else prolong(v))
             v = run_on(coarse, v_start, beta, newton, "grid continuation").velocity
             prolong = next_prolong
+            del coarse, restrict, v_start
+            gc.collect()  # the level's FFT objects hold their work arrays in reference cycles (mpi4py-fft)
         if prolong is not None:
             v = problem.project(prolong(v))
     if options.scale_continuation:
         for sigma in scale_levels(problem.decomp.shape, problem.sigma):
             v = run_on(problem.with_smoothing(sigma), v, beta, presolve, "scale continuation").velocity
+            gc.collect()  # the level's problem (a whole state history) goes before the next is built
     return v

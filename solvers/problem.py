@@ -133,6 +133,13 @@ class DistanceOptions:
             raise ValueError(f"lncc_sigma={self.lncc_sigma!r} must be a positive number of voxels")
 
 
+def _box_inner(decomp, cell_volume):
+    """The L2 inner product on the box (global) of two local blocks of ``decomp``."""
+    def inner(a, b):
+        return decomp.inner(a, b) * cell_volume
+    return inner
+
+
 class RegistrationProblem:
     """Objective, gradient and Hessian matvec for one image pair (the optimiser's view).
 
@@ -193,7 +200,11 @@ class RegistrationProblem:
         self.fixed, self.moving = (self._smoothed(a) for a in raw)
         del raw
         self.cell_volume = math.prod(self.decomp.spacing)
-        self.distances = [make_distance(self.distance_options.name, f, self.inner, self.mask,
+        # the distances get the inner product as a function of the grid alone, not as a bound
+        # method: a reference back to the problem would keep it (its state history, images and
+        # plans) alive after its last use until Python's cycle collector happens to run
+        inner = _box_inner(self.decomp, self.cell_volume)
+        self.distances = [make_distance(self.distance_options.name, f, inner, self.mask,
                                         sigma=self.distance_options.lncc_sigma, smooth=self.spectral.smooth)
                           for f in self.fixed]
         self.initial_distance = self._distance(self.moving)
