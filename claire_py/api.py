@@ -223,12 +223,17 @@ def _normalized(local, decomp, name):
 #: Resident bytes of a rank before its fields: Python, numpy, numba's compiled kernels, MPI,
 #: FFTW (fit of the peaks at 64^3-256^3 on 1 rank: 186 MiB).
 _BASE_BYTES = 190 * 2 ** 20
-#: Fields per local point the peaks of ``claire register`` hold beyond those counted: on the
-#: 160x192x160 brain pair (affine stage, labels) 12 float32 fields per local point higher at 1 and
-#: 2 ranks (``benchmarks/bench_memory_cli.py``, 2026-12-03), where the Python API's runs on
-#: synthetic cubes (``bench_memory.py``) match the count; about 4 of them are heap the allocator
-#: keeps (a fixed ``MALLOC_MMAP_THRESHOLD_`` returns them), the rest not yet traced.
+#: Fields per local point the peaks of ``claire register`` hold beyond those counted while a
+#: field is smaller than glibc's largest mmap threshold (:data:`_MMAP_CEILING`): on the
+#: 160x192x160 brain pair (affine stage, labels; fields of 5-20 MB) 12 float32 fields per local
+#: point higher at 1-4 ranks (``benchmarks/bench_memory_cli.py``, 2026-12-03), of which about 4
+#: are heap the allocator keeps (a fixed ``MALLOC_MMAP_THRESHOLD_`` returns them). Fields above
+#: the ceiling are mmapped and given back when freed: on 256x300x256 (fields of 39 and 79 MB)
+#: the peaks are 0.91-0.94 of the count without these (after the solver's reference cycles were
+#: broken, 2026-12-03).
 _UNTRACED_FIELDS = 12
+#: glibc's dynamic mmap threshold stops growing here (64-bit): larger arrays are always mmapped.
+_MMAP_CEILING = 32 * 2 ** 20
 
 
 def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=True, distance="l2"):
@@ -286,7 +291,8 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
     decomposition's and the transport's ~20, and with ``affine`` the pyramid's levels, whole on
     every rank, :data:`_PYRAMID_BYTES` per voxel of :func:`_pyramid_voxels`), ``solve``
     (:func:`_fields_per_point` fields per local point, and without ``gather`` (the command's
-    path) :data:`_UNTRACED_FIELDS`: the Gauss-Newton matvec's peak; the inputs are read again
+    path), while a field is below :data:`_MMAP_CEILING`, :data:`_UNTRACED_FIELDS`: the
+    Gauss-Newton matvec's peak; the inputs are read again
     after the solve, none held through it) and ``write`` (the output blocks
     and the slabs being written: 24 fields per local point). On top, each rank's ~190 MiB of
     code and libraries. ``claire register`` writes in parallel (``gather=False``): rank 0 needs
@@ -299,8 +305,9 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
     points = float(np.prod(shape))
     local = points / ranks
     itemsize = 4 if precision == "float32" else 8
+    untraced = 0 if gather or local * itemsize > _MMAP_CEILING else _UNTRACED_FIELDS
     solve = local * (_fields_per_point(nt, components, ranks, store_gradients=store_gradients, relaxed=relaxed,
-                                       distance=distance) + (0 if gather else _UNTRACED_FIELDS)) * itemsize
+                                       distance=distance) + untraced) * itemsize
     prepare = (20 + _PREPARE_FIELDS * components) * local * itemsize + \
         (_PYRAMID_BYTES * _pyramid_voxels(shape) if affine else 0)
     write = local * (24 + 3 * components) * itemsize
