@@ -2,7 +2,7 @@
 
 import numpy as np
 
-__all__ = ["tolerance", "rel_err", "trig_poly"]
+__all__ = ["tolerance", "rel_err", "trig_poly", "clean_subprocess_env", "assert_same_registration"]
 
 
 def tolerance(dtype):
@@ -33,3 +33,27 @@ def clean_subprocess_env():
     from .parallel import without_launcher
 
     return without_launcher()
+
+
+def assert_same_registration(directory, reference):
+    """The finished registrations in ``directory`` and ``reference`` agree to the reliability
+    tolerance: the same iterations, objectives to 1e-8 (another process may have measured other,
+    equally exact, FFTW plans, so rounding may differ), and the float32 files of the float64
+    solutions to 4 ulps; ``directory``'s checkpoint removed once complete."""
+    import json
+    import os
+
+    import nibabel as nib
+
+    with open(os.path.join(directory, "registration.json")) as fh:
+        meta = json.load(fh)
+    with open(os.path.join(reference, "registration.json")) as fh:
+        expected = json.load(fh)
+    assert meta["complete"] and len(meta["history"]) == len(expected["history"])
+    np.testing.assert_allclose([h["objective"] for h in meta["history"]],
+                               [h["objective"] for h in expected["history"]], rtol=1e-8)
+    for name in ("velocity.nii.gz", "warped.nii.gz", "det_grad_y.nii.gz"):
+        a = nib.load(os.path.join(directory, name)).get_fdata()
+        b = nib.load(os.path.join(reference, name)).get_fdata()
+        assert np.abs(a - b).max() <= 4 * np.finfo(np.float32).eps * np.abs(b).max(), name
+    assert not os.path.exists(os.path.join(directory, "checkpoint"))

@@ -20,7 +20,7 @@ import pytest
 from mpi4py import MPI
 
 from claire_py import UserInputError
-from claire_py._testing import clean_subprocess_env
+from claire_py._testing import assert_same_registration, clean_subprocess_env
 from claire_py.batch import batch
 
 COMM = MPI.COMM_WORLD
@@ -146,21 +146,6 @@ def _kill_the_worker_of(spec, state, proc, iteration, spared=()):
     return rank.pid
 
 
-def _same_registration(a, b):
-    """The registrations in directories ``a`` and ``b`` agree (the reliability tolerance)."""
-    meta = json.load(open(os.path.join(a, "registration.json")))
-    reference = json.load(open(os.path.join(b, "registration.json")))
-    assert len(meta["history"]) == len(reference["history"])
-    # another process: FFTW may have measured other (equally exact) plans (see test_checkpoint)
-    np.testing.assert_allclose([h["objective"] for h in meta["history"]],
-                               [h["objective"] for h in reference["history"]], rtol=1e-8)
-    for name in ("velocity.nii.gz", "warped.nii.gz", "det_grad_y.nii.gz"):
-        x = nib.load(os.path.join(a, name)).get_fdata()
-        y = nib.load(os.path.join(b, name)).get_fdata()
-        assert np.abs(x - y).max() <= 4 * np.finfo(np.float32).eps * np.abs(y).max(), name
-    assert not os.path.exists(os.path.join(a, "checkpoint"))  # removed once complete
-
-
 @pytest.mark.parametrize("kills", [1, 2], ids=["retried", "retries-exhausted"])
 def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(shared_tmp, kills):
     """One kill: the retry resumes and completes. Two kills with one retry allowed: the job is
@@ -204,7 +189,7 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(shared_tmp, ki
                 assert "job slow: resumed from its checkpoint (level 0, iteration " in done.stderr
                 assert _attempts(killed, "slow") == 3
             assert [r["status"] for r in _table(killed)] == ["complete"]
-            _same_registration(os.path.join(killed, "slow"), os.path.join(whole, "slow"))
+            assert_same_registration(os.path.join(killed, "slow"), os.path.join(whole, "slow"))
     finally:
         _wait_asleep()
 
