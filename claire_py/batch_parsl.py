@@ -208,8 +208,9 @@ def run(plan, outdir, results, *, ranks_per_job, checkpoint_every=None, config=N
     todo = [(index, job) for index, job in enumerate(plan) if job.record is None]
     if not todo:
         return
-    parsl = _parsl()
+    _parsl()
     from parsl.app.app import python_app
+    from parsl.dataflow.dflow import DataFlowKernel
 
     work = os.path.join(os.path.abspath(outdir), ".parsl")  # workers may start elsewhere
     jobs_dir = os.path.join(work, "jobs")
@@ -230,7 +231,7 @@ def run(plan, outdir, results, *, ranks_per_job, checkpoint_every=None, config=N
     path = os.environ.get("PATH", "")
     os.environ["PATH"] = _bindir() + os.pathsep + path  # Parsl starts interchange.py (and local workers) by name
     try:
-        dfk = parsl.load(config)
+        dfk = DataFlowKernel(config)  # our own, not Parsl's global one: a caller's loaded DFK is left alone
     except Exception as exc:  # noqa: BLE001 - a configuration Parsl refuses: one line, not a traceback
         raise UserInputError(f"Parsl cannot start with this configuration ({_one_line(exc)})") from exc
     finally:
@@ -256,7 +257,6 @@ def run(plan, outdir, results, *, ranks_per_job, checkpoint_every=None, config=N
             results.set(index, row)
     finally:
         dfk.cleanup()
-        parsl.clear()
 
 
 def main(argv=None):

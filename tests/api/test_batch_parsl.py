@@ -194,6 +194,31 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_checkpoint(shared_tmp, ki
         _wait_asleep()
 
 
+def test_from_python_with_a_config_object_leaving_the_callers_parsl_alone(shared_tmp):
+    """``batch(engine="parsl", parsl_config=Config)`` in this process (rank 0, ``COMM_SELF``):
+    the engine runs on a DataFlowKernel of its own, so one the caller loaded keeps working."""
+    jobs = _write(shared_tmp, {"16": (16, 0.3)}, "name,fixed,moving,max-iter\nj,f16.nii.gz,m16.nii.gz,1\n")
+    if COMM.rank == 0:
+        import parsl
+        from parsl.app.app import python_app
+        from parsl.config import Config
+        from parsl.executors.threads import ThreadPoolExecutor
+
+        from claire_py.batch_parsl import local_config
+
+        mine = parsl.load(Config(executors=[ThreadPoolExecutor(label="callers")]))
+        try:
+            config = local_config(os.path.join(shared_tmp, "run"), workers=1)
+            [row] = batch(jobs, os.path.join(shared_tmp, "out"), comm=MPI.COMM_SELF, engine="parsl",
+                          parsl_config=config)
+            assert row["status"] == "complete" and row["iterations"] == 1 and row["ranks"] == 1
+            assert parsl.dfk() is mine and python_app(lambda: 6 * 7)().result(timeout=60) == 42
+        finally:
+            mine.cleanup()
+            parsl.clear()
+    _wait_asleep()
+
+
 def test_without_parsl_the_engine_says_how_to_install_it(tmp_path):
     if COMM.rank == 0:
         code = ("import sys; sys.modules['parsl'] = None; from claire_py.cli import main; "
