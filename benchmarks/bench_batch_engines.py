@@ -33,12 +33,14 @@ import nibabel as nib
 import numpy as np
 from _common import append_json
 
+from claire_py.parallel import without_launcher
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(os.path.abspath(sys.executable))
 
 
 def _clean_env(threads):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI", "HYDRA_", "MPIR_", "MPICH_", "OMPI_"))}
+    env = without_launcher()
     env.update(NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS="1")
     return env
 
