@@ -165,9 +165,11 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
             resume = None if saved is None else saved["resume"]
             on_iterate = None if checkpoint is None else (
                 lambda vk, state: checkpoint.iterate(level, p.decomp, vk, state))
+            # the start is the previous level's answer, which the next level replaces; beta
+            # training restarts from its best answer, which must stay intact
             res = gauss_newton_krylov(p, v_start if saved is None else saved["velocity"], opts, callback=callback,
                                       level=level, reference_gradient=reference if p is problem else None,
-                                      resume=resume, on_iterate=on_iterate)
+                                      resume=resume, on_iterate=on_iterate, overwrite_start=options.train is None)
             if checkpoint is not None:
                 checkpoint.level_done(level, p.decomp, res)
         history.extend(res.history)

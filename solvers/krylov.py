@@ -49,7 +49,7 @@ class KrylovResult:
 
 
 def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, flexible=False, progress=None,
-        overwrite_rhs=False):
+        overwrite_rhs=False, out=None):
     """Solve ``H x = rhs`` for symmetric positive (semi)definite ``H``.
 
     Parameters
@@ -72,6 +72,9 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, 
         ``progress(iteration, relative_residual)`` after every iteration.
     overwrite_rhs : bool
         ``rhs`` becomes the residual's storage (one vector less; its values are lost).
+    out : ndarray, optional
+        Storage for the solution (shaped and typed as ``rhs``; zeroed first): a vector the
+        caller holds but no longer reads.
 
     Returns
     -------
@@ -83,7 +86,13 @@ def pcg(matvec, rhs, *, inner, precondition=None, rtol=1e-1, max_iterations=50, 
         up to the drift of the recursively updated residual ``r``.
     """
     precondition = precondition or (lambda r: r)
-    x = np.zeros_like(rhs)
+    if out is None:
+        x = np.zeros_like(rhs)
+    else:
+        if out.shape != rhs.shape or out.dtype != rhs.dtype:
+            raise ValueError(f"out of shape {out.shape} ({out.dtype}), expected {rhs.shape} ({rhs.dtype})")
+        x = out
+        x[...] = 0
     norm_rhs = math.sqrt(inner(rhs, rhs))
     r = rhs if overwrite_rhs else rhs.copy()
     del rhs  # a caller's temporary (e.g. -g) is not kept through the solve

@@ -40,6 +40,11 @@ class NewtonOptions:
     preconditioner : str
         ``invreg``: the spectral ``(beta A)^{-1}``; ``2level``: coarse-grid Hessian solve on
         the low frequencies plus ``(beta A)^{-1}`` on the high ones (for small β).
+    keep_gradient : bool
+        The relaxed model's Armijo slope ``dJ[s] = <g, P^-1 s>`` needs ``g`` after the Krylov
+        solve (the other models' slope comes from PCG's recurrences): keep it through the
+        solve (3 fields at the matvec peak), or recompute it afterwards (one adjoint solve
+        more per iteration; same results). Turned off when memory is short.
     krylov : KrylovOptions
     """
 
@@ -50,6 +55,7 @@ class NewtonOptions:
     armijo: float = 1e-4
     stagnation_tolerance: float = 1e-6
     preconditioner: str = "invreg"
+    keep_gradient: bool = True
     krylov: KrylovOptions = field(default_factory=KrylovOptions)
 
     def __post_init__(self):
@@ -88,7 +94,7 @@ class NewtonResult:
 
 
 def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, reference_gradient=None,
-                        resume=None, on_iterate=None):
+                        resume=None, on_iterate=None, overwrite_start=False):
     """Minimise the problem's objective from ``v0``.
 
     Parameters
@@ -116,6 +122,9 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
     on_iterate : callable, optional
         ``on_iterate(v, resume)`` at every iterate before its step is computed, with the
         ``resume`` dict that would continue from ``v`` (checkpointing).
+    overwrite_start : bool
+        ``v0`` may serve as a work vector once the solve has left it (its values are then
+        lost): the vector a caller holds through the call costs no memory of its own.
 
     Returns
     -------
@@ -136,6 +145,7 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
         history, krylov_its, step = list(resume["history"]), resume["krylov_iterations"], resume["step"]
         reference_gradient = g0
     precondition = make_preconditioner(problem, options.preconditioner)
+    spare = None  # the storage of the iterate left last, for the next Krylov solution
     stop_reason, converged = None, False
     for it in range(first, options.max_iterations + 1):
         grad_rel = gnorm / g0 if g0 > 0 else 0.0
@@ -164,22 +174,28 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
             on_iterate(v, {"iteration": it, "g0": g0, "history": history[:-1], "matvecs": matvecs,
                            "krylov_iterations": krylov_its, "step": step})
         eta = options.krylov.relative_tolerance(grad_rel)
-        if problem.symmetric_hessian:  # -g becomes PCG's residual: one vector less during the matvecs
-            rhs, g = g, None
+        if problem.symmetric_hessian or not options.keep_gradient:
+            rhs, g = g, None  # -g becomes PCG's residual: one vector less during the matvecs
             rhs *= -1
-        else:  # the slope <g_J, s> needs g after the solve
+        else:  # the relaxed model's slope <g, P^-1 s> needs g after the solve
             rhs = -g
         krylov = pcg(problem.hessian_matvec, rhs, inner=problem.inner,
                      precondition=precondition, rtol=eta,
                      max_iterations=options.krylov.max_iterations,
                      flexible=getattr(precondition, "flexible", False), progress=_Progress(eta),
-                     overwrite_rhs=True)
+                     overwrite_rhs=True, out=spare)
         del rhs
+        spare = None
         matvecs += krylov.iterations
         krylov_its = krylov.iterations
         s = krylov.solution
         # dJ[s]: <g, s> from PCG's exact recurrences when H is symmetric (L2), else computed
-        slope = -krylov.rhs_dot_solution if g is None else problem.directional_derivative(g, s)
+        if problem.symmetric_hessian:
+            slope = -krylov.rhs_dot_solution
+        else:
+            krylov = None  # PCG's vectors go before g is recomputed (the state is still v's)
+            g = problem.gradient() if g is None else g
+            slope = problem.directional_derivative(g, s)
         krylov = None
         if slope >= 0 or not np.isfinite(slope):  # not a descent direction (should not happen): use -g
             s = problem.gradient() if g is None else g
@@ -201,7 +217,10 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
             stop_reason = (f"line search failed after {options.max_line_search} halvings (no step lowers J); "
                            "keeping the best iterate")
             break
-        v, objective, mismatch = trial, trial_objective, trial_mismatch
+        s = None  # the step goes before the next Krylov solve (whose solution takes the left iterate's storage)
+        previous, v, objective, mismatch = v, trial, trial_objective, trial_mismatch
+        spare = previous if previous is not v0 or overwrite_start else None
+        previous = None
         g = problem.gradient()
         gnorm = problem.norm(g)
         if not np.isfinite(gnorm):

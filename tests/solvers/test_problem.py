@@ -196,3 +196,26 @@ def test_a_far_too_small_beta_stops_with_a_reason_and_keeps_the_best_iterate():
     assert problem.objective()[0] == pytest.approx(objectives[-1], rel=1e-12)
     with pytest.raises(ValueError, match="stagnation_tolerance"):
         NewtonOptions(stagnation_tolerance=2.0)
+
+
+def test_recomputing_the_relaxed_gradient_and_lending_the_start_change_nothing():
+    """``keep_gradient=False`` (the relaxed model's g recomputed after each Krylov solve
+    instead of kept through it) and ``overwrite_start`` (the start's storage reused once the
+    solve has left it) give the same iterations; the start is overwritten only when lent."""
+    problem, v_true = synthetic(16)
+    assert problem.options.relaxed and not problem.symmetric_hessian
+    runs = {}
+    for keep, lend in ((True, False), (False, False), (False, True)):
+        start = 0.25 * v_true
+        kept = start.copy()
+        res = gauss_newton_krylov(problem, start, NewtonOptions(max_iterations=3, keep_gradient=keep),
+                                  overwrite_start=lend)
+        assert len(res.history) == 4 and all(h.step > 0 for h in res.history[1:]), res.history
+        assert np.array_equal(start, kept) != lend  # lent: its storage served as a work vector
+        assert res.velocity is not start
+        runs[keep, lend] = ([(h.objective, h.grad_norm, h.krylov_iterations) for h in res.history],
+                            res.velocity)
+    reference, velocity = runs[True, False]
+    for key, (history, v) in runs.items():
+        assert history == reference, key
+        np.testing.assert_array_equal(v, velocity)
