@@ -37,13 +37,16 @@ def main():
     parser.add_argument("--max-iterations", type=int, default=1)
     parser.add_argument("--recompute-gradients", action="store_true",
                         help="measure and model the runs without stored grad m(t_j) (transport.store_gradients off)")
+    parser.add_argument("--lean", action="store_true",
+                        help="measure and model the memory guard's leanest runs (also newton.keep_gradient off)")
     parser.add_argument("--from-json", help="use the register_synthetic rows of a bench_registration.py --json file")
     parser.add_argument("--json")
     args = parser.parse_args()
     from claire_py import api
 
     def estimate_memory(shape, ranks, dtype):
-        return api.estimate_memory(shape, ranks, dtype, store_gradients=not args.recompute_gradients)
+        return api.estimate_memory(shape, ranks, dtype, store_gradients=not (args.recompute_gradients or args.lean),
+                                   keep_gradient=not args.lean)
 
     measured = []
     if args.from_json:
@@ -59,7 +62,8 @@ def main():
             for n in (int(s) for s in args.sizes.split(",")):
                 r = run_worker(script, p, ["--case", "synthetic", "--n", n, "--dtype", args.dtype,
                                            "--max-iterations", args.max_iterations, "--krylov-max", 5]
-                               + (["--recompute-gradients"] if args.recompute_gradients else []))
+                               + (["--recompute-gradients"] if args.recompute_gradients else [])
+                               + (["--lean"] if args.lean else []))
                 measured.append(dict(n=n, ranks=p, rss_max=r["rss_max"], rss_sum=r["rss_sum"]))
                 print(f"measured {n}^3 on {p} rank(s): peak RSS {r['rss_max'] / GIB:.2f} GiB per rank (max), "
                       f"{r['rss_sum'] / GIB:.2f} GiB in all", flush=True)

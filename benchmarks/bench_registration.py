@@ -82,8 +82,10 @@ def worker(args):
         overrides.setdefault("newton", {})["krylov"] = {"max_iterations": args.krylov_max}
     if args.nt is not None:
         overrides["transport"] = {"nt": args.nt}
-    if args.recompute_gradients:
+    if args.recompute_gradients or args.lean:
         overrides.setdefault("transport", {})["store_gradients"] = False
+    if args.lean:
+        overrides.setdefault("newton", {})["keep_gradient"] = False
     cfg = claire_py.RegistrationConfig.from_dict(overrides)
     # warm-up: load numba's cached kernels, FFTW wisdom, etc. (not counted)
     wf, wm = synthetic_pair(16) if comm.rank == 0 else (None, None)
@@ -168,6 +170,9 @@ def main():
     parser.add_argument("--nt", type=int, default=None, help="time steps (default: the config's, 4)")
     parser.add_argument("--recompute-gradients", action="store_true",
                         help="transport.store_gradients off: grad m(t_j) by FFT at every use")
+    parser.add_argument("--lean", action="store_true",
+                        help="the memory guard's leanest configuration: --recompute-gradients and "
+                             "newton.keep_gradient off (the relaxed model's g recomputed after each Krylov solve)")
     parser.add_argument("--no-pair", action="store_true")
     parser.add_argument("--no-dipy", action="store_true")
     parser.add_argument("--json")

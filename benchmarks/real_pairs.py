@@ -6,6 +6,10 @@
   wheel of nilearn 0.14.1 and Colin 27 (``ch2bet.nii.gz``) from Debian's ``mricron-data``,
   resampled onto MNI's grid by world coordinates (trilinear) and both cropped to the brain's
   box, 160x192x160 (FFT-friendly; MNI's own 197x233x189 has prime factors 197 and 233).
+* ``mni_colin_512`` (:func:`prepare_512`, built only on request: 2 GB of ``.nii``): the 1 mm pair
+  upsampled by cubic splines by 8/3 (0.375 mm, 427x512x427) and padded with background to
+  512^3, its tissue labels upsampled by nearest neighbours; the largest grid one 24 GB node
+  registers.
 * ``na01_na02``, ``na02_na01`` (128x150x128) and ``na01_na02_x2`` (256x300x256, the pair
   upsampled by cubic splines): CLAIRE's bundled brains (GPL-3.0), ``data/claire_brain01.nii.gz``
   and ``data/claire_brain02.nii.gz``.
@@ -93,3 +97,36 @@ def prepare(cache):
     pairs.update(na01_na02=(stem("brain01"), stem("brain02")), na02_na01=(stem("brain02"), stem("brain01")),
                  na01_na02_x2=(stem("brain01_x2"), stem("brain02_x2")))
     return pairs
+
+
+def prepare_512(cache):
+    """Build ``mni_colin_512`` from the 1 mm pair (see the module docstring) into ``cache``
+    (once, ~2 min) and return ``(fixed_stem, moving_stem)``; files ``stem.nii`` and
+    ``stem_tissues.nii`` (uncompressed: read by planes on every rank)."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    one_mm = prepare(cache)["mni_colin_1mm"]
+    stems = tuple(os.path.join(cache, os.path.basename(s).replace("_1mm", "_512")) for s in one_mm)
+    factor, n = 8 / 3, 512
+    for src, dst in zip(one_mm, stems):
+        if os.path.exists(dst + "_tissues.nii"):
+            continue
+        for suffix, order, dtype in (("", 3, np.float32), ("_tissues", 0, np.uint8)):
+            img = nib.load(src + suffix + ".nii.gz")
+            up = ndimage.zoom(np.asanyarray(img.dataobj).astype(np.float32 if order else np.uint8), factor,
+                              order=order, grid_mode=True, mode="grid-constant")
+            if order:
+                np.clip(up, 0, None, out=up)
+            before = [(n - s) // 2 for s in up.shape]
+            out = np.zeros((n,) * 3, dtype)
+            out[tuple(slice(b, b + s) for b, s in zip(before, up.shape))] = up
+            del up
+            affine = img.affine.copy()
+            affine[:3, :3] /= factor
+            # voxel centres: up[i] sits at (i + 1/2) / factor - 1/2 of the source, shifted by the padding
+            offset = (0.5 / factor - 0.5) - np.array(before) / factor
+            affine[:3, 3] = img.affine[:3, :3] @ offset + img.affine[:3, 3]
+            nib.save(nib.Nifti1Image(out, affine), dst + suffix + ".nii")
+            del out
+    return stems

@@ -12,6 +12,7 @@ import numpy as np
 
 from .config import RegistrationConfig
 from .errors import UserInputError
+from .io import _available_memory
 from .parallel import world
 from .prepare import BlockSampler, Inputs, dice_counts, dice_from_counts, inner_slices, label_values, source
 from .kernels import Decomposition, SpectralOperators, start_kernel_runtime
@@ -236,25 +237,26 @@ _UNTRACED_FIELDS = 12
 _MMAP_CEILING = 32 * 2 ** 20
 
 
-def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=True, distance="l2"):
+def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=True, distance="l2",
+                      keep_gradient=True):
     """Scalar fields (of the working precision) per local grid point at the peak of a
-    registration, the Gauss-Newton matvec. Per image component: ``m(1)`` and the stored
-    ``grad m(t_j)`` (``3 (nt + 1)``; without ``store_gradients`` the state ``m(t_j)``, ``j >=
-    1``, and one gradient work vector instead), the fixed and the moving image (``m(0)``).
-    Then two interpolation plans (4 values per point, 3 % slack), the adjoint's Heun factor,
-    the Newton and PCG vectors ``v, x, r, p, Hp`` (``-g`` serves as PCG's residual, except for
-    the relaxed model, whose Armijo slope needs ``g`` after the solve), FFT work arrays and
-    spectral scratch (measured: 4.15 on one rank, 8.65 on several, where mpi4py-fft adds
-    transposed stage arrays), and the matvec's temporaries (body force, the spectral vector of
-    the projection, the incremental state's and adjoint's work arrays: 8). ``lncc`` keeps 8
+    registration, the Gauss-Newton matvec's regularisation step. Per image component: ``m(1)``
+    and the stored ``grad m(t_j)`` (``3 (nt + 1)``; without ``store_gradients`` the state
+    ``m(t_j)``, ``j >= 1``, and one gradient work vector instead), the fixed and the moving
+    image (``m(0)``). Then two interpolation plans (4 values per point, 3 % slack), the
+    adjoint's Heun factor, the Newton and PCG vectors ``v, x, r, p, Hp`` (``-g`` serves as
+    PCG's residual, except for the relaxed model with ``keep_gradient``, whose Armijo slope
+    needs ``g`` after the solve), FFT work arrays and spectral scratch (measured: 4.15 on one
+    rank, 8.65 on several, where mpi4py-fft adds transposed stage arrays), and the matvec's
+    body force with the spectral vector its regularisation step makes (6). ``lncc`` keeps 8
     more per component (the fixed image's local mean, variance and window weight; the local
     mean, ``alpha`` and ``1 / B`` at ``m(1)``; the Gauss-Newton weight and its smoothing) and
     its matvec 3 more temporaries."""
     state = 1 + 3 * (nt + 1) if store_gradients else nt + 3
     fft = 4.15 if ranks == 1 else 8.65
-    newton = 5 * 3 + (3 if relaxed else 0)
+    newton = 5 * 3 + (3 if relaxed and keep_gradient else 0)
     lncc = 8 * components + 3 if distance == "lncc" else 0
-    return components * (state + 2) + 2 * 4 * 1.03 + 1 + newton + fft + 8 + lncc
+    return components * (state + 2) + 2 * 4 * 1.03 + 1 + newton + fft + 6 + lncc
 
 
 #: Fields (of the working precision) per local grid point and image component while the inputs
@@ -283,7 +285,7 @@ def _pyramid_voxels(shape, options=None):
 
 
 def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store_gradients=True, relaxed=True,
-                 distance="l2", affine=True, gather=False):
+                 distance="l2", affine=True, gather=False, keep_gradient=True):
     """Predicted peak resident bytes of a registration on ``shape`` over ``ranks`` ranks.
 
     Three phases, each on every rank: ``prepare`` (each rank's part of the inputs while MOVING
@@ -307,7 +309,7 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
     itemsize = 4 if precision == "float32" else 8
     untraced = 0 if gather or local * itemsize > _MMAP_CEILING else _UNTRACED_FIELDS
     solve = local * (_fields_per_point(nt, components, ranks, store_gradients=store_gradients, relaxed=relaxed,
-                                       distance=distance) + untraced) * itemsize
+                                       distance=distance, keep_gradient=keep_gradient) + untraced) * itemsize
     prepare = (20 + _PREPARE_FIELDS * components) * local * itemsize + \
         (_PYRAMID_BYTES * _pyramid_voxels(shape) if affine else 0)
     write = local * (24 + 3 * components) * itemsize
@@ -320,18 +322,21 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
 
 
 def estimate_memory(shape, ranks, precision="float32", components=1, nt=4, *, store_gradients=True, relaxed=True,
-                    distance="l2", gather=True):
+                    distance="l2", gather=True, keep_gradient=True):
     """Predicted peak bytes ``(per rank, extra on rank 0)`` of a registration on ``shape``
     (see :func:`memory_model`, whose ``rank0_bytes - per_rank_bytes`` is the extra)."""
     model = memory_model(shape, ranks, precision, components, nt, store_gradients=store_gradients, relaxed=relaxed,
-                         distance=distance, gather=gather)
+                         distance=distance, gather=gather, keep_gradient=keep_gradient)
     return model["per_rank_bytes"], model["rank0_bytes"] - model["per_rank_bytes"]
 
 
 def _check_memory(shape, comm, config, components=1, gather=True):
     """The configuration to run with: ``config`` itself, or, when its predicted peak exceeds
-    this node's memory but recomputing ``grad m(t_j)`` fits, ``config`` with
-    ``transport.store_gradients`` off; refuse (before allocating) a grid that fits neither."""
+    this node's memory, the first of the leaner ones that fits: the relaxed model's gradient
+    recomputed after each Krylov solve instead of kept through it (``newton.keep_gradient``
+    off, ~10 % slower), then also ``grad m(t_j)`` recomputed at every use
+    (``transport.store_gradients`` off, ~2.5x slower matvecs); refuse (before allocating) a
+    grid that fits none."""
     import dataclasses
 
     from mpi4py import MPI
@@ -343,33 +348,35 @@ def _check_memory(shape, comm, config, components=1, gather=True):
     finally:
         node.Free()
 
-    def need(store):
-        per_rank, root = estimate_memory(shape, comm.Get_size(), config.precision, components, config.transport.nt,
-                                         store_gradients=store, relaxed=config.regularization.relaxed,
-                                         distance=config.distance.name, gather=gather)
+    def need(candidate):
+        per_rank, root = estimate_memory(shape, comm.Get_size(), candidate.precision, components,
+                                         candidate.transport.nt, store_gradients=candidate.transport.store_gradients,
+                                         relaxed=candidate.regularization.relaxed, distance=candidate.distance.name,
+                                         gather=gather, keep_gradient=candidate.newton.keep_gradient)
         return node_ranks * per_rank + (root if holds_root else 0)
 
-    available = float("inf")  # unknown (not Linux): no refusal
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
+    available = _available_memory()  # inf when unknown (not Linux): no refusal
+    lean_newton = dataclasses.replace(config, newton=dataclasses.replace(config.newton, keep_gradient=False))
+    leanest = dataclasses.replace(lean_newton, transport=dataclasses.replace(config.transport, store_gradients=False))
+    candidates = [config]
+    for candidate in (lean_newton, leanest):
+        if candidate != candidates[-1]:
+            candidates.append(candidate)
     # every rank takes part (no early return inside the collective) and decides alike
-    store = config.transport.store_gradients
-    needs = [comm.allreduce(need(s), op=MPI.MAX) for s in ((True, False) if store else (False,))]
+    needs = [comm.allreduce(need(c), op=MPI.MAX) for c in candidates]
     available = comm.allreduce(available, op=MPI.MIN)
     gib = 2.0 ** 30
-    if needs[0] <= available:
-        return config
-    if len(needs) == 2 and needs[1] <= available:
-        log.info("%s: %.1f GiB per node with stored grad m(t_j), %.1f GiB available: recomputing them at every "
-                 "matvec instead (%.1f GiB, slower matvecs)", "x".join(map(str, shape)), needs[0] / gib,
-                 available / gib, needs[1] / gib)
-        return dataclasses.replace(config, transport=dataclasses.replace(config.transport, store_gradients=False))
-    raise UserInputError(f"a {'x'.join(map(str, shape))} registration needs about {needs[-1] / gib:.1f} GiB on a "
+    grid = "x".join(map(str, shape))
+    for candidate, needed in zip(candidates, needs):
+        if needed <= available:
+            if candidate is not config:
+                log.info("%s: %.1f GiB per node as configured, %.1f GiB available: %s (%.1f GiB)", grid,
+                         needs[0] / gib, available / gib,
+                         "recomputing the gradient after each Krylov solve" if candidate is lean_newton else
+                         "recomputing the gradient after each Krylov solve and grad m(t_j) at every matvec "
+                         "(slower matvecs)", needed / gib)
+            return candidate
+    raise UserInputError(f"a {grid} registration needs about {needs[-1] / gib:.1f} GiB on a "
                          f"node ({node_ranks} rank(s), {config.precision}) but {available / gib:.1f} GiB is "
                          "available; use more nodes (mpiexec -n P across nodes) or a smaller/cropped grid")
 

@@ -47,8 +47,14 @@ def _cmd_info(args):
     if args.ranks is not None and args.ranks < 1:
         raise UserInputError(f"--ranks {args.ranks}: give a number of ranks >= 1")
     d = RegistrationConfig()
-    model = memory_model(shape, ranks, args.dtype, nt=d.transport.nt, relaxed=d.regularization.relaxed,
-                         distance=d.distance.name, affine=d.affine.mode != "none")
+    def model_of(**lean):
+        return memory_model(shape, ranks, args.dtype, nt=d.transport.nt, relaxed=d.regularization.relaxed,
+                            distance=d.distance.name, affine=d.affine.mode != "none", **lean)
+
+    model = model_of()
+    # what the memory guard falls back to on a node too small for the defaults
+    leaner = {"recompute_g": model_of(keep_gradient=False)["per_rank_bytes"],
+              "recompute_g_and_grad_m": model_of(keep_gradient=False, store_gradients=False)["per_rank_bytes"]}
     decomp = None if args.ranks is not None else Decomposition(shape, comm=comm, dtype=np.dtype(args.dtype))
     if comm.Get_rank() != 0:
         return 0
@@ -56,7 +62,8 @@ def _cmd_info(args):
         print(json.dumps({"shape": list(shape), "ranks": ranks, "precision": args.dtype, "nt": d.transport.nt,
                           "memory": {"per_rank_bytes": int(model["per_rank_bytes"]),
                                      "rank0_bytes": int(model["rank0_bytes"]),
-                                     "phases": {k: int(v) for k, v in model["phases"].items()}}}))
+                                     "phases": {k: int(v) for k, v in model["phases"].items()},
+                                     "leaner_per_rank_bytes": {k: int(v) for k, v in leaner.items()}}}))
         return 0
     gib = 2.0 ** 30
     lines = [
@@ -74,7 +81,9 @@ def _cmd_info(args):
     phases = ", ".join(f"{k} {v / gib:.2f}" for k, v in model["phases"].items())
     lines.append(f"memory       claire register on {'x'.join(map(str, shape))} over {ranks} rank(s), {args.dtype}, "
                  f"defaults: {model['per_rank_bytes'] / gib:.2f} GiB per rank, {model['rank0_bytes'] / gib:.2f} GiB "
-                 f"on rank 0 (GiB by phase: {phases})")
+                 f"on rank 0 (GiB by phase: {phases}); where a node has less, {leaner['recompute_g'] / gib:.2f} "
+                 f"GiB recomputing the gradient after each Krylov solve, {leaner['recompute_g_and_grad_m'] / gib:.2f} "
+                 "GiB also recomputing grad m(t_j) (slower matvecs)")
     print("\n".join(lines))
     return 0
 

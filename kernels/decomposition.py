@@ -324,10 +324,11 @@ class Decomposition:
         return neighbours
 
     # -------------------------------------------------------------- allocation
-    def _zeros(self, shape, dtype):
+    def _zeros(self, shape, dtype, zeroed=True):
         # SIMD-aligned like FFTW's own arrays, so transforms can read and write them in place
         a = fftw.aligned(shape, dtype=dtype)
-        a[...] = 0
+        if zeroed:
+            a[...] = 0
         return a
 
     def new_scalar(self, *, spectral=False):
@@ -346,11 +347,12 @@ class Decomposition:
         fresh = self.new_scalar(spectral=True)
         return own if _same_layout(fresh, own) and own.shape == self.local_spectral_shape else fresh
 
-    def new_vector(self, *, spectral=False):
-        """Zero local vector field ``(3, *local_shape)`` (or its spectral counterpart)."""
+    def new_vector(self, *, spectral=False, zeroed=True):
+        """Zero local vector field ``(3, *local_shape)`` (or its spectral counterpart); with
+        ``zeroed=False`` its values are undefined (for a caller that overwrites them all)."""
         if spectral:
-            return self._zeros((3,) + self.local_spectral_shape, self.complex_dtype)
-        return self._zeros((3,) + self.local_shape, self.dtype)
+            return self._zeros((3,) + self.local_spectral_shape, self.complex_dtype, zeroed)
+        return self._zeros((3,) + self.local_shape, self.dtype, zeroed)
 
     # ------------------------------------------------------------------ grids
     def local_coordinates(self):

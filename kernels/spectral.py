@@ -71,7 +71,7 @@ class SpectralOperators:
     -----
     Each call costs one forward transform per input component and one inverse transform per
     output component; the multiplier is applied by a fused numba kernel that also carries the
-    ``1/N`` normalisation. Work arrays are allocated once, here.
+    ``1/N`` normalisation. Scalar work arrays are allocated once, here.
     """
 
     def __init__(self, decomp):
@@ -83,14 +83,13 @@ class SpectralOperators:
         self._scale = 1.0 / decomp.num_points
         self._hat = decomp.new_scalar(spectral=True)
         self._scratch = decomp.spectral_scratch()  # the FFT's own output array (no extra memory)
-        self._vhat = None
         self._r2c_weights = None
 
     # ------------------------------------------------------------ internals
     def _vector_hat(self):
-        if self._vhat is None:
-            self._vhat = self.decomp.new_vector(spectral=True)
-        return self._vhat
+        """A spectral vector work array, made at each use and not kept: three fields that
+        would otherwise sit through the Gauss-Newton matvec's transport solves, its peak."""
+        return self.decomp.new_vector(spectral=True, zeroed=False)
 
     def _check(self, f, vector):
         shape = ((3,) if vector else ()) + self.decomp.local_shape

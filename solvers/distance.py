@@ -57,20 +57,24 @@ class SquaredL2:
 
     def __init__(self, fixed, inner, mask=None):
         self.fixed, self.inner, self.mask = fixed, inner, mask
-        self._residual = None
+        self._m1, self._value = None, None
 
     def _w(self, a):
         return a if self.mask is None else self.mask * a
 
     def prepare(self, m1):
-        """Store what the value and derivatives at ``m1`` need."""
-        self._residual = m1 - self.fixed
+        """Store what the value and derivatives at ``m1`` need: ``m1`` itself (the state
+        holds it anyway) and the value; the residual is formed again when the adjoint needs it,
+        so that it is not held through the Gauss-Newton matvecs."""
+        residual = m1 - self.fixed
+        self._m1, self._value = m1, 0.5 * self.inner(self._w(residual), residual)
 
     def value(self):
-        return 0.5 * self.inner(self._w(self._residual), self._residual)
+        return self._value
 
     def final_adjoint(self):
-        return -self._w(self._residual)
+        residual = self.fixed - self._m1
+        return residual if self.mask is None else self.mask * residual
 
     def final_incremental_adjoint(self, mt1):
         return -self._w(mt1)

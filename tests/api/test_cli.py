@@ -130,6 +130,8 @@ def test_info_predicts_the_memory_of_a_run_on_any_number_of_ranks(capsys):
         assert memory[64]["rank0_bytes"] == memory[64]["per_rank_bytes"]
         assert memory[64]["phases"]["solve"] < memory[8]["phases"]["solve"] / 4
         assert memory[64]["per_rank_bytes"] == max(memory[64]["phases"].values())
+        leaner = memory[8]["leaner_per_rank_bytes"]  # what the memory guard falls back to, in that order
+        assert memory[8]["per_rank_bytes"] > leaner["recompute_g"] > leaner["recompute_g_and_grad_m"]
     assert main(["info", "--ranks", "0"]) == 2
     err = capsys.readouterr().err
     assert COMM.rank != 0 or "--ranks 0: give a number of ranks >= 1" in err  # printed by one rank

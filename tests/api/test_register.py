@@ -75,3 +75,27 @@ def test_register_refuses_a_grid_too_large_for_memory_before_allocating():
         claire_py.register(huge, huge)
     per_rank, root = claire_py.api.estimate_memory((256, 256, 256), 2)
     assert 3.2e9 < 2 * per_rank + root < 5e9  # 256^3 float32 on one 2-rank node: 3.90 GiB measured
+
+
+def test_the_memory_guard_picks_the_first_leaner_configuration_that_fits(monkeypatch):
+    """Between the predicted peaks of the configured run (g kept, grad m(t_j) stored), g
+    recomputed after each Krylov solve, and both recomputed, the guard takes the first that
+    fits the node's available memory, and refuses below the last."""
+    from claire_py import api
+
+    shape, ranks = (512, 512, 512), COMM.size
+    need = [ranks * per + root for per, root in (
+        api.estimate_memory(shape, ranks, store_gradients=store, keep_gradient=keep)
+        for store, keep in ((True, True), (True, False), (False, False)))]
+    assert need[0] > need[1] > need[2]
+    config = RegistrationConfig()
+    for available, store, keep in ((1.01 * need[0], True, True), ((need[0] + need[1]) / 2, True, False),
+                                   ((need[1] + need[2]) / 2, False, False)):
+        monkeypatch.setattr(api, "_available_memory", lambda: available)
+        chosen = api._check_memory(shape, COMM, config)
+        assert (chosen.transport.store_gradients, chosen.newton.keep_gradient) == (store, keep), available
+        assert chosen.regularization == config.regularization and chosen.transport.nt == config.transport.nt
+    assert api._check_memory(shape, COMM, config) is not config
+    monkeypatch.setattr(api, "_available_memory", lambda: 0.99 * need[2])
+    with pytest.raises(claire_py.UserInputError, match=r"needs about \d+\.\d GiB"):
+        api._check_memory(shape, COMM, config)
