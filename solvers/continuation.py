@@ -93,10 +93,6 @@ class ContinuationResult:
     stages: list  # one dict per solve: level, grid, sigma, beta, iterations, matvecs, converged
 
 
-def _set_beta(problem, beta):
-    problem.options = dataclasses.replace(problem.options, beta=beta)
-
-
 def _det_range(problem):
     det = problem.transport.det_grad_y()
     decomp = problem.decomp
@@ -126,7 +122,9 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
 
     Returns a :class:`ContinuationResult` whose ``history`` concatenates every level's
     iterations (each :class:`IterationInfo` carries its β and level); ``problem`` is left
-    at the final velocity.
+    at the final velocity, or, when β training chose a β other than its own, its transport.
+    Its options are never changed: each β is solved on
+    :meth:`~claire_py.solvers.problem.RegistrationProblem.with_beta`.
 
     ``checkpoint`` (optional) saves and restores progress; the solve calls, with ``level``
     the running level number and ``decomp`` that level's decomposition:
@@ -151,7 +149,8 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
 
     def run_on(p, v_start, beta, opts, what):
         nonlocal matvecs
-        _set_beta(p, beta)
+        on_input_grid = p is problem  # (scale levels are not: their images are smoother)
+        p = p.with_beta(beta)
         log.info("level %d: %s, grid %s, sigma %g, beta %.3g", len(stages), what,
                  "x".join(map(str, p.decomp.shape)), p.sigma, beta)
         level = len(stages)
@@ -168,7 +167,7 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
             # the start is the previous level's answer, which the next level replaces; beta
             # training restarts from its best answer, which must stay intact
             res = gauss_newton_krylov(p, v_start if saved is None else saved["velocity"], opts, callback=callback,
-                                      level=level, reference_gradient=reference if p is problem else None,
+                                      level=level, reference_gradient=reference if on_input_grid else None,
                                       resume=resume, on_iterate=on_iterate, overwrite_start=options.train is None)
             if checkpoint is not None:
                 checkpoint.level_done(level, p.decomp, res)

@@ -48,8 +48,8 @@ class TwoLevelPreconditioner:
         self.coarse_matvecs = 0
 
     def _sync(self):
-        """Follow the fine problem: its velocity (coarse state solve) and options (β)."""
-        self.coarse.options = self.problem.options
+        """Follow the fine problem's velocity (coarse state solve); β is the fine problem's,
+        fixed for the problem's life (:meth:`RegistrationProblem.with_beta` makes another)."""
         if self._velocity is not self.problem.velocity:
             self._velocity = self.problem.velocity
             self.coarse.set_velocity(self.restrict(self._velocity))

@@ -30,6 +30,8 @@ volume ``prod(h_a)``.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -237,6 +239,17 @@ class RegistrationProblem:
                                       distance=self.distance_options, mask=self.mask,
                                       sigma=math.sqrt(sigma ** 2 - self.sigma ** 2))
         problem.sigma = float(sigma)
+        return problem
+
+    def with_beta(self, beta):
+        """This problem at regularisation weight ``beta`` (``self`` when it is already ``beta``):
+        a new problem sharing the images, distances, transport and the state at the current
+        velocity (none depends on β); only the options differ. As with :meth:`with_smoothing`,
+        the two share one transport: once either sets a velocity, use only that one."""
+        if beta == self.options.beta:
+            return self
+        problem = copy.copy(self)
+        problem.options = dataclasses.replace(self.options, beta=beta)
         return problem
 
     def restricted(self, shape, *, workload=None):

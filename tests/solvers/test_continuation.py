@@ -128,3 +128,18 @@ def test_continuation_options_are_validated(kwargs, message):
 def test_unknown_preconditioner_lists_the_choices():
     with pytest.raises(ValueError, match="use one of invreg, 2level"):
         NewtonOptions(preconditioner="multigrid")
+
+
+def test_beta_continuation_solves_each_beta_on_its_own_problem():
+    """Each β level runs on ``problem.with_beta``: the problem passed in keeps its options,
+    and a problem at another β shares the state but not the options."""
+    problem, _ = synthetic(16, reg=RegularizationOptions(beta=1e-2))
+    options = problem.options
+    res = solve(problem, problem.decomp.new_vector(), NewtonOptions(max_iterations=4),
+                ContinuationOptions(beta_continuation=True))
+    assert problem.options is options
+    assert sorted({h.beta for h in res.history}, reverse=True) == [1.0, 0.1, 0.01]
+    assert problem.velocity is res.velocity  # the last level's β is the problem's own
+    other = problem.with_beta(0.5)
+    assert other.options.beta == 0.5 and problem.options.beta == 1e-2 and problem.with_beta(1e-2) is problem
+    assert other.objective()[0] > problem.objective()[0]  # same state, larger regularisation weight
