@@ -126,7 +126,9 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
     Its options are never changed: each β is solved on
     :meth:`~claire_py.solvers.problem.RegistrationProblem.with_beta`.
 
-    ``checkpoint`` (optional) saves and restores progress; the solve calls, with ``level``
+    ``problem`` is a :class:`~claire_py.solvers.interfaces.ContinuationProblem`.
+    ``checkpoint`` (optional, :class:`~claire_py.solvers.interfaces.CheckpointHooks`) saves
+    and restores progress; the solve calls, with ``level``
     the running level number and ``decomp`` that level's decomposition:
 
     * ``checkpoint.restore(level, decomp)``: ``None``, or a dict ``{"done": True,

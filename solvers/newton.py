@@ -99,11 +99,13 @@ def gauss_newton_krylov(problem, v0, options=None, *, callback=None, level=0, re
 
     Parameters
     ----------
-    problem : RegistrationProblem
-        Provides ``set_velocity``, ``objective``, ``gradient``, ``hessian_matvec``,
-        ``apply_inverse_regularization``, ``project``, ``inner``, ``norm``,
-        ``directional_derivative`` (the Armijo slope ``dJ[s]`` from the gradient) and
-        ``symmetric_hessian`` (whether ``<g, s>`` is that slope and PCG's recurrences hold).
+    problem : OptimizationProblem
+        Any :class:`~claire_py.solvers.interfaces.OptimizationProblem` (e.g. a
+        :class:`~claire_py.solvers.problem.RegistrationProblem`): ``set_velocity``,
+        ``objective``, ``gradient``, ``hessian_matvec``, ``apply_inverse_regularization``,
+        ``project``, ``inner``, ``norm``, ``directional_derivative`` (the Armijo slope ``dJ[s]``
+        from the gradient) and ``symmetric_hessian`` (whether ``<g, s>`` is that slope and
+        PCG's recurrences hold).
     v0 : ndarray ``(3, *local_shape)``
     options : NewtonOptions
     callback : callable, optional

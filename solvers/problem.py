@@ -143,7 +143,9 @@ def _box_inner(decomp, cell_volume):
 
 
 class RegistrationProblem:
-    """Objective, gradient and Hessian matvec for one image pair (the optimiser's view).
+    """Objective, gradient and Hessian matvec for one image pair (the optimiser's view: a
+    :class:`~claire_py.solvers.interfaces.ContinuationProblem`, with one
+    :class:`~claire_py.solvers.interfaces.Distance` per image component).
 
     Parameters
     ----------
