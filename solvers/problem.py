@@ -260,7 +260,9 @@ class RegistrationProblem:
 
         Returns ``(coarse_problem, restrict, prolong)``, the two :class:`SpectralResampler`
         maps between this grid and the new one (velocities in radians per unit time carry
-        over unchanged: both grids discretise the same box).
+        over unchanged: both grids discretise the same box). A grid of at most 1/8 of this
+        one's points stores ``grad m(t_j)`` whatever this transport does: its whole peak is
+        below the fine grid's images and vectors, and recomputing them triples its matvecs.
         """
         from ..kernels import Decomposition, SpectralOperators, SpectralResampler
         from .transport import SemiLagrangianTransport
@@ -269,7 +271,10 @@ class RegistrationProblem:
         coarse = Decomposition(shape, comm=fine.comm, dtype=fine.dtype, threads=fine.threads)
         restrict, prolong = SpectralResampler(fine, coarse), SpectralResampler(coarse, fine)
         workload = self.workload.prefixed("coarse_") if workload is None else workload
-        transport = SemiLagrangianTransport(coarse, SpectralOperators(coarse), self.transport.options, workload)
+        options = self.transport.options
+        if math.prod(shape) * 8 <= math.prod(fine.shape):  # far below the fine grid's peak: the fast way
+            options = dataclasses.replace(options, store_gradients=True)
+        transport = SemiLagrangianTransport(coarse, SpectralOperators(coarse), options, workload)
         mask = None if self.mask is None else np.clip(restrict(self.mask), 0.0, 1.0)
         problem = RegistrationProblem(
             transport, np.stack([restrict(c) for c in self.fixed]), np.stack([restrict(c) for c in self.moving]),

@@ -46,6 +46,8 @@ class TransportOptions:
         Gauss-Newton matvec reads them, instead of recomputing them by FFT at every use
         (``2 (nt + 1)`` spectral gradients per matvec: 2.9x the matvec time at 128^3 and 256^3,
         2.5x on the bundled 2 mm pair, measured on 2 ranks). Same results either way.
+        Coarser grids made from this one (grid continuation, the two-level preconditioner)
+        store them anyway (:meth:`~claire_py.solvers.problem.RegistrationProblem.restricted`).
     """
 
     nt: int = 4

@@ -219,3 +219,14 @@ def test_recomputing_the_relaxed_gradient_and_lending_the_start_change_nothing()
     for key, (history, v) in runs.items():
         assert history == reference, key
         np.testing.assert_array_equal(v, velocity)
+
+
+def test_coarse_grids_store_the_state_gradients_even_when_the_fine_one_recomputes_them():
+    problem, _ = synthetic(16)
+    lean = RegistrationProblem(SemiLagrangianTransport(problem.decomp, problem.spectral,
+                                                       TransportOptions(nt=2, store_gradients=False)),
+                               problem.fixed, problem.moving, problem.options)
+    coarse, _, _ = lean.restricted((8, 8, 8))  # 1/8 of the points: stores them
+    half, _, _ = lean.restricted((16, 16, 8))  # 1/2: as the fine grid
+    assert coarse.transport.options == TransportOptions(nt=2, store_gradients=True)
+    assert half.transport.options == lean.transport.options
