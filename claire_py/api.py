@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import RegistrationConfig
+from .deformation import DeformationMap
 from .errors import UserInputError
 from .io import _available_memory
 from .parallel import world
@@ -145,6 +146,11 @@ class RegistrationResult:
     slabs : claire_py.outputs.Slabs or None
         With ``register(..., gather=False)``: this rank's slabs of the output fields (the
         arrays above are then ``None`` on every rank), which :meth:`save` writes in parallel.
+    map : claire_py.DeformationMap
+        The whole map, distributed (each rank its planes of the velocity), on every rank:
+        ``map.warp(image)``, ``map.jacobian()``, ``map.inverse()``, ``map.displacement()``,
+        ``map.save(outdir)``, ``map.gather(...)``. On a padded solve (``preprocess.pad``), the
+        velocity on the cropped grid, as ``velocity.nii.gz`` holds it.
 
     With ``C`` image components, ``warped`` is ``(C, n1, n2, n3)``.
     """
@@ -174,6 +180,7 @@ class RegistrationResult:
     moving_grid: tuple = None
     det_range: tuple = (float("nan"), float("nan"))
     slabs: object = None
+    map: DeformationMap = None
 
     def save(self, outdir, *, overwrite=False, inputs=None, timing=None, suffix=".nii.gz"):
         """Write the files of ``claire register`` into ``outdir`` (see
@@ -698,9 +705,14 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     work.setdefault("hessian_matvec", {"count": 0, "seconds": 0.0})["pcg_iterations"] = result.matvecs
     log.info("workload (count, seconds):\n%s", "\n".join(
         f"  {name:26s} {entry['count']:>8} {entry['seconds']:>10.3f}" for name, entry in work.items()))
+    to_cropped_box = np.array([n / m for n, m in zip(grid, shape)])[:, None, None, None]  # radians of the boxes
+    deformation = DeformationMap(out.planes(result.velocity) * to_cropped_box, shape, comm=comm,
+                                 grid_affine=fixed_world, transform=transform, nt=config.transport.nt,
+                                 interpolation=config.transport.interpolation, precision=config.precision,
+                                 moving_grid=(tuple(moving_shape), moving_world))
     velocity = out.keep("velocity", result.velocity)
     if velocity is not None and pad:  # radians of the padded box -> radians of the cropped one
-        velocity *= np.array([n / m for n, m in zip(grid, shape)])[:, None, None, None]
+        velocity *= to_cropped_box
     slabs = None
     if not gather:
         from .outputs import Slabs
@@ -733,7 +745,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
         moving=None if moving_before is None else np.asarray(moving_before),
         affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size, stages=result.stages, dice=dice,
         timing=timing, peak_rss=peak_rss, transform=transform, affine_history=affine_history, moving_grid=(tuple(moving_shape), moving_world),
-        det_range=det_range, slabs=slabs)
+        det_range=det_range, slabs=slabs, map=deformation)
 
 
 class _Outputs:
@@ -751,11 +763,14 @@ class _Outputs:
         return None
 
     def slab(self, name):
+        local = self.blocks.get(name)
+        return None if local is None else self.planes(local)
+
+    def planes(self, local):
+        """This rank's planes (:func:`~claire_py.blockio.slab_bounds`) of the cropped grid of a
+        field given as its local block (``(C, n1, n2, k1 - k0)``)."""
         from .blockio import slab_bounds
 
-        local = self.blocks.get(name)
-        if local is None:
-            return None
         n1, n2, n3 = (n - 2 * self.pad for n in self.decomp.shape)
         k0, k1 = slab_bounds(n3, self.decomp.size)[self.decomp.rank]
         p = self.pad

@@ -261,41 +261,35 @@ def _affine_summary(result):
 
 
 def _cmd_transport(args):
-    from .api import transport
-    from .io import read_image, write_image
-    from .outputs import load_registration
+    from .blockio import write_volume
+    from .deformation import DeformationMap
 
     comm = _comm()
-    saved = load_registration(args.outdir, comm)
-    image = read_image(args.image, comm)
-    cfg = saved.config
-    forward = {} if saved.inverse else {"image_affine": image.affine}
-    out = transport(image.data, saved.velocity, labels=args.labels, nt=cfg.transport.nt,
-                    interpolation=cfg.transport.interpolation, precision=cfg.precision, comm=comm,
-                    transform=saved.transform, grid_affine=saved.affine,
-                    target=saved.target if saved.inverse else None, **forward)
+    with DeformationMap.load(args.outdir, comm) as deformation:  # each rank its planes: no whole field anywhere
+        planes = deformation.warp(args.image, labels=args.labels)
+        shape, affine = deformation.output_grid
+    write_volume(args.output, np.asfortranarray(planes if args.labels else planes.astype(np.float32)), comm,
+                 shape=shape, affine=affine)
     if comm.Get_rank() == 0:
-        write_image(args.output, out if args.labels else out.astype(np.float32),
-                    saved.target[1] if saved.inverse and saved.target is not None else saved.affine)
         print(f"wrote {args.output}: {args.image} deformed by the registration in {args.outdir}")
     return 0
 
 
 def _cmd_jacobian(args):
-    from .api import jacobian
-    from .io import write_image
-    from .outputs import load_registration
+    from mpi4py import MPI
+
+    from .blockio import write_volume
+    from .deformation import DeformationMap
 
     comm = _comm()
-    saved = load_registration(args.outdir, comm)
-    cfg = saved.config
-    target = saved.target if saved.inverse else None
-    det = jacobian(saved.velocity, nt=cfg.transport.nt, interpolation=cfg.transport.interpolation,
-                   precision=cfg.precision, comm=comm, transform=saved.transform, grid_affine=saved.affine,
-                   target=target)
+    with DeformationMap.load(args.outdir, comm) as deformation:
+        det = deformation.jacobian()
+        shape, affine = deformation.output_grid
+    write_volume(args.output, np.asfortranarray(det, np.float32), comm, shape=shape, affine=affine)
+    lo = comm.allreduce(float(det.min()) if det.size else np.inf, op=MPI.MIN)
+    hi = comm.allreduce(float(det.max()) if det.size else -np.inf, op=MPI.MAX)
     if comm.Get_rank() == 0:
-        write_image(args.output, det.astype(np.float32), saved.affine if target is None else target[1])
-        print(f"wrote {args.output}: det(grad y) in [{det.min():.3f}, {det.max():.3f}]")
+        print(f"wrote {args.output}: det(grad y) in [{lo:.3f}, {hi:.3f}]")
     return 0
 
 

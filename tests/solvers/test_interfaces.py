@@ -9,7 +9,6 @@ from claire_py.kernels import Decomposition
 from claire_py.solvers.distance import LocalNormalizedCrossCorrelation, NormalizedCrossCorrelation, SquaredL2
 from claire_py.solvers.interfaces import CheckpointHooks, ContinuationProblem, Distance, OptimizationProblem
 from claire_py.solvers.newton import NewtonOptions, gauss_newton_krylov
-from claire_py.solvers.problem import RegistrationProblem
 
 from .test_problem import synthetic
 
