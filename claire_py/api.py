@@ -709,7 +709,7 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     deformation = DeformationMap(out.planes(result.velocity) * to_cropped_box, shape, comm=comm,
                                  grid_affine=fixed_world, transform=transform, nt=config.transport.nt,
                                  interpolation=config.transport.interpolation, precision=config.precision,
-                                 moving_grid=(tuple(moving_shape), moving_world))
+                                 moving_grid=(tuple(moving_shape), moving_world), config=config)
     velocity = out.keep("velocity", result.velocity)
     if velocity is not None and pad:  # radians of the padded box -> radians of the cropped one
         velocity *= to_cropped_box
@@ -869,27 +869,6 @@ def jacobian(velocity, *, nt=4, interpolation="lagrange", precision="float64", c
             det = _resample(det, grid_affine, target, transform, False)
         det = det * float(np.linalg.det(np.asarray(transform, float)[:3, :3]))
     return det
-
-
-def inverse_on_grid(displacement, det, grid_affine, transform, target):
-    """The whole inverse map ``z -> y_inv(T z)`` on the grid ``target = (shape, affine)``:
-    ``(deformation_map, det)``, world RAS mm ``(3, *shape)`` and ``det(L) det(grad y_inv)(T z)``.
-
-    ``displacement`` (voxels) and ``det`` are those of ``y_inv`` on the velocity's grid
-    ``grid_affine`` (:func:`invert`); ``T = transform`` (MOVING -> FIXED, world mm). The
-    displacement and det are interpolated trilinearly (nearest value beyond the grid)."""
-    from scipy import ndimage
-
-    shape, affine = tuple(target[0]), np.asarray(target[1], float)
-    to_grid = np.linalg.solve(np.asarray(grid_affine, float), np.asarray(transform, float) @ affine)
-    index = np.indices(shape, dtype=np.float64).reshape(3, -1)
-    q = to_grid[:3, :3] @ index + to_grid[:3, 3:]  # velocity-grid voxel of each target voxel
-    u = np.stack([ndimage.map_coordinates(np.asarray(c, np.float64), q, order=1, mode="nearest")
-                  for c in displacement])
-    world = np.asarray(grid_affine, float)[:3, :3] @ (q + u) + np.asarray(grid_affine, float)[:3, 3:]
-    det_t = float(np.linalg.det(np.asarray(transform, float)[:3, :3]))
-    det = det_t * ndimage.map_coordinates(np.asarray(det, np.float64), q, order=1, mode="nearest")
-    return world.reshape((3,) + shape), det.reshape(shape)
 
 
 def invert(velocity, *, nt=4, interpolation="lagrange", precision="float64", comm=None):

@@ -294,30 +294,22 @@ def _cmd_jacobian(args):
 
 
 def _cmd_invert(args):
-    from .api import inverse_on_grid, invert
+    from .deformation import DeformationMap
     from .errors import UserInputError
-    from .outputs import load_registration, prepare_outdir, write_inverse
+    from .outputs import prepare_outdir, write_inverse
+    from .parallel import on_root
 
     comm = _comm()
-    saved = load_registration(args.outdir, comm)
-    if saved.inverse:
+    deformation = DeformationMap.load(args.outdir, comm)
+    if deformation.is_inverse:
         raise UserInputError(f"{args.outdir} holds an inverse already: its inverse is the registration it came from")
     _check_outdir(comm, args.output, args.overwrite)
-    cfg = saved.config
-    v_inv, u_inv, det = invert(saved.velocity, nt=cfg.transport.nt, interpolation=cfg.transport.interpolation,
-                               precision=cfg.precision, comm=comm)
+    on_root(comm, lambda: prepare_outdir(args.output, overwrite=True))
+    with deformation.inverse() as inverse:  # each rank its planes: no whole field anywhere
+        lo, hi = write_inverse(args.output, args.outdir, inverse, deformation.config)
     if comm.Get_rank() == 0:
-        inverse_affine = np.linalg.inv(saved.transform)
-        extra = {}
-        if saved.target is not None:  # the whole inverse map, on MOVING's grid
-            world, det = inverse_on_grid(u_inv, det, saved.affine, inverse_affine, saved.target)
-            extra = {"target": saved.target, "deformation_map": world}
-        prepare_outdir(args.output, overwrite=True)
-        write_inverse(args.output, args.outdir, v_inv, u_inv, det, saved.affine, cfg, ranks=comm.Get_size(),
-                      transform=inverse_affine, **extra)
-        print(f"wrote the inverse of {args.outdir} to {args.output}: det(grad y_inv) in "
-              f"[{det.min():.3f}, {det.max():.3f}]; claire transport {args.output} IMAGE maps FIXED-grid "
-              "images onto MOVING")
+        print(f"wrote the inverse of {args.outdir} to {args.output}: det(grad y_inv) in [{lo:.3f}, {hi:.3f}]; "
+              f"claire transport {args.output} IMAGE maps FIXED-grid images onto MOVING")
     return 0
 
 

@@ -47,6 +47,9 @@ class DeformationMap:
     moving_grid : tuple ``(shape, affine)``, optional
         MOVING's grid.
     is_inverse : bool
+    config : RegistrationConfig, optional
+        The registration's configuration, kept for :meth:`save` (``nt``, ``interpolation`` and
+        ``precision`` above are what the map itself uses).
 
     Examples
     --------
@@ -57,7 +60,7 @@ class DeformationMap:
     """
 
     def __init__(self, velocity, shape, *, comm=None, grid_affine=None, transform=None, nt=4,
-                 interpolation="lagrange", precision="float32", moving_grid=None, is_inverse=False):
+                 interpolation="lagrange", precision="float32", moving_grid=None, is_inverse=False, config=None):
         from .blockio import slab_bounds
 
         self.comm = world(comm)
@@ -75,6 +78,7 @@ class DeformationMap:
         self.nt, self.interpolation = int(nt), interpolation
         self.moving_grid = None if moving_grid is None else (tuple(moving_grid[0]), np.asarray(moving_grid[1], float))
         self.is_inverse = bool(is_inverse)
+        self.config = config
         self._decomp = self._transport = None
 
     # ---------------------------------------------------------------- making one
@@ -109,13 +113,14 @@ class DeformationMap:
         return cls(data * radians, volume.shape, comm=comm, grid_affine=volume.affine,
                    transform=part.get("transform_ras"), nt=config.transport.nt,
                    interpolation=config.transport.interpolation, precision=precision or config.precision,
-                   moving_grid=moving, is_inverse="inverse_of" in meta)
+                   moving_grid=moving, is_inverse="inverse_of" in meta, config=config)
 
     def inverse(self):
         """The inverse map (see the class docstring): the flow of ``-v``, ``T^-1``."""
         return DeformationMap(-self.velocity, self.shape, comm=self.comm, grid_affine=self.grid_affine,
                               transform=np.linalg.inv(self.transform), nt=self.nt, interpolation=self.interpolation,
-                              precision=self.dtype, moving_grid=self.moving_grid, is_inverse=not self.is_inverse)
+                              precision=self.dtype, moving_grid=self.moving_grid, is_inverse=not self.is_inverse,
+                              config=self.config)
 
     # ---------------------------------------------------------------- internals
     def _ready(self):
@@ -228,6 +233,42 @@ class DeformationMap:
             u = np.einsum("ab,b...->a...", self.grid_affine[:3, :3], u).astype(u.dtype)
         return u
 
+    def deformation_map(self):
+        """World coordinates (RAS mm) of the whole map at each voxel of :attr:`output_grid`, this
+        rank's planes ``(3, n1, n2, k1 - k0)``: ``T(A (i + u(i)) + t)`` on FIXED's grid (``A``,
+        ``t`` FIXED's voxel-to-world), or for an inverse map with MOVING's grid ``A (q + u(q)) +
+        t`` at ``q`` = FIXED's voxel of ``T^-1`` of each MOVING voxel (``u`` trilinear there,
+        and 0, the identity, beyond FIXED's grid)."""
+        linear, offset = self.grid_affine[:3, :3], self.grid_affine[:3, 3]
+        u = self.displacement()
+        if not (self.is_inverse and self.moving_grid is not None):
+            k0, k1 = self.box[2]
+            index = np.indices(self.shape[:2] + (k1 - k0,), dtype=np.float64)
+            index[2] += k0
+            world = np.einsum("ab,b...->a...", self.transform[:3, :3] @ linear, index + u)
+            return world + (self.transform[:3, :3] @ offset + self.transform[:3, 3])[:, None, None, None]
+        from .api import _voxel_map
+        from .blockio import slab_bounds
+        from .kernels import Decomposition
+        from .prepare import BlockSampler, Planes
+
+        shape, affine = self.moving_grid
+        matrix = _voxel_map(self.grid_affine, affine, self.transform)  # MOVING's voxel -> FIXED's
+        target = Decomposition(shape, comm=self.comm, dtype=np.float64, planner_effort="FFTW_ESTIMATE")
+        try:
+            sampler = BlockSampler(Planes(u, self.shape, self.box[2][0], self.grid_affine, 3), matrix, target, 0,
+                                   order=1)
+            q = np.indices(target.local_shape, dtype=np.float64)
+            q += np.array([s.start for s in target.real_slice], float)[:, None, None, None]
+            q = np.einsum("ab,b...->a...", matrix[:3, :3], q) + matrix[:3, 3][:, None, None, None]
+            y = q + np.stack([sampler.resample(c, order=1, dtype=np.float64) for c in sampler.source])
+            sampler = q = None
+            world = np.einsum("ab,b...->a...", linear, y) + offset[:, None, None, None]
+            k0, k1 = slab_bounds(shape[2], self.comm.Get_size())[self.comm.Get_rank()]
+            return target.boxes_from_blocks(world, ((0, shape[0]), (0, shape[1]), (k0, k1)))
+        finally:
+            target.free()
+
     def gather(self, planes=None):
         """The whole field of ``planes`` (this rank's, default the velocity) on rank 0, ``None``
         elsewhere: for small grids."""
@@ -239,7 +280,7 @@ class DeformationMap:
         per unit time, and a ``registration.json``) for :meth:`load`, ``claire transport`` and
         ``claire jacobian``."""
         from .blockio import write_volume
-        from .config import RegistrationConfig
+        from .config import RegistrationConfig, _merged
         from .kernels.fields import affine_to_fortran
         from .outputs import _write_json, prepare_outdir
 
@@ -248,8 +289,9 @@ class DeformationMap:
         write_volume(os.path.join(outdir, "velocity" + suffix), affine_to_fortran(self.velocity, voxels), self.comm,
                      shape=self.shape, affine=self.grid_affine, intent="vector")
         if self.comm.Get_rank() == 0:
-            config = RegistrationConfig.from_dict({"transport": {"nt": self.nt, "interpolation": self.interpolation},
-                                                   "precision": self.dtype.name})
+            config = self.config or RegistrationConfig()
+            config = RegistrationConfig.from_dict(_merged(config.to_dict(), {
+                "transport": {"nt": self.nt, "interpolation": self.interpolation}, "precision": self.dtype.name}))
             moving = {} if self.moving_grid is None else {"moving_shape": list(self.moving_grid[0]),
                                                           "moving_affine": self.moving_grid[1].tolist()}
             _write_json(os.path.join(outdir, "registration.json"), {

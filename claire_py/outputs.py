@@ -428,39 +428,48 @@ def _moving_grid(result):
     return {"moving_shape": list(shape), "moving_affine": np.asarray(affine, float).tolist()}
 
 
-def write_inverse(outdir, source, velocity, displacement, det, affine, config, *, ranks, transform=None,
-                  target=None, deformation_map=None):
-    """Write the inverse of the registration in ``source`` as a registration directory:
-    velocity (``-v``), displacement (of the flow of ``-v``, on FIXED's grid ``affine``),
-    det_grad_y, deformation_map, ``affine.mat`` / ``transform.h5`` and a registration.json, so
-    that ``claire transport`` / ``jacobian`` work on it (mapping images on FIXED's grid onto
-    MOVING's). Call on rank 0.
+def write_inverse(outdir, source, inverse, config, *, suffix=".nii.gz"):
+    """Write ``inverse`` (the :class:`~claire_py.deformation.DeformationMap` of the registration
+    in ``source``, inverted) as a registration directory, collectively, each rank its planes
+    of each file: velocity (``-v``), displacement (of the flow of ``-v``, on FIXED's grid),
+    det_grad_y and deformation_map (the whole map's, on MOVING's grid when the map knows it,
+    else FIXED's), ``affine.mat`` / ``transform.h5`` and a registration.json, so that ``claire
+    transport`` / ``jacobian`` work on it (mapping images on FIXED's grid onto MOVING's).
 
-    The whole inverse map is ``z -> y_inv(T^-1 z)``; ``transform`` is ``T^-1`` (default the
-    identity). With ``target`` (MOVING's ``(shape, affine)``), ``det`` and
-    ``deformation_map`` (world RAS mm, ``(3, *shape)``) are the whole map's on that grid;
-    without, all images are on FIXED's grid."""
-    transform = np.eye(4) if transform is None else np.asarray(transform, float)
-    images = {name + ".nii.gz": image for name, image in _map_images(
-        velocity, displacement, det if target is None else np.ones(np.shape(displacement)[1:]), affine,
-        transform).items()}
-    from mpi4py import MPI
+    The whole inverse map is ``z -> y_inv(T^-1 z)``; ``inverse.transform`` is ``T^-1``."""
+    from .blockio import write_volume
 
-    _write_transform_files(outdir, transform, images["displacement.nii.gz"][:, :, :, 0, :], affine, MPI.COMM_SELF,
-                           np.shape(displacement)[1:], inverse=True)
-    affines = {}
-    if target is not None:
-        images["det_grad_y.nii.gz"] = _fortran(det)
-        images["deformation_map.nii.gz"] = _fortran(np.ascontiguousarray(deformation_map))
-        affines = {"det_grad_y.nii.gz": target[1], "deformation_map.nii.gz": target[1]}
-    _write_images(outdir, images, affine, affines)
-    payload = {"inverse_of": os.path.abspath(source), "grid": list(np.shape(det)), "ranks": ranks,
-               "config": config.to_dict(), "det_grad_y": {"min": float(det.min()), "max": float(det.max())},
-               "affine": {"transform_ras": transform.tolist(),
-                          **({"moving_shape": list(target[0]), "moving_affine": np.asarray(target[1]).tolist()}
-                             if target is not None else {})},
-               "versions": _versions(), "files": sorted(list(images) + ["affine.mat", "transform.h5"]),
+    comm, shape, affine, transform = inverse.comm, inverse.shape, inverse.grid_affine, inverse.transform
+    names = []
+
+    def write(name, planes, grid=(shape, affine), **kw):
+        names.append(name + suffix)
+        write_volume(os.path.join(outdir, name + suffix), planes, comm, shape=grid[0], affine=grid[1], **kw)
+
+    images = _map_images(inverse.velocity, inverse.displacement(), None, affine, transform, velocity_grid=shape,
+                         k0=inverse.box[2][0])
+    write("velocity", images.pop("velocity"))
+    write("displacement", images["displacement"], intent="vector")
+    _write_transform_files(outdir, transform, images.pop("displacement")[:, :, :, 0, :], affine, comm, shape,
+                           inverse=True)
+    images = None
+    grid = inverse.output_grid
+    world = inverse.deformation_map()
+    write("deformation_map", _fortran(world), grid)
+    world = None
+    det = inverse.jacobian()
+    write("det_grad_y", _fortran(det), grid)
+    det_range = _channel_ranges(det[None], comm)[0]
+    if comm.Get_rank() != 0:
+        return det_range
+    moving = {} if inverse.moving_grid is None else {"moving_shape": list(grid[0]),
+                                                     "moving_affine": np.asarray(grid[1]).tolist()}
+    payload = {"inverse_of": os.path.abspath(source), "grid": list(shape), "ranks": comm.Get_size(),
+               "config": config.to_dict(), "det_grad_y": {"min": det_range[0], "max": det_range[1]},
+               "affine": {"transform_ras": transform.tolist(), **moving},
+               "versions": _versions(), "files": sorted(names + ["affine.mat", "transform.h5"]),
                "conventions": "inverse map: image_on_moving(z) = image_on_fixed(y_inv(T(z))), T = "
                               "affine.transform_ras (MOVING -> FIXED), on the grid affine.moving_*; velocity = -v"}
     payload["complete"] = True
     _write_json(os.path.join(outdir, "registration.json"), payload)
+    return det_range
