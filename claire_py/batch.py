@@ -43,81 +43,19 @@ from collections import deque
 import numpy as np
 
 from .api import register
-from .config import PRESETS, RegistrationConfig
+from .config import PRESETS, RegistrationConfig, _merged
 from .errors import UserInputError
+from .options import BY_NAME, parse
+from .options import nested as nested_options
 
 __all__ = ["batch", "OPTIONS", "read_jobs", "parse_sweep", "summary_table", "add_batch_command"]
 
 log = logging.getLogger(__name__)
 
 
-def _bool(text):
-    if isinstance(text, (bool, np.bool_)):
-        return bool(text)
-    value = {"true": True, "yes": True, "on": True, "1": True,
-             "false": False, "no": False, "off": False, "0": False}.get(str(text).strip().lower())
-    if value is None:
-        raise ValueError(f"{text!r} is not true/false")
-    return value
-
-
-def _int(text):
-    if isinstance(text, (bool, np.bool_)) or isinstance(text, float):
-        raise ValueError(f"{text!r} is not an integer")
-    return int(text)  # int("2.5") and int("x") raise
-
-
-def _float(text):
-    if isinstance(text, (bool, np.bool_)):
-        raise ValueError(f"{text!r} is not a number")
-    return float(text)
-
-
-def _floats(text):
-    if isinstance(text, str):
-        return tuple(float(w) for w in re.split(r"[,;\s]+", text.strip()))
-    return tuple(_float(w) for w in text)
-
-
-def _text(text):
-    if not isinstance(text, str):
-        raise ValueError(f"{text!r} is not a name")
-    return text.strip()
-
-
-def _optional_text(text):
-    return None if text is None or str(text).strip().lower() in ("", "none", "off") else _text(text)
-
-
-#: The per-job options: flat name -> (place in the nested RegistrationConfig, parser). The
-#: names are those of ``claire register``'s flags (``--max-iter`` -> ``max_iter``).
-OPTIONS = {
-    "beta": (("regularization", "beta"), _float),
-    "regnorm": (("regularization", "norm"), _text),
-    "beta_div": (("regularization", "beta_div"), _float),
-    "incompressible": (("regularization", "incompressible"), _bool),
-    "distance": (("distance", "name"), _text),
-    "weights": (("distance", "weights"), _floats),
-    "lncc_sigma": (("distance", "lncc_sigma"), _float),
-    "nt": (("transport", "nt"), _int),
-    "interpolation": (("transport", "interpolation"), _text),
-    "gtol": (("newton", "gradient_tolerance"), _float),
-    "max_iter": (("newton", "max_iterations"), _int),
-    "precond": (("newton", "preconditioner"), _text),
-    "krylov_max_iter": (("newton", "krylov", "max_iterations"), _int),
-    "forcing": (("newton", "krylov", "forcing"), _text),
-    "train": (("continuation", "train"), _optional_text),
-    "jbound": (("continuation", "det_bound"), _float),
-    "beta_continuation": (("continuation", "beta_continuation"), _bool),
-    "grid_continuation": (("continuation", "grid_continuation"), _bool),
-    "scale_continuation": (("continuation", "scale_continuation"), _bool),
-    "coarsest_grid": (("continuation", "coarsest_grid"), _int),
-    "sigma": (("preprocess", "sigma"), _float),
-    "pad": (("preprocess", "pad"), _int),
-    "resample": (("preprocess", "resample"), _bool),
-    "normalize": (("preprocess", "normalize"), _bool),
-    "precision": (("precision",), _text),
-}
+#: The per-job options: the flat names of ``claire register``'s flags (``--max-iter`` ->
+#: ``max_iter``), from :data:`claire_py.options.OPTIONS`.
+OPTIONS = tuple(BY_NAME)
 _PATHS = ("fixed", "moving", "labels_fixed", "labels_moving", "mask")
 _KEYS = ("name",) + _PATHS + ("preset",) + tuple(OPTIONS)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]*$")
@@ -146,7 +84,7 @@ def _parse_option(key, value, where):
             raise UserInputError(f"{where}: preset {value!r} is unknown; use one of {', '.join(PRESETS)}")
         return value
     try:
-        return OPTIONS[key][1](value)
+        return parse(BY_NAME[key], value)
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"{where}: {key}={value!r}: {exc}") from None
 
@@ -319,13 +257,6 @@ def _expand(entries, base, sweep):
     return expanded
 
 
-def _merge(base, top):
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def _base_config(config):
     """The batch-wide settings as a nested dict (or the RegistrationConfig itself)."""
     if config is None or isinstance(config, RegistrationConfig):
@@ -350,12 +281,7 @@ def _base_config(config):
 
 
 def _job_config(options, base, preset, where):
-    nested = {}
-    for key, value in options.items():
-        if key != "preset":
-            for part in reversed(OPTIONS[key][0]):  # ("newton", "krylov", "forcing") -> {"newton": {"krylov": ...}}
-                value = {part: value}
-            nested = _merge(nested, value)
+    overrides = nested_options({key: value for key, value in options.items() if key != "preset"})
     preset = options.get("preset", preset)
     if isinstance(base, RegistrationConfig):
         if preset:
@@ -363,7 +289,7 @@ def _job_config(options, base, preset, where):
                                  "batch config as a nested dict or file instead")
         base = base.to_dict()
     try:
-        top = _merge(base or {}, nested)
+        top = _merged(base or {}, overrides)
         return RegistrationConfig.preset(preset, top) if preset else RegistrationConfig.from_dict(top)
     except (TypeError, ValueError) as exc:
         raise UserInputError(f"{where}: {exc}") from None

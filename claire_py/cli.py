@@ -108,9 +108,8 @@ def _cmd_smooth(args):
 
 def _register_config(args):
     """Resolved RegistrationConfig: defaults, then --config FILE, then the flags given."""
-    import dataclasses
-
-    from .config import RegistrationConfig
+    from .config import RegistrationConfig, _merged
+    from .options import nested, overrides
 
     if args.config:
         cfg = RegistrationConfig.from_file(args.config)
@@ -118,36 +117,8 @@ def _register_config(args):
             cfg = RegistrationConfig.preset(args.preset, RegistrationConfig.from_file(args.config, raw=True))
     else:
         cfg = RegistrationConfig.preset(args.preset) if args.preset else RegistrationConfig()
-    reg = {k: v for k, v in (("norm", args.regnorm), ("beta", args.beta), ("beta_div", args.beta_div))
-           if v is not None}
-    if args.incompressible:
-        reg["incompressible"] = True
-    newton = {k: v for k, v in (("gradient_tolerance", args.gtol), ("max_iterations", args.max_iter),
-                                 ("preconditioner", args.precond)) if v is not None}
-    cont = {k: v for k, v in (("train", args.train), ("det_bound", args.jbound),
-                               ("coarsest_grid", args.coarsest_grid)) if v is not None}
-    for flag in ("beta_continuation", "scale_continuation"):
-        if getattr(args, flag):
-            cont[flag] = True
-    if args.grid_continuation is not None:
-        cont["grid_continuation"] = args.grid_continuation
-    distance = {k: v for k, v in (("name", args.distance), ("weights", args.weights),
-                                  ("lncc_sigma", args.lncc_sigma)) if v is not None}
-    krylov = {k: v for k, v in (("max_iterations", args.krylov_max_iter), ("forcing", args.forcing)) if v is not None}
-    return dataclasses.replace(
-        cfg,
-        regularization=dataclasses.replace(cfg.regularization, **reg),
-        distance=dataclasses.replace(cfg.distance, **distance),
-        transport=dataclasses.replace(cfg.transport, **({"nt": args.nt} if args.nt is not None else {})),
-        newton=dataclasses.replace(cfg.newton, krylov=dataclasses.replace(cfg.newton.krylov, **krylov), **newton),
-        continuation=dataclasses.replace(cfg.continuation, **cont),
-        affine=dataclasses.replace(cfg.affine, **({"mode": args.affine} if args.affine else {}),
-                                   **({"metric": args.affine_metric} if args.affine_metric else {}),
-                                   **({"only": True} if args.affine_only else {})),
-        preprocess=dataclasses.replace(cfg.preprocess, **({"sigma": args.sigma} if args.sigma is not None else {}),
-                                       **({"pad": args.pad} if args.pad is not None else {}),
-                                       **({"resample": True} if args.resample else {})),
-        precision=args.precision or cfg.precision)
+    given = overrides(args)
+    return RegistrationConfig.from_dict(_merged(cfg.to_dict(), nested(given))) if given else cfg
 
 
 def _check_outdir(comm, outdir, overwrite):
@@ -323,13 +294,6 @@ def _positive_float(text):
     return value
 
 
-def _weights(text):
-    try:
-        return tuple(float(w) for w in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated numbers, e.g. 1,0.5") from None
-
-
 def _build_parser():
     parser = argparse.ArgumentParser(
         prog="claire",
@@ -360,10 +324,7 @@ def _build_parser():
     p.set_defaults(run=_cmd_smooth)
 
     from .config import PRESETS, RegistrationConfig
-    from .solvers.affine import AFFINE_METRICS, AFFINE_MODES
-    from .solvers.distance import DISTANCES
-    from .solvers.preconditioner import PRECONDITIONERS
-    from .solvers.problem import REGULARIZATION_MODELS
+    from .options import add_flags
 
     d = RegistrationConfig()  # the defaults shown below are the config's own
     p = sub.add_parser("register", help="register MOVING onto FIXED (NIfTI files)",
@@ -379,70 +340,13 @@ def _build_parser():
                         "step), fast-smooth (the same with the H2 seminorm, beta 1e-3), accurate (distance lncc, the "
                         "metric of SyN)")
     p.add_argument("--dump-config", action="store_true", help="print the resolved configuration and exit")
-    p.add_argument("--beta", type=float, help=f"regularisation weight (default {d.regularization.beta:g})")
-    p.add_argument("--regnorm", choices=REGULARIZATION_MODELS,
-                   help=f"regularisation model: h1s-div = CLAIRE's default (RELAXEDSTOKES: H1 seminorm, "
-                        f"divergence term, relaxed projection), h1s = CLAIRE's compressible H1 seminorm, "
-                        f"h2s/h3s seminorms, h1/h2/h3 norms, l2 (default {d.regularization.norm})")
-    p.add_argument("--beta-div", type=float,
-                   help=f"weight beta_w of h1s-div's divergence term (CLAIRE's -beta-div; default "
-                        f"{d.regularization.beta_div:g})")
-    p.add_argument("--incompressible", action="store_true", help="volume-preserving (div v = 0)")
-    p.add_argument("--train", choices=("reduce", "binary"),
-                   help="choose beta by the det(grad y) bound: reduce by 10x while feasible (reduce), then bisect "
-                        "(binary); overrides --beta")
-    p.add_argument("--jbound", type=float,
-                   help=f"lower det(grad y) bound for --train, upper = 1/JBOUND (default {d.continuation.det_bound:g})")
-    p.add_argument("--beta-continuation", action="store_true",
-                   help="reach --beta through beta = 1, 0.1, ... with inexact presolves")
-    p.add_argument("--grid-continuation", action=argparse.BooleanOptionalAction,
-                   help="solve on grids coarser by 2, 4, ... first (multi-resolution; default "
-                        f"{'on' if d.continuation.grid_continuation else 'off'}, CLAIRE's is off)")
-    p.add_argument("--coarsest-grid", type=int,
-                   help=f"points on the shortest axis of the coarsest grid (default {d.continuation.coarsest_grid})")
-    p.add_argument("--scale-continuation", action="store_true",
-                   help="solve with images smoothed by sigma = 32, 16, ... voxels first")
-    p.add_argument("--precond", choices=PRECONDITIONERS,
-                   help=f"Krylov preconditioner: invreg = (beta A)^-1, 2level = coarse-grid Hessian solve for the "
-                        f"low frequencies (small beta) (default {d.newton.preconditioner})")
-    p.add_argument("--distance", choices=DISTANCES,
-                   help=f"l2 = squared L2, ncc = normalised cross-correlation (intensity-affine invariant), "
-                        f"lncc = local NCC in a Gaussian window (invariant to bias fields; what SyN uses) "
-                        f"(default {d.distance.name})")
-    p.add_argument("--lncc-sigma", type=float,
-                   help=f"lncc's window: Gaussian sigma in voxels; ANTs' CC radius r is sigma = sqrt(r(r+1)/3), "
-                        f"radius 4 = 2.6 (default {d.distance.lncc_sigma:g})")
-    p.add_argument("--weights", type=_weights,
-                   help="comma-separated weights of the components of 4-D (multi-channel) images (default: all 1)")
     p.add_argument("--mask", help="weight image in [0, 1] on FIXED's grid restricting the distance")
-    p.add_argument("--pad", type=int, help=f"voxels of background padding per side against the periodic "
-                                           f"wrap-around, cropped on output (default {d.preprocess.pad})")
     p.add_argument("--labels-fixed", help="integer label map on FIXED's grid: print Dice per label before/after")
     p.add_argument("--labels-moving", help="integer label map on MOVING's grid (with --labels-fixed)")
-    p.add_argument("--nt", type=int, help=f"time steps of the transport (default {d.transport.nt})")
-    p.add_argument("--gtol", type=float,
-                   help=f"stop at ||g||/||g0|| <= GTOL (default {d.newton.gradient_tolerance:g})")
-    p.add_argument("--max-iter", type=int, help=f"Gauss-Newton iterations (default {d.newton.max_iterations})")
-    p.add_argument("--krylov-max-iter", type=int,
-                   help=f"PCG iterations per Newton step (default {d.newton.krylov.max_iterations})")
-    p.add_argument("--forcing", choices=("superlinear", "quadratic", "fixed"),
-                   help=f"PCG forcing sequence (default {d.newton.krylov.forcing})")
-    p.add_argument("--sigma", type=_positive_float, help=f"image smoothing in voxels (default {d.preprocess.sigma:g})")
-    p.add_argument("--precision", choices=("float32", "float64"), help=f"working precision (default {d.precision})")
-    p.add_argument("--resample", action="store_true",
-                   help="resample MOVING onto FIXED's grid through their affines when the grids differ (implied "
-                        "by an affine stage)")
-    p.add_argument("--affine", choices=AFFINE_MODES,
-                   help=f"stage before the deformable solve: centre of mass, rigid, then affine (12 parameters), "
-                        f"coarse to fine; none takes the pair as aligned, as CLAIRE does (default {d.affine.mode})")
-    p.add_argument("--affine-metric", choices=AFFINE_METRICS,
-                   help=f"the affine stage's measure: auto follows --distance (ssd for l2, global ncc otherwise); "
-                        f"mi = Mattes mutual information, for pairs of different contrast (default {d.affine.metric})")
     p.add_argument("--initial-transform", metavar="FILE",
                    help="ITK/ANTs affine (.mat text or binary, .txt, .tfm; FIXED's points into MOVING's, e.g. "
                         "ANTs' 0GenericAffine.mat) to start from; with --affine none it is the affine part")
-    p.add_argument("--affine-only", action="store_true",
-                   help="stop after the affine stage: the outputs hold the affine map (velocity 0)")
+    add_flags(p, d)
     p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
     p.add_argument("--output-format", choices=("nii.gz", "nii"), default="nii.gz",
                    help="image files of OUTDIR: nii.gz (rank 0 compresses) or nii (every rank writes its part in "
