@@ -29,13 +29,9 @@ the working directory.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import itertools
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections import deque
@@ -43,297 +39,20 @@ from collections import deque
 import numpy as np
 
 from .api import register
-from .config import PRESETS, RegistrationConfig, _merged
+from .config import PRESETS
 from .errors import UserInputError
-from .options import BY_NAME, parse
-from .options import nested as nested_options
+from .batch_jobs import (_PATHS, OPTIONS, _base_config, _expand, _Job, _job_config, _parse_option,  # noqa: F401
+                         parse_sweep, read_jobs)
+from .batch_results import _complete_row, _finished_row, _flat, _read_record, _Results, _row, summary_table
 
 __all__ = ["batch", "OPTIONS", "read_jobs", "parse_sweep", "summary_table", "add_batch_command"]
 
 log = logging.getLogger(__name__)
 
 
-#: The per-job options: the flat names of ``claire register``'s flags (``--max-iter`` ->
-#: ``max_iter``), from :data:`claire_py.options.OPTIONS`.
-OPTIONS = tuple(BY_NAME)
-_PATHS = ("fixed", "moving", "labels_fixed", "labels_moving", "mask")
-_KEYS = ("name",) + _PATHS + ("preset",) + tuple(OPTIONS)
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._=+-]*$")
 _TAG_REQUEST, _TAG_JOB = 71, 72
 _POLL_MIN, _POLL_MAX = 0.001, 0.05  # seconds between the dispatcher's looks for requests
 _ALONE_TIMEOUT = 30.0  # seconds a rank that failed alone waits for its group before aborting
-
-
-@dataclasses.dataclass
-class _Job:
-    name: str
-    inputs: dict  # absolute paths: fixed, moving and, when given, labels_*, mask
-    options: dict  # flat option name -> value (the job's own and the sweep's)
-    config: RegistrationConfig
-    directory: str
-    record: dict | None = None  # the row of an earlier complete run: nothing to do
-
-
-def _key(key):
-    return str(key).strip().lower().replace("-", "_")
-
-
-def _parse_option(key, value, where):
-    if key == "preset":
-        if value not in PRESETS:
-            raise UserInputError(f"{where}: preset {value!r} is unknown; use one of {', '.join(PRESETS)}")
-        return value
-    try:
-        return parse(BY_NAME[key], value)
-    except (TypeError, ValueError) as exc:
-        raise UserInputError(f"{where}: {key}={value!r}: {exc}") from None
-
-
-def _value_text(value):
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return ",".join(_value_text(v) for v in value)
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def parse_sweep(texts):
-    """``{NAME: [values]}`` from ``--sweep NAME=V1,V2,...`` arguments (values kept as text).
-
-    Raises
-    ------
-    UserInputError
-        On a malformed argument, an unknown option name or a name given twice.
-    """
-    sweep = {}
-    for text in texts or ():
-        name, sep, values = str(text).partition("=")
-        name = _key(name)
-        if not sep or not name or not values.strip():
-            raise UserInputError(f"--sweep {text!r}: write NAME=V1,V2,... (e.g. --sweep beta=1e-2,1e-3)")
-        if name in sweep:
-            raise UserInputError(f"--sweep {name} is given twice; list all its values in one --sweep")
-        sweep[name] = [v.strip() for v in values.split(",") if v.strip()]
-    return sweep
-
-
-def _checked_sweep(sweep):
-    """``[(name, [(text, value), ...]), ...]`` of a sweep dict, each value parsed."""
-    items = []
-    for name, values in (sweep or {}).items():
-        key = _key(name)
-        if key not in OPTIONS and key != "preset":
-            raise UserInputError(f"sweep over {name!r}: not an option; valid: preset, {', '.join(OPTIONS)}")
-        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-            values = [values]
-        values = list(values)
-        if not values:
-            raise UserInputError(f"sweep over {name!r}: no values given")
-        texts = [_value_text(v) for v in values]
-        if len(set(texts)) != len(texts):
-            raise UserInputError(f"sweep over {name!r}: a value is given twice ({', '.join(texts)})")
-        items.append((key, [(t, _parse_option(key, v, f"sweep over {name}")) for t, v in zip(texts, values)]))
-    return items
-
-
-def read_jobs(jobs):
-    """The entries of a job list: ``(list of (where, dict), base directory)``.
-
-    Parameters
-    ----------
-    jobs : str, os.PathLike or sequence of dict
-        A ``.csv`` file (a header row naming the columns; lines starting with ``#`` are
-        comments), a ``.yaml``/``.yml`` (needs PyYAML) or ``.json`` file holding a list of
-        mappings, or a list of dicts.
-    """
-    if isinstance(jobs, (str, os.PathLike)):
-        path = os.fspath(jobs)
-        if not os.path.isfile(path):
-            raise UserInputError(f"{path}: no such jobs file")
-        lower = path.lower()
-        try:
-            with open(path, newline="") as fh:
-                if lower.endswith(".csv"):
-                    entries = _read_csv(path, fh)
-                elif lower.endswith((".yaml", ".yml", ".json")):
-                    entries = _read_structured(path, fh)
-                else:
-                    raise UserInputError(f"{path}: give the jobs as a .csv, .yaml/.yml or .json file")
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
-            raise UserInputError(f"{path}: cannot be read as a job list ({exc})") from None
-        return entries, os.path.dirname(os.path.abspath(path))
-    if isinstance(jobs, dict) or not hasattr(jobs, "__iter__"):
-        raise UserInputError("jobs: give a .csv/.yaml/.json file or a list of dicts, one per job")
-    return [(f"job {i + 1}", entry) for i, entry in enumerate(jobs)], os.getcwd()
-
-
-def _read_csv(path, fh):
-    lines = [(i + 1, line) for i, line in enumerate(fh) if line.strip() and not line.lstrip().startswith("#")]
-    if not lines:
-        raise UserInputError(f"{path}: no header row; the first line names the columns (fixed,moving,...)")
-    reader = csv.DictReader([line for _, line in lines], skipinitialspace=True)
-    entries = []
-    for row in reader:
-        line = lines[reader.line_num - 1][0]
-        if None in row:
-            raise UserInputError(f"{path}, line {line}: more cells than the header has columns")
-        entries.append((f"{path}, line {line}", {k: v.strip() for k, v in row.items() if v is not None}))
-    return entries
-
-
-def _read_structured(path, fh):
-    text = fh.read()
-    if path.lower().endswith(".json"):
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise UserInputError(f"{path}: not valid JSON ({exc})") from None
-    else:
-        try:
-            import yaml
-        except ImportError:
-            raise UserInputError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or give the jobs "
-                                 "as .csv or .json") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise UserInputError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(data, list):
-        raise UserInputError(f"{path}: expected a list of jobs (mappings with fixed, moving, ...), got "
-                             f"{type(data).__name__}")
-    return [(f"{path}, job {i + 1}", entry) for i, entry in enumerate(data)]
-
-
-def _stem(path):
-    name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return os.path.splitext(name)[0]
-
-
-def _safe(text):
-    return re.sub(r"[^A-Za-z0-9._+-]", "_", text)
-
-
-def _expand(entries, base, sweep):
-    """``[(name, inputs, options, where), ...]``: every entry times every sweep combination."""
-    items = _checked_sweep(sweep)
-    swept = {key for key, _ in items}
-    expanded = []
-    for where, entry in entries:
-        if not isinstance(entry, dict):
-            raise UserInputError(f"{where}: a job is a mapping with fixed, moving, ...; got {entry!r}")
-        entry = {_key(k): v for k, v in entry.items() if v is not None and not (isinstance(v, str) and not v.strip())}
-        unknown = sorted(set(entry) - set(_KEYS))
-        if unknown:
-            raise UserInputError(f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(_KEYS)}")
-        for key in ("fixed", "moving"):
-            if key not in entry:
-                raise UserInputError(f"{where}: no {key} image given")
-        if ("labels_fixed" in entry) != ("labels_moving" in entry):
-            raise UserInputError(f"{where}: give both labels_fixed and labels_moving (or neither)")
-        inputs = {}
-        for key in _PATHS:
-            if key in entry:
-                if not isinstance(entry[key], (str, os.PathLike)):
-                    raise UserInputError(f"{where}: {key} must be a file path, got {type(entry[key]).__name__}")
-                inputs[key] = os.path.abspath(os.path.join(base, os.path.expanduser(os.fspath(entry[key]))))
-        options = {k: _parse_option(k, v, where) for k, v in entry.items() if k not in _PATHS and k != "name"}
-        clash = sorted(set(options) & swept)
-        if clash:
-            raise UserInputError(f"{where}: sets {', '.join(clash)}, which the sweep also sets; drop one of them")
-        name = str(entry["name"]).strip() if "name" in entry else \
-            _safe(f"{_stem(inputs['moving'])}_to_{_stem(inputs['fixed'])}")
-        if not _NAME.match(name) or name in (".", ".."):
-            raise UserInputError(f"{where}: job name {name!r} is not a safe directory name (letters, digits, "
-                                 "._=+- ; not starting with . or -)")
-        for combo in itertools.product(*(values for _, values in items)):
-            suffix = "".join(f"__{key}={_safe(text)}" for (key, _), (text, _) in zip(items, combo))
-            opts = dict(options, **{key: value for (key, _), (_, value) in zip(items, combo)})
-            expanded.append((name + suffix, inputs, opts, where))
-    return expanded
-
-
-def _base_config(config):
-    """The batch-wide settings as a nested dict (or the RegistrationConfig itself)."""
-    if config is None or isinstance(config, RegistrationConfig):
-        return config
-    if isinstance(config, dict):
-        nested = config
-    elif isinstance(config, (str, os.PathLike)):
-        try:
-            nested = RegistrationConfig.from_file(os.fspath(config), raw=True)
-        except ImportError:
-            raise UserInputError(f"{config}: reading YAML needs PyYAML (pip install pyyaml)") from None
-        except (OSError, ValueError) as exc:
-            raise UserInputError(f"--config {config}: {exc}") from None
-    else:
-        raise UserInputError(f"config: give a RegistrationConfig, a nested dict or a file, not "
-                             f"{type(config).__name__}")
-    try:
-        RegistrationConfig.from_dict(nested)
-    except (TypeError, ValueError) as exc:
-        raise UserInputError(f"config: {exc}") from None
-    return nested
-
-
-def _job_config(options, base, preset, where):
-    overrides = nested_options({key: value for key, value in options.items() if key != "preset"})
-    preset = options.get("preset", preset)
-    if isinstance(base, RegistrationConfig):
-        if preset:
-            raise UserInputError(f"{where}: preset {preset!r} cannot refine a RegistrationConfig object; give the "
-                                 "batch config as a nested dict or file instead")
-        base = base.to_dict()
-    try:
-        top = _merged(base or {}, overrides)
-        return RegistrationConfig.preset(preset, top) if preset else RegistrationConfig.from_dict(top)
-    except (TypeError, ValueError) as exc:
-        raise UserInputError(f"{where}: {exc}") from None
-
-
-def _flat(nested, prefix=""):
-    out = {}
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
-def _read_record(directory):
-    """The ``registration.json`` of ``directory`` when it says complete, else ``None``."""
-    from .outputs import read_record
-
-    try:
-        return read_record(directory)
-    except UserInputError:
-        return None
-
-
-def _row(job, **fields):
-    row = {"name": job.name, **job.inputs, **job.options}
-    row.update(fields)
-    return row
-
-
-def _complete_row(job, meta, resumed):
-    history, dice = meta["history"], meta.get("dice")
-    row = _row(job, status="complete", resumed=resumed, seconds=float(meta["seconds"]),
-               iterations=sum(1 for h in history if h["iteration"] > 0),
-               matvecs=int(meta["workload"]["hessian_matvec"]["pcg_iterations"]),
-               mismatch_before=float(history[0]["mismatch"]), mismatch_after=float(history[-1]["mismatch"]),
-               det_min=float(meta["det_grad_y"]["min"]), det_max=float(meta["det_grad_y"]["max"]),
-               beta_final=float(meta["beta"]), converged=bool(meta["converged"]), stop_reason=meta["stop_reason"],
-               ranks=int(meta["ranks"]), error="")
-    if dice:
-        row["dice_mean_before"] = float(np.mean(dice["before"])) if dice["before"] else float("nan")
-        row["dice_mean"] = float(np.mean(dice["after"])) if dice["after"] else float("nan")
-    return row
 
 
 def _plan(jobs, outdir, sweep, config, preset, overwrite):
@@ -467,79 +186,11 @@ def _execute(job, group, agreement, checkpoint_every=None):
     return error, time.perf_counter() - t0, start
 
 
-def _finished_row(job, error, seconds):
-    """The row of a job that ran: read back from its ``registration.json``, or its failure."""
-    if error is None:
-        return _complete_row(job, _read_record(job.directory), resumed=False)
-    return _row(job, status="failed", resumed=False, seconds=seconds, error=error)
-
-
 def _run_job(job, group, agreement, checkpoint_every=None):
     """Register one job on ``group`` and save it; its row on the group's rank 0 (a failure
     is a row too), ``None`` on the other ranks."""
     error, seconds, _ = _execute(job, group, agreement, checkpoint_every)
     return _finished_row(job, error, seconds) if group.Get_rank() == 0 else None
-
-
-def _columns(plan):
-    inputs = [k for k in _PATHS if any(k in job.inputs for job in plan)]
-    options = list(dict.fromkeys(k for job in plan for k in job.options))
-    results = ["status", "resumed", "seconds", "iterations", "matvecs", "mismatch_before", "mismatch_after",
-               "det_min", "det_max"]
-    if "labels_fixed" in inputs:
-        results += ["dice_mean_before", "dice_mean"]
-    return ["name"] + inputs + options + results + ["beta_final", "converged", "stop_reason", "ranks", "error"]
-
-
-def _write_csv(path, columns, rows):
-    """Write ``rows`` to ``path`` atomically (a temporary file renamed onto it)."""
-    from io import StringIO
-
-    from .io import write_text
-
-    text = StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else _value_text(row[k]) if k in OPTIONS else row[k]
-                         for k in columns})
-    write_text(path, text.getvalue())
-
-
-class _Results:
-    """The rows, kept on world rank 0 and rewritten to ``results.csv`` after each change."""
-
-    def __init__(self, plan, outdir):
-        self.plan, self.path = plan, os.path.join(outdir, "results.csv")
-        self.rows = [job.record or _row(job, status="pending") for job in plan]
-        self.columns = _columns(plan)
-        self.done = sum(job.record is not None for job in plan)
-
-    def set(self, index, row, final=True):
-        self.rows[index] = row
-        if final:
-            self.done += 1
-            if row["status"] == "complete":
-                log.info("[%d/%d] %s: complete in %.1f s (%d iterations, mismatch %.3f, det(grad y) in [%.3f, %.3f])",
-                         self.done, len(self.rows), row["name"], row["seconds"], row["iterations"],
-                         row["mismatch_after"], row["det_min"], row["det_max"])
-            else:
-                log.info("[%d/%d] %s: failed: %s", self.done, len(self.rows), row["name"], row["error"])
-        self.write(quiet=True)
-
-    def write(self, quiet=False):
-        """Rewrite the CSV; returns the error text instead of raising (``quiet``: log it)."""
-        try:
-            _write_csv(self.path, self.columns, self.rows)
-        except OSError as exc:
-            error = f"{self.path}: cannot write the results ({exc.strerror or exc})"
-            if quiet:
-                log.warning("warning: %s", error)
-            return error
-        return None
-
-    def final(self):
-        return [{k: row.get(k) for k in self.columns} for row in self.rows]
 
 
 def _run_in_order(plan, comm, results, checkpoint_every=None):
@@ -754,35 +405,6 @@ def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, 
     if error:
         raise UserInputError(error)
     return rows
-
-
-def _number(value, spec):
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
-
-
-def summary_table(rows, path=None):
-    """A plain-text table of the rows of :func:`batch` (and a closing count line)."""
-    width = max([len("job")] + [len(r["name"]) for r in rows])
-    dice = any(r.get("dice_mean") is not None for r in rows)
-    head = f"{'job':{width}}  {'status':8} {'seconds':>8} {'iter':>5} {'matvecs':>7} {'mismatch':>8} " \
-           f"{'det(grad y)':>17}" + ("  Dice before -> after" if dice else "")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        if r["status"] != "complete":
-            lines.append(f"{r['name']:{width}}  {r['status']:8} {_number(r.get('seconds'), '8.1f')}  "
-                         f"{r.get('error') or ''}")
-            continue
-        line = (f"{r['name']:{width}}  {r['status']:8} {r['seconds']:8.1f} {r['iterations']:5d} {r['matvecs']:7d} "
-                f"{r['mismatch_after']:8.3f} [{r['det_min']:7.3f}, {r['det_max']:7.3f}]")
-        if r.get("dice_mean") is not None:
-            line += f"  {r['dice_mean_before']:.3f} -> {r['dice_mean']:.3f}"
-        lines.append(line)
-    complete = sum(r["status"] == "complete" for r in rows)
-    resumed = sum(bool(r.get("resumed")) for r in rows)
-    failed = sum(r["status"] == "failed" for r in rows)
-    lines.append(f"{complete} of {len(rows)} job(s) complete ({resumed} from an earlier run), {failed} failed"
-                 + (f"; rows in {path}" if path else ""))
-    return "\n".join(lines)
 
 
 def _cmd_batch(args):
