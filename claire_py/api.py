@@ -542,8 +542,57 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     config = RegistrationConfig() if config is None else config
     phases = Phases()
     phases.enter("read")
+    run = _read(fixed, moving, config, world(comm), mask, labels, initial_transform, gather)
+    phases.enter("setup")
+    problem = _prepare(run, phases)
+    phases.enter("solve")
+    result = continuation.solve(problem, run.decomp.new_vector(), run.config.newton, run.config.continuation,
+                                callback=callback, checkpoint=checkpoint)
+    problem = None  # the solver's state goes before the outputs are made
+    phases.enter("warp")
+    log.info("stopped: %s (beta = %.3g)", result.stop_reason, result.beta)
+    fields = _derive(run, result, gather, phases)
+    return _result(run, result, fields, gather, phases)
+
+
+@dataclass
+class _Run:
+    """What :func:`register`'s stages hand on: the inputs as sources and, once prepared, the
+    decomposition, the transport and the affine part."""
+
+    config: RegistrationConfig
+    comm: object
+    inputs: Inputs
+    shape: tuple  # FIXED's grid
+    moving_shape: tuple
+    pad: int
+    components: int | None
+    affine: np.ndarray | None  # FIXED's voxel-to-world as given (None for arrays)
+    fixed_world: np.ndarray
+    moving_world: np.ndarray
+    initial: np.ndarray | None
+    same_grid: bool
+    has_labels: bool
+    has_mask: bool
+    use_affine: bool
+    t0: float = 0.0
+    decomp: Decomposition = None
+    transport: SemiLagrangianTransport = None
+    workload: Workload = None
+    transform: np.ndarray = None
+    affine_history: list = None
+    through: bool = False
+
+    @property
+    def grid(self):
+        """The solve's grid: FIXED's padded by ``pad`` on every side."""
+        return tuple(n + 2 * self.pad for n in self.shape)
+
+
+def _read(fixed, moving, config, comm, mask, labels, initial_transform, gather):
+    """The inputs as :class:`~claire_py.prepare.Source` objects, checked (every rank raises
+    alike), and the configuration to run with (the memory guard's)."""
     # each rank holds its planes of each input (claire_py.prepare): no rank holds a whole image
-    comm = world(comm)
     fixed = source(fixed, comm, "fixed", channels=True)
     moving = source(moving, comm, "moving", channels=True)
     components, shape = fixed.components, fixed.shape
@@ -584,109 +633,93 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
             continuation=dataclasses.replace(config.continuation, grid_continuation=False, scale_continuation=False,
                                              beta_continuation=False, train=None))
     pad = config.preprocess.pad
-    grid = tuple(n + 2 * pad for n in shape)
-    config = _check_memory(grid, comm, config, components or 1, gather)
+    config = _check_memory(tuple(n + 2 * pad for n in shape), comm, config, components or 1, gather)
     sources = {"fixed": fixed, "moving": moving, **({"mask": mask} if has_mask else {}),
                **(dict(zip(("fixed labels", "moving labels"), labels)) if has_labels else {})}
     inputs = Inputs(sources, comm, precision=config.precision)
-    fixed, moving = inputs.planes("fixed"), inputs.planes("moving")
-    mask = inputs.planes("mask") if has_mask else None
+    for name in ("fixed", "moving") + (("mask",) if has_mask else ()):
+        inputs.planes(name)  # read (and checked) now, before any solver memory is allocated
     for name in ("fixed labels", "moving labels") if has_labels else ():
         kind = inputs.planes(name).data.dtype.kind
         if kind not in ("i", "u"):
             raise UserInputError(f"{name}: a label map needs an integer voxel type, not kind {kind!r}")
-    labels = None
-    t0 = time.perf_counter()
-    phases.enter("setup")
-    workload = Workload()
-    decomp = Decomposition(grid, comm=comm, dtype=np.dtype(config.precision))
-    ops = SpectralOperators(decomp)
-    transport = SemiLagrangianTransport(decomp, ops, config.transport, workload)
-    root = decomp.rank == 0
+    return _Run(config, comm, inputs, shape, moving_shape, pad, components, affine,
+                np.eye(4) if affine is None else np.asarray(affine, float),
+                np.eye(4) if moving_affine is None else np.asarray(moving_affine, float),
+                initial, same_grid, has_labels, has_mask, use_affine)
+
+
+def _prepare(run, phases):
+    """The decomposition and transport, the affine stage, the inputs placed on the solve's
+    blocks (MOVING through the affine part) and the :class:`RegistrationProblem` on them."""
+    config, comm, inputs = run.config, run.comm, run.inputs
+    run.t0 = time.perf_counter()
+    run.workload = Workload()
+    decomp = run.decomp = Decomposition(run.grid, comm=comm, dtype=np.dtype(config.precision))
+    run.transport = SemiLagrangianTransport(decomp, SpectralOperators(decomp), config.transport, run.workload)
     start_kernel_runtime()  # once per process: not the cost of whichever kernel comes first
-    fixed_world = np.eye(4) if affine is None else np.asarray(affine, float)
-    moving_world = np.eye(4) if moving_affine is None else np.asarray(moving_affine, float)
-    transform = np.eye(4) if initial is None else initial
-    affine_history = []
+    fixed, moving = inputs.planes("fixed"), inputs.planes("moving")
+    run.transform = np.eye(4) if run.initial is None else run.initial
+    run.affine_history = []
     if config.affine.mode != "none":
         phases.enter("affine")
-        pyramid = ImagePyramid(_scalar_planes(fixed, comm), _scalar_planes(moving, comm), fixed_world, moving_world,
-                               config.affine, mask=None if mask is None else np.asarray(mask.data[0], np.float32),
-                               decomp=decomp, planes=(fixed.k0, moving.k0), shapes=(shape, moving_shape))
-        transform, affine_history = affine_stage(pyramid, decomp, config.affine, distance=config.distance.name,
-                                                 initial=initial)
-        pyramid = None
+        mask = inputs.planes("mask") if run.has_mask else None
+        pyramid = ImagePyramid(_scalar_planes(fixed, comm), _scalar_planes(moving, comm), run.fixed_world,
+                               run.moving_world, config.affine,
+                               mask=None if mask is None else np.asarray(mask.data[0], np.float32),
+                               decomp=decomp, planes=(fixed.k0, moving.k0), shapes=(run.shape, run.moving_shape))
+        run.transform, run.affine_history = affine_stage(pyramid, decomp, config.affine,
+                                                         distance=config.distance.name, initial=run.initial)
+        pyramid = mask = None
         phases.enter("setup")
-    through = not (same_grid and np.allclose(transform, np.eye(4), atol=1e-9))  # MOVING needs resampling
+    fixed = moving = None
+    # MOVING needs resampling
+    run.through = not (run.same_grid and np.allclose(run.transform, np.eye(4), atol=1e-9))
     # MOVING through the affine part onto FIXED's grid (cubic, clipped to its range: trilinear
     # blurs, and a blurred MOVING cost the deformable solve 0.02 Dice): the solve starts there;
     # "before" (residual, Dice) is MOVING through the headers alone
-    inputs.place(decomp, pad, transform=_voxel_map(moving_world, fixed_world, transform),
-                 headers=_voxel_map(moving_world, fixed_world), through=through)
-    if through:
-        log.info("moving %s onto fixed's grid %s through the affine part", moving_shape, shape)
+    inputs.place(decomp, run.pad, transform=_voxel_map(run.moving_world, run.fixed_world, run.transform),
+                 headers=_voxel_map(run.moving_world, run.fixed_world), through=run.through)
+    if run.through:
+        log.info("moving %s onto fixed's grid %s through the affine part", run.moving_shape, run.shape)
     normalize = config.preprocess.normalize
-    stacked = {"fixed": _checked_blocks(inputs.fixed(), "fixed", decomp, normalize),
-               "moving": _checked_blocks(inputs.moving(), "moving", decomp, normalize)}
-    mask_local = None
-    if has_mask:
-        mask_local = inputs.fixed("mask", np.float64)[0]
-        lo, hi = decomp.allreduce(float(mask_local.min()), "min"), decomp.allreduce(float(mask_local.max()), "max")
+    fixed = _checked_blocks(inputs.fixed(), "fixed", decomp, normalize)
+    moving = _checked_blocks(inputs.moving(), "moving", decomp, normalize)
+    mask = None
+    if run.has_mask:
+        mask = inputs.fixed("mask", np.float64)[0]
+        lo, hi = decomp.allreduce(float(mask.min()), "min"), decomp.allreduce(float(mask.max()), "max")
         if lo < 0 or hi > 1 or hi == 0:
             raise UserInputError(f"mask values lie in [{lo:g}, {hi:g}]; a mask must lie in [0, 1] and not be all 0")
-    # nothing of the inputs is held through the solve: the outputs read them again
+    # nothing of the inputs is held through the solve: the outputs read them again; the problem
+    # keeps its own (smoothed) images
     inputs.release()
-    fixed = moving = mask = None
-    problem = RegistrationProblem(transport, stacked.pop("fixed"), stacked["moving"], config.regularization,
-                                  workload, distance=config.distance, mask=mask_local, sigma=config.preprocess.sigma)
-    # the problem keeps its own (smoothed) images; the input blocks are needed no longer
-    stacked = mask_local = None
-    log.info("registering %s%s on %s (%s, distance %s)", "x".join(map(str, shape)),
-             f" padded to {'x'.join(map(str, grid))}" if pad else "", decomp, config.precision, config.distance.name)
+    problem = RegistrationProblem(run.transport, fixed, moving, config.regularization, run.workload,
+                                  distance=config.distance, mask=mask, sigma=config.preprocess.sigma)
+    log.info("registering %s%s on %s (%s, distance %s)", "x".join(map(str, run.shape)),
+             f" padded to {'x'.join(map(str, run.grid))}" if run.pad else "", decomp, config.precision,
+             config.distance.name)
     log.info("iter     objective   mismatch  |g|/|g0|  krylov  step      time")
-    phases.enter("solve")
-    result = continuation.solve(problem, decomp.new_vector(), config.newton, config.continuation, callback=callback,
-                                checkpoint=checkpoint)
-    phases.enter("warp")
-    log.info("stopped: %s (beta = %.3g)", result.stop_reason, result.beta)
-    # the outputs need the transport's plans only: the solver's state goes before they are made
-    # (collected now: mpi4py-fft's FFT objects of the coarse levels sit in reference cycles)
-    problem = None
+    return problem
+
+
+def _derive(run, result, gather, phases):
+    """The outputs at the solve's velocity, each kept as this rank's block or gathered onto
+    rank 0 as soon as made (:class:`_Outputs`): warped MOVING, the labels' Dice, det(grad y)
+    (and its range by central differences), the displacement, the velocity and the map."""
+    config, decomp, transport, inputs, pad = run.config, run.decomp, run.transport, run.inputs, run.pad
+    # the outputs need the transport's plans only (collected now: mpi4py-fft's FFT objects of
+    # the coarse levels sit in reference cycles)
     gc.collect()
     if transport.velocity is not result.velocity:
         transport.set_velocity(result.velocity)
-    # each output is gathered as soon as it is made, so that rank 0 holds one local copy at a time
-    out = _Outputs(decomp, pad, gather)  # gathered onto rank 0 one at a time, or kept as blocks
+    out = _Outputs(decomp, pad, gather)  # rank 0 holds one gathered field at a time
     # MOVING in its own intensities (checked, not normalised), read again
     warped = out.keep("warped", np.stack([transport.transport_image(c) for c in
                                           _checked_blocks(inputs.moving(), "moving", decomp, False)]))
-    dice = None
-    if has_labels:
-        phases.enter("labels")
-        label_set, fixed_labels, moving_labels, before_labels = inputs.labels()
-        inputs.release()
-        if through:  # each label's indicator goes through the affine part and the velocity at once
-            warped_labels, affine_labels = _warp_labels_through(transport, decomp, moving_labels, moving_world,
-                                                                fixed_world, transform, pad)
-        else:
-            warped_labels = transport.transport_labels(moving_labels, method="probability")
-            affine_labels = before_labels
-        moving_labels = None
-
-        def overlap(other):
-            return dice_from_counts(label_set, dice_counts(decomp, pad, np.asarray(label_set), fixed_labels, other))
-
-        dice = {"labels": [int(v) for v in label_set if v > 0], "before": overlap(before_labels),
-                "after": overlap(warped_labels)}
-        if use_affine:
-            dice["affine"] = overlap(affine_labels)
-        fixed_labels = before_labels = warped_labels = affine_labels = None
-        log.info("Dice (mean over %d labels): %.3f -> %.3f", len(dice["labels"]),
-                 np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
-        if not root:
-            dice = None
+    dice = _dice(run, phases) if run.has_labels else None
     phases.enter("det")
-    det_affine = float(np.linalg.det(transform[:3, :3]))  # the whole map's det: affine part x deformable part
+    det_affine = float(np.linalg.det(run.transform[:3, :3]))  # the whole map's det: affine part x deformable part
     det = transport.det_grad_y()
     if det_affine != 1.0:
         det *= det_affine
@@ -698,54 +731,90 @@ def register(fixed, moving, *, config=None, comm=None, callback=None, mask=None,
     det_central = tuple(det_affine * d for d in
                         _range_inside(transport.det_grad_y_central_differences(displacement), decomp, pad))
     displacement = out.keep("displacement", displacement)
-    workload.add("total", 1, time.perf_counter() - t0)
+    to_cropped_box = np.array([n / m for n, m in zip(run.grid, run.shape)])[:, None, None, None]  # radians
+    deformation = DeformationMap(out.planes(result.velocity) * to_cropped_box, run.shape, comm=run.comm,
+                                 grid_affine=run.fixed_world, transform=run.transform, nt=config.transport.nt,
+                                 interpolation=config.transport.interpolation, precision=config.precision,
+                                 moving_grid=(tuple(run.moving_shape), run.moving_world), config=config)
+    velocity = out.keep("velocity", result.velocity)
+    if velocity is not None and pad:  # radians of the padded box -> radians of the cropped one
+        velocity *= to_cropped_box
+    return dict(out=out, warped=warped, dice=dice, det=det, det_range=det_range, det_central=det_central,
+                displacement=displacement, velocity=velocity, map=deformation)
+
+
+def _dice(run, phases):
+    """Dice per label before and after (and after the affine part alone), on rank 0."""
+    phases.enter("labels")
+    decomp, pad, transport = run.decomp, run.pad, run.transport
+    label_set, fixed_labels, moving_labels, before_labels = run.inputs.labels()
+    run.inputs.release()
+    if run.through:  # each label's indicator goes through the affine part and the velocity at once
+        warped_labels, affine_labels = _warp_labels_through(transport, decomp, moving_labels, run.moving_world,
+                                                            run.fixed_world, run.transform, pad)
+    else:
+        warped_labels = transport.transport_labels(moving_labels, method="probability")
+        affine_labels = before_labels
+    moving_labels = None
+
+    def overlap(other):
+        return dice_from_counts(label_set, dice_counts(decomp, pad, np.asarray(label_set), fixed_labels, other))
+
+    dice = {"labels": [int(v) for v in label_set if v > 0], "before": overlap(before_labels),
+            "after": overlap(warped_labels)}
+    if run.use_affine:
+        dice["affine"] = overlap(affine_labels)
+    log.info("Dice (mean over %d labels): %.3f -> %.3f", len(dice["labels"]),
+             np.mean(dice["before"] or [np.nan]), np.mean(dice["after"] or [np.nan]))
+    return dice if decomp.rank == 0 else None
+
+
+def _result(run, result, fields, gather, phases):
+    """The :class:`RegistrationResult`: the fields gathered on rank 0 (``gather``) or this
+    rank's slabs of them, the inputs as the residuals need them, the workload and timing."""
+    decomp, inputs, out, pad = run.decomp, run.inputs, fields["out"], run.pad
+    workload = run.workload
+    workload.add("total", 1, time.perf_counter() - run.t0)
     for name, (count, seconds) in decomp.stats.items():
         workload.add(name, count, seconds)
     work = workload.as_dict()
     work.setdefault("hessian_matvec", {"count": 0, "seconds": 0.0})["pcg_iterations"] = result.matvecs
     log.info("workload (count, seconds):\n%s", "\n".join(
         f"  {name:26s} {entry['count']:>8} {entry['seconds']:>10.3f}" for name, entry in work.items()))
-    to_cropped_box = np.array([n / m for n, m in zip(grid, shape)])[:, None, None, None]  # radians of the boxes
-    deformation = DeformationMap(out.planes(result.velocity) * to_cropped_box, shape, comm=comm,
-                                 grid_affine=fixed_world, transform=transform, nt=config.transport.nt,
-                                 interpolation=config.transport.interpolation, precision=config.precision,
-                                 moving_grid=(tuple(moving_shape), moving_world), config=config)
-    velocity = out.keep("velocity", result.velocity)
-    if velocity is not None and pad:  # radians of the padded box -> radians of the cropped one
-        velocity *= to_cropped_box
-    slabs = None
+    slabs = fixed_whole = moving_before = None
     if not gather:
         from .outputs import Slabs
 
         # the residuals' images: FIXED as the solve saw it (normalised), MOVING before, read again
-        out.blocks["fixed"] = _checked_blocks(inputs.fixed(), "fixed", decomp, normalize)
+        out.blocks["fixed"] = _checked_blocks(inputs.fixed(), "fixed", decomp, run.config.preprocess.normalize)
         out.blocks["moving_before"] = np.asarray(inputs.moving_before(), decomp.dtype)
         inputs.release()
-        slabs = Slabs(decomp.comm, shape, out.slab, velocity_grid=grid, channels=components is not None)
-    fixed_whole = moving_before = None
-    if gather:  # the inputs whole on rank 0: FIXED, and MOVING through the headers alone
-        fixed_whole = inputs.planes("fixed").gather(comm)
-        if through:
+        slabs = Slabs(decomp.comm, run.shape, out.slab, velocity_grid=run.grid, channels=run.components is not None)
+    else:  # the inputs whole on rank 0: FIXED, and MOVING through the headers alone
+        fixed_whole = inputs.planes("fixed").gather(run.comm)
+        if run.through:
             moving_before = _crop(decomp.gather(np.ascontiguousarray(inputs.moving_before())), pad)
-            moving_before = moving_before[0] if moving_before is not None and components is None else moving_before
+            if moving_before is not None and run.components is None:
+                moving_before = moving_before[0]
         else:
-            moving_before = inputs.planes("moving").gather(comm)
+            moving_before = inputs.planes("moving").gather(run.comm)
         inputs.release()
     phases.stop()
     timing, peak_rss = phases.gathered(decomp.comm), phases.gathered(decomp.comm, "peak_rss")
     if gather:  # nothing refers to the decomposition now: its communicators go (a batch makes many)
-        transport = problem = ops = None
+        run.transport = None
         decomp.free()
+    warped = fields["warped"]
     return RegistrationResult(
-        velocity=velocity, warped=None if warped is None else (warped if components else warped[0]),
-        det_grad_y=det, det_central_differences=det_central, displacement=displacement,
-        history=result.history, workload=work, converged=result.converged, stop_reason=result.stop_reason,
-        beta=result.beta, config=config,
-        fixed=fixed_whole,
-        moving=None if moving_before is None else np.asarray(moving_before),
-        affine=affine, seconds=time.perf_counter() - t0, ranks=decomp.size, stages=result.stages, dice=dice,
-        timing=timing, peak_rss=peak_rss, transform=transform, affine_history=affine_history, moving_grid=(tuple(moving_shape), moving_world),
-        det_range=det_range, slabs=slabs, map=deformation)
+        velocity=fields["velocity"], warped=None if warped is None else (warped if run.components else warped[0]),
+        det_grad_y=fields["det"], det_central_differences=fields["det_central"],
+        displacement=fields["displacement"], history=result.history, workload=work, converged=result.converged,
+        stop_reason=result.stop_reason, beta=result.beta, config=run.config, fixed=fixed_whole,
+        moving=None if moving_before is None else np.asarray(moving_before), affine=run.affine,
+        seconds=time.perf_counter() - run.t0, ranks=decomp.size, stages=result.stages, dice=fields["dice"],
+        timing=timing, peak_rss=peak_rss, transform=run.transform, affine_history=run.affine_history,
+        moving_grid=(tuple(run.moving_shape), run.moving_world), det_range=fields["det_range"], slabs=slabs,
+        map=fields["map"])
 
 
 class _Outputs:
