@@ -181,6 +181,14 @@ class RegistrationResult:
     det_range: tuple = (float("nan"), float("nan"))
     slabs: object = None
     map: DeformationMap = None
+    release: object = None  # with gather=False: frees the decomposition the slabs live on
+
+    def free(self):
+        """With ``register(..., gather=False)``: release the decomposition that :attr:`slabs`
+        live on (collective; call after :meth:`save`). A no-op for a gathered result."""
+        if self.release is not None:
+            self.release()
+            self.release = self.slabs = None
 
     def save(self, outdir, *, overwrite=False, inputs=None, timing=None, suffix=".nii.gz"):
         """Write the files of ``claire register`` into ``outdir`` (see
@@ -814,7 +822,7 @@ def _result(run, result, fields, gather, phases):
         seconds=time.perf_counter() - run.t0, ranks=decomp.size, stages=result.stages, dice=fields["dice"],
         timing=timing, peak_rss=peak_rss, transform=run.transform, affine_history=run.affine_history,
         moving_grid=(tuple(run.moving_shape), run.moving_world), det_range=fields["det_range"], slabs=slabs,
-        map=fields["map"])
+        map=fields["map"], release=None if gather else decomp.free)
 
 
 class _Outputs:

@@ -149,7 +149,7 @@ def _job_checkpoint(job, group, every):
 
 
 def _execute(job, group, agreement, checkpoint_every=None):
-    """Register one job on ``group`` and save it (on the group's rank 0).
+    """Register one job on ``group`` and save it (every rank its slabs of the files).
 
     Returns
     -------
@@ -170,13 +170,16 @@ def _execute(job, group, agreement, checkpoint_every=None):
             if start is not None and leader:
                 log.info("job %s: resuming from its checkpoint (level %d, iteration %d)", job.name, *start)
         labels = (job.inputs["labels_fixed"], job.inputs["labels_moving"]) if "labels_fixed" in job.inputs else None
+        # every rank of the group keeps its slabs and writes them: no rank gathers a field
         result = register(job.inputs["fixed"], job.inputs["moving"], config=job.config, comm=group,
-                          mask=job.inputs.get("mask"), labels=labels, checkpoint=checkpoint)
-        if leader:
+                          mask=job.inputs.get("mask"), labels=labels, checkpoint=checkpoint, gather=False)
+        try:
             result.save(job.directory, overwrite=True, inputs=job.inputs)
-            del result
-            if checkpoint is not None:
-                checkpoint.remove()  # the outputs are complete
+        finally:
+            result.free()  # the decomposition's communicators: a batch makes many
+        del result
+        if leader and checkpoint is not None:
+            checkpoint.remove()  # the outputs are complete
     except Exception as exc:  # noqa: BLE001 - a failing job is recorded, the batch goes on
         error = _one_line(exc)
         if not isinstance(exc, UserInputError):
