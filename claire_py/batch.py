@@ -41,6 +41,7 @@ import numpy as np
 from .api import register
 from .config import PRESETS
 from .errors import UserInputError
+from .parallel import world
 from .batch_jobs import (_PATHS, OPTIONS, _base_config, _expand, _Job, _job_config, _parse_option,  # noqa: F401
                          parse_sweep, read_jobs)
 from .batch_results import _complete_row, _finished_row, _flat, _read_record, _Results, _row, summary_table
@@ -342,7 +343,7 @@ def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, 
     """
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD if comm is None else comm
+    comm = world(comm)
     rank, size = comm.Get_rank(), comm.Get_size()
     if checkpoint_every is not None:
         checkpoint_every = _positive(checkpoint_every, "checkpoint every")
@@ -412,9 +413,7 @@ def batch(jobs, outdir, *, comm=None, ranks_per_job=1, sweep=None, config=None, 
 
 def _cmd_batch(args):
     """``claire batch``: returns 0 when every job completed, 1 when some failed."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
+    comm = world()
     logging.getLogger("claire_py").setLevel(logging.WARNING)  # the registrations' own log: warnings only
     log.setLevel(logging.INFO if comm.Get_rank() == 0 else logging.WARNING)
     sweep = parse_sweep(args.sweep)

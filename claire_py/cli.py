@@ -21,9 +21,9 @@ __all__ = ["main"]
 
 
 def _comm():
-    from mpi4py import MPI
+    from .parallel import world
 
-    return MPI.COMM_WORLD
+    return world()
 
 
 def _cmd_info(args):

@@ -35,6 +35,7 @@ import os
 import numpy as np
 
 from .errors import UserInputError
+from .parallel import world
 from .io import write_text
 from .outputs import output_file, read_record as _load_meta
 from .report_figures import (DPI, FIGURE_SIZES, _det_summary, _draw_convergence, _draw_det, _draw_dice, _draw_grid,
@@ -368,9 +369,7 @@ def report_wanted(args):
 
 def _cmd_report(args):
     """``claire report OUTDIR``: the report drawn on rank 0; errors raised on every rank."""
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
+    comm = world()
     error, path, failure = None, None, None
     if comm.Get_rank() == 0:
         try:
