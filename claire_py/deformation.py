@@ -233,14 +233,15 @@ class DeformationMap:
             u = np.einsum("ab,b...->a...", self.grid_affine[:3, :3], u).astype(u.dtype)
         return u
 
-    def deformation_map(self):
+    def deformation_map(self, displacement=None):
         """World coordinates (RAS mm) of the whole map at each voxel of :attr:`output_grid`, this
         rank's planes ``(3, n1, n2, k1 - k0)``: ``T(A (i + u(i)) + t)`` on FIXED's grid (``A``,
         ``t`` FIXED's voxel-to-world), or for an inverse map with MOVING's grid ``A (q + u(q)) +
         t`` at ``q`` = FIXED's voxel of ``T^-1`` of each MOVING voxel (``u`` trilinear there,
-        and 0, the identity, beyond FIXED's grid)."""
+        and 0, the identity, beyond FIXED's grid). ``displacement``: :meth:`displacement`'s
+        planes (voxels) when the caller has them already."""
         linear, offset = self.grid_affine[:3, :3], self.grid_affine[:3, 3]
-        u = self.displacement()
+        u = self.displacement() if displacement is None else displacement
         if not (self.is_inverse and self.moving_grid is not None):
             k0, k1 = self.box[2]
             index = np.indices(self.shape[:2] + (k1 - k0,), dtype=np.float64)

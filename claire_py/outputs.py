@@ -446,7 +446,8 @@ def write_inverse(outdir, source, inverse, config, *, suffix=".nii.gz"):
         names.append(name + suffix)
         write_volume(os.path.join(outdir, name + suffix), planes, comm, shape=grid[0], affine=grid[1], **kw)
 
-    images = _map_images(inverse.velocity, inverse.displacement(), None, affine, transform, velocity_grid=shape,
+    displacement = inverse.displacement()
+    images = _map_images(inverse.velocity, displacement, None, affine, transform, velocity_grid=shape,
                          k0=inverse.box[2][0])
     write("velocity", images.pop("velocity"))
     write("displacement", images["displacement"], intent="vector")
@@ -454,7 +455,8 @@ def write_inverse(outdir, source, inverse, config, *, suffix=".nii.gz"):
                            inverse=True)
     images = None
     grid = inverse.output_grid
-    world = inverse.deformation_map()
+    world = inverse.deformation_map(displacement)
+    displacement = None
     write("deformation_map", _fortran(world), grid)
     world = None
     det = inverse.jacobian()
