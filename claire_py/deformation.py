@@ -159,24 +159,31 @@ class DeformationMap:
             return self.moving_grid
         return self.shape, self.grid_affine
 
-    def _onto_moving(self, planes, *, labels):
-        """Planes of a field on FIXED's grid, through ``T^-1``, as planes of MOVING's grid
-        (cubic, clipped to the field's range; nearest for labels)."""
+    def _on_moving_grid(self, dtype, block):
+        """This rank's planes ``(C, n1, n2, k1 - k0)`` of MOVING's grid of the field that
+        ``block(target, matrix)`` makes as a block ``(C, *local)`` of ``target`` (a decomposition
+        of MOVING's grid, freed afterwards; ``matrix`` MOVING's voxel -> FIXED's through ``T^-1``)."""
         from .api import _voxel_map
         from .blockio import slab_bounds
         from .kernels import Decomposition
-        from .prepare import Planes
 
         shape, affine = self.moving_grid
-        source = Planes(planes[None], self.shape, self.box[2][0], self.grid_affine, None)
-        target = Decomposition(shape, comm=self.comm, dtype=self.dtype, planner_effort="FFTW_ESTIMATE")
+        target = Decomposition(shape, comm=self.comm, dtype=dtype, planner_effort="FFTW_ESTIMATE")
         try:
-            matrix = _voxel_map(self.grid_affine, affine, self.transform)  # MOVING's voxel -> FIXED's
-            local = self._resampled(source, matrix, target, labels=labels)
+            local = block(target, _voxel_map(self.grid_affine, affine, self.transform))
             k0, k1 = slab_bounds(shape[2], self.comm.Get_size())[self.comm.Get_rank()]
-            return target.boxes_from_blocks(local[None], ((0, shape[0]), (0, shape[1]), (k0, k1)))[0]
+            return target.boxes_from_blocks(local, ((0, shape[0]), (0, shape[1]), (k0, k1)))
         finally:
             target.free()
+
+    def _onto_moving(self, planes, *, labels):
+        """Planes of a field on FIXED's grid, through ``T^-1``, as planes of MOVING's grid
+        (cubic, clipped to the field's range; nearest for labels)."""
+        from .prepare import Planes
+
+        source = Planes(planes[None], self.shape, self.box[2][0], self.grid_affine, None)
+        return self._on_moving_grid(self.dtype, lambda target, matrix: self._resampled(
+            source, matrix, target, labels=labels)[None])[0]
 
     # ---------------------------------------------------------------- the map's fields
     def warp(self, image, *, labels=None):
@@ -248,27 +255,18 @@ class DeformationMap:
             index[2] += k0
             world = np.einsum("ab,b...->a...", self.transform[:3, :3] @ linear, index + u)
             return world + (self.transform[:3, :3] @ offset + self.transform[:3, 3])[:, None, None, None]
-        from .api import _voxel_map
-        from .blockio import slab_bounds
-        from .kernels import Decomposition
         from .prepare import BlockSampler, Planes
 
-        shape, affine = self.moving_grid
-        matrix = _voxel_map(self.grid_affine, affine, self.transform)  # MOVING's voxel -> FIXED's
-        target = Decomposition(shape, comm=self.comm, dtype=np.float64, planner_effort="FFTW_ESTIMATE")
-        try:
+        def world(target, matrix):
             sampler = BlockSampler(Planes(u, self.shape, self.box[2][0], self.grid_affine, 3), matrix, target, 0,
                                    order=1)
             q = np.indices(target.local_shape, dtype=np.float64)
             q += np.array([s.start for s in target.real_slice], float)[:, None, None, None]
             q = np.einsum("ab,b...->a...", matrix[:3, :3], q) + matrix[:3, 3][:, None, None, None]
-            y = q + np.stack([sampler.resample(c, order=1, dtype=np.float64) for c in sampler.source])
-            sampler = q = None
-            world = np.einsum("ab,b...->a...", linear, y) + offset[:, None, None, None]
-            k0, k1 = slab_bounds(shape[2], self.comm.Get_size())[self.comm.Get_rank()]
-            return target.boxes_from_blocks(world, ((0, shape[0]), (0, shape[1]), (k0, k1)))
-        finally:
-            target.free()
+            q += np.stack([sampler.resample(c, order=1, dtype=np.float64) for c in sampler.source])  # y = q + u(q)
+            return np.einsum("ab,b...->a...", linear, q) + offset[:, None, None, None]
+
+        return self._on_moving_grid(np.float64, world)
 
     def gather(self, planes=None):
         """The whole field of ``planes`` (this rank's, default the velocity) on rank 0, ``None``
