@@ -136,3 +136,29 @@ def test_a_full_disk_on_rank_0_mid_stream_fails_on_every_rank_and_leaves_nothing
         blockio.write_volume(os.path.join(shared_tmp, "full.nii.gz"), np.zeros((6, 5, k1 - k0), np.float32, order="F"),
                              COMM, shape=shape, affine=np.eye(4))
     assert os.listdir(shared_tmp) == []
+
+
+@pytest.mark.parametrize("shape", [(13, 11, 9), (6, 5, 4)], ids=["chunked", "small"])
+def test_composite_h5_written_by_every_rank_holds_the_whole_field_in_itk_order(shared_tmp, shape):
+    """transform.h5's displacement: each rank gives its slab (and deflates its planes); the
+    file holds the whole field as float64 in ITK's order (x fastest, component innermost), one
+    shuffled, deflated chunk per plane when it is larger than 4096 values; a failed write is
+    reported on every rank."""
+    import h5py
+
+    from claire_py.transforms import write_composite_h5
+
+    field = np.random.default_rng(2).standard_normal(shape + (3,)).astype(np.float32)
+    k0, k1 = blockio.slab_bounds(shape[2], COMM.size)[COMM.rank]
+    path = os.path.join(shared_tmp, "transform.h5")
+    slab = np.asfortranarray(field[:, :, k0:k1])
+    assert write_composite_h5(path, np.eye(4), slab, AFFINE, comm=COMM, shape=shape) is None
+    with h5py.File(path, "r") as h5:
+        dataset = h5["TransformGroup/2/TransformParameters"]
+        np.testing.assert_array_equal(dataset[...], np.transpose(field, (2, 1, 0, 3)).astype(np.float64).ravel())
+        chunked = 3 * np.prod(shape) > 4096
+        assert dataset.chunks == ((3 * shape[0] * shape[1],) if chunked else None)
+        assert (dataset.compression, dataset.shuffle) == (("gzip", True) if chunked else (None, False))
+    missing = os.path.join(shared_tmp, "no such directory", "transform.h5")
+    error = write_composite_h5(missing, np.eye(4), slab, AFFINE, comm=COMM, shape=shape)
+    assert error is not None and "writing failed" in error
