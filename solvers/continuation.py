@@ -149,10 +149,14 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
 
     reference = None  # ||g(v = 0)|| on the input grid, once a warm start needs it
 
+    # after a grid-continuation presolve the input grid often converges at its first iterate:
+    # its gradients are then not worth storing (a lower peak; see deferring_gradients)
+    fine = problem.deferring_gradients() if options.grid_continuation else problem
+
     def run_on(p, v_start, beta, opts, what):
         nonlocal matvecs
         on_input_grid = p is problem  # (scale levels are not: their images are smoother)
-        p = p.with_beta(beta)
+        p = (fine if on_input_grid else p).with_beta(beta)
         log.info("level %d: %s, grid %s, sigma %g, beta %.3g", len(stages), what,
                  "x".join(map(str, p.decomp.shape)), p.sigma, beta)
         level = len(stages)
@@ -190,8 +194,8 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
     if stages or options.beta_continuation or options.train:
         # ||g(0)|| = ||P b(0)||: independent of beta but for the relaxed model's P; as CLAIRE, one
         # reference (at the configured beta) serves every level
-        problem.set_velocity(problem.decomp.new_vector())
-        reference = problem.norm(problem.gradient())
+        fine.set_velocity(problem.decomp.new_vector())
+        reference = fine.norm(fine.gradient())
 
     if options.train is None:
         if options.beta_continuation:

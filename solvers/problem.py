@@ -216,6 +216,9 @@ class RegistrationProblem:
         self.velocity = None
         self._state = None
         self._spare = []
+        #: store ``grad m(t_j)`` from the first Hessian matvec at a velocity instead of from its
+        #: gradient (see :meth:`deferring_gradients`)
+        self.defer_gradients = False
 
     def _smoothed(self, images):
         if self.sigma <= 0:
@@ -252,6 +255,20 @@ class RegistrationProblem:
             return self
         problem = copy.copy(self)
         problem.options = dataclasses.replace(self.options, beta=beta)
+        return problem
+
+    def deferring_gradients(self):
+        """This problem (sharing its state, like :meth:`with_beta`) with ``grad m(t_j)``
+        stored by the first Hessian matvec at a velocity rather than by its gradient, which
+        computes them for its own use only.
+
+        For a grid that is likely to converge at its first iterate (the input grid after a
+        grid-continuation presolve): at a velocity that gets no matvec the state then holds
+        ``nt + 1`` fields per image component instead of ``3 (nt + 1) + 2``; at one that gets
+        matvecs, the gradient's ``nt + 1`` spectral gradients are computed twice. Same results
+        either way (only ``store_gradients`` transports store them)."""
+        problem = copy.copy(self)
+        problem.defer_gradients = True
         return problem
 
     def restricted(self, shape, *, workload=None):
@@ -368,19 +385,20 @@ class RegistrationProblem:
         mismatch = math.sqrt(distance / self.initial_distance) if self.initial_distance > 0 else 0.0
         return distance + reg, mismatch
 
-    def _body_force(self, final_condition):
+    def _body_force(self, final_condition, store_gradients=True):
         """``sum_c int_0^1 lam_c grad m_c dt`` with ``lam_c(1) = w_c final_condition(c)``."""
         body = self.decomp.new_vector()
         for c, (w, state) in enumerate(zip(self.weights, self._state)):
             lam1 = final_condition(c)  # a new array: the adjoint solve may work in it
             lam1 *= w
-            self.transport.solve_adjoint(lam1, state, body, overwrite=True)
+            self.transport.solve_adjoint(lam1, state, body, overwrite=True, store_gradients=store_gradients)
         return body
 
     def gradient(self):
-        """Reduced gradient ``beta A v + P b`` at the current velocity."""
+        """Reduced gradient ``beta A v + P b`` at the current velocity (with
+        :attr:`defer_gradients`, ``grad m(t_j)`` are not stored by it)."""
         with self.workload.timer("adjoint_solve"):
-            body = self._body_force(lambda c: self.distances[c].final_adjoint())
+            body = self._body_force(lambda c: self.distances[c].final_adjoint(), not self.defer_gradients)
         return self._plus_regularization(body, self.velocity)
 
     def hessian_matvec(self, v_tilde):

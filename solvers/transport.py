@@ -113,13 +113,15 @@ class StateHistory:
         """``m(1)``."""
         return self._fields[-1]
 
-    def gradient(self, j):
+    def gradient(self, j, *, store=True):
         """``grad m(t_j)``, ``(3, *local_shape)``: stored, or computed into a work array that
-        the next call overwrites (when ``store_gradients`` is off)."""
+        the next call overwrites (when ``store_gradients`` is off, or ``store`` is false:
+        e.g. for a gradient that may be the last use of this state)."""
         g = self._gradients[j]
         if g is not None:
             return g
-        if self.store_gradients:
+        if self.store_gradients and store:
+            self._work = None  # (what an unstored gradient was computed in)
             out = self._spare.pop() if self._spare else None
             g = self._gradients[j] = self.spectral.gradient(self[j], out=out)
             if 0 < j < len(self._fields) - 1:
@@ -261,7 +263,7 @@ class SemiLagrangianTransport:
             history.append(self._interpolate(self.backward_plan, history[-1]))
         return StateHistory(history, self.spectral, store_gradients=store_gradients, spare=spare)
 
-    def solve_adjoint(self, lam1, state, body=None, *, overwrite=False):
+    def solve_adjoint(self, lam1, state, body=None, *, overwrite=False, store_gradients=True):
         """Continuity-form adjoint backward from ``lam(1) = lam1``.
 
         Parameters
@@ -273,6 +275,9 @@ class SemiLagrangianTransport:
             Accumulate the body force into this array (in place) instead of a new one.
         overwrite : bool
             ``lam1`` (C-contiguous, working precision) may serve as the solve's work array.
+        store_gradients : bool
+            ``False``: ``grad m(t_j)`` not yet stored are computed for this solve only
+            (:meth:`StateHistory.gradient` with ``store=False``).
 
         Returns
         -------
@@ -289,11 +294,12 @@ class SemiLagrangianTransport:
         lam = lam1 if usable else np.array(lam1, dtype=dtype, copy=True)
         if body is None:
             body = np.zeros((3,) + self.decomp.local_shape, dtype)
-        fields.accumulate_product(lam, w[self.nt], state.gradient(self.nt), body)
+        fields.accumulate_product(lam, w[self.nt], state.gradient(self.nt, store=store_gradients), body)
         departed = np.empty_like(lam)
         for j in range(self.nt - 1, -1, -1):
             self._interpolate(self.forward_plan, lam, out=departed)
-            fields.scale_and_accumulate(departed, self.adjoint_factor, w[j], state.gradient(j), lam, body)
+            fields.scale_and_accumulate(departed, self.adjoint_factor, w[j], state.gradient(j, store=store_gradients),
+                                        lam, body)
         return lam, body
 
     def solve_incremental_state(self, v_tilde, state):

@@ -230,3 +230,30 @@ def test_coarse_grids_store_the_state_gradients_even_when_the_fine_one_recompute
     half, _, _ = lean.restricted((16, 16, 8))  # 1/2: as the fine grid
     assert coarse.transport.options == TransportOptions(nt=2, store_gradients=True)
     assert half.transport.options == lean.transport.options
+
+
+def test_deferring_the_gradients_storage_changes_nothing_but_when_they_are_stored():
+    """``deferring_gradients()``: the gradient computes ``grad m(t_j)`` for its own use and
+    stores none (the state keeps its ``nt + 1`` fields); the first matvec stores them; the
+    Gauss-Newton iterations are those of the eager problem, bit for bit."""
+    problem, v_true = synthetic(16, nt=3)
+    lazy = problem.deferring_gradients()
+    assert lazy.defer_gradients and not problem.defer_gradients and lazy.transport is problem.transport
+    lazy.set_velocity(0.5 * v_true)
+    g = lazy.gradient()
+    state = lazy._state[0]
+    assert all(stored is None for stored in state._gradients)
+    for j in range(len(state)):
+        state[j]  # every m(t_j) still held: nothing was released for a stored gradient
+    hw = lazy.hessian_matvec(g)
+    assert all(stored is not None for stored in state._gradients) and state._work is None
+    problem.set_velocity(0.5 * v_true)
+    np.testing.assert_array_equal(problem.gradient(), g)
+    np.testing.assert_array_equal(problem.hessian_matvec(g), hw)
+    runs = []
+    for p in (problem, lazy):
+        res = gauss_newton_krylov(p, 0.25 * v_true, NewtonOptions(max_iterations=3))
+        assert len(res.history) == 4
+        runs.append(([(h.objective, h.grad_norm, h.krylov_iterations) for h in res.history], res.velocity))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
