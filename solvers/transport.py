@@ -74,7 +74,9 @@ class StateHistory:
     Parameters
     ----------
     fields : list of nt + 1 arrays ``(*local_shape)``
-        ``m(t_j)``; ``fields[0]`` may be shared (the problem's moving image).
+        ``m(t_j)``; ``fields[0]`` may be shared (the problem's moving image), and one array
+        may stand for several time points (at ``v = 0`` all are ``m(0)``): its gradient is
+        then computed once.
     spectral : SpectralOperators
     store_gradients : bool
         Keep each ``grad m(t_j)`` once computed (3 fields per time point) and drop the
@@ -91,11 +93,12 @@ class StateHistory:
         self.store_gradients = bool(store_gradients)
         self._gradients = [None] * len(self._fields)
         self._spare = [] if spare is None else spare
-        self._work = None
+        self._work = self._work_of = None  # a gradient computed for one use, and the field it is of
 
     def take_gradients(self):
-        """The stored gradient arrays (for another state to reuse); this state keeps none."""
-        taken = [g for g in self._gradients if g is not None]
+        """The stored gradient arrays (for another state to reuse), each once; this state
+        keeps none."""
+        taken = list({id(g): g for g in self._gradients if g is not None}.values())
         self._gradients = [None] * len(self._fields)
         return taken
 
@@ -120,16 +123,24 @@ class StateHistory:
         g = self._gradients[j]
         if g is not None:
             return g
+        m = self[j]
         if self.store_gradients and store:
-            self._work = None  # (what an unstored gradient was computed in)
-            out = self._spare.pop() if self._spare else None
-            g = self._gradients[j] = self.spectral.gradient(self[j], out=out)
+            self._work = self._work_of = None  # (what an unstored gradient was computed in)
+            # one array may stand for several time points (v = 0): its gradient is stored once
+            g = next((self._gradients[i] for i, f in enumerate(self._fields) if f is m and self._gradients[i] is not None),
+                     None)
+            if g is None:
+                g = self.spectral.gradient(m, out=self._spare.pop() if self._spare else None)
+            self._gradients[j] = g
             if 0 < j < len(self._fields) - 1:
                 self._fields[j] = None
             return g
         if self._work is None:
             self._work = self.spectral.decomp.new_vector()
-        return self.spectral.gradient(self[j], out=self._work)
+        elif self._work_of is m:
+            return self._work
+        self._work_of = m
+        return self.spectral.gradient(m, out=self._work)
 
 
 class SemiLagrangianTransport:
@@ -259,7 +270,9 @@ class SemiLagrangianTransport:
         store_gradients = self.options.store_gradients if store_gradients is None else store_gradients
         self._require_velocity()
         history = [np.ascontiguousarray(m0, dtype=self.decomp.dtype)]
-        for _ in range(self.nt):  # one array per time point, so that each can be released alone
+        if isinstance(self.backward_plan, IdentityPlan):  # v = 0: m(t_j) = m0, one array (and one gradient)
+            history *= self.nt + 1
+        for _ in range(self.nt + 1 - len(history)):  # one array per time point, so that each can be released alone
             history.append(self._interpolate(self.backward_plan, history[-1]))
         return StateHistory(history, self.spectral, store_gradients=store_gradients, spare=spare)
 
