@@ -5,10 +5,12 @@ as a user types it (report included), ``--repeat`` times interleaved with the ot
 reads from the run itself: the wall time of ``mpiexec`` (the launcher's start and exit
 included), each phase's seconds per rank (``registration.json``'s ``"timing"``: startup = the
 interpreter's start to the command, imports and MPI initialisation; read; setup = decomposition,
-FFTW plans, images scattered, smoothed and normalised, the distance prepared; solve; the outputs
+FFTW plans, images scattered, smoothed and normalised, the distance prepared; affine, the affine
+stage's optimisation and MOVING resampled through it; solve; the outputs
 derived and gathered: warp, labels (and Dice), det, displacement (with det by central
 differences and the velocity); write; report, from the log), the launcher's share (wall minus the phases of the slowest rank), each rank's peak RSS
-(``ru_maxrss``, from the log) and their sum, Gauss-Newton iterations, matvecs and Dice. The
+(``ru_maxrss``, from the log) and their sum, *outside* = the wall time less the two
+optimisations (affine and solve), Gauss-Newton iterations, matvecs and Dice. The
 figures of a case are those of its run with the median wall time.
 
 With ``--peer`` DIPY SyN (``bench_accuracy.dipy_syn``: CC radius 4, DIPY's default levels, one
@@ -51,7 +53,7 @@ CASES = {
     "mni": ("mni_colin_2mm", ""),
     "mni-accurate": ("mni_colin_2mm", "--preset accurate"),
 }
-PHASES = ("startup", "read", "setup", "solve", "warp", "labels", "det", "displacement", "write", "report")
+PHASES = ("startup", "read", "setup", "affine", "solve", "warp", "labels", "det", "displacement", "write", "report")
 _MEMORY = re.compile(r"peak memory \(RSS\): rank 0 ([\d.]+) GB, largest other rank ([\d.]+) GB, sum over ranks "
                      r"([\d.]+) GB")
 _REPORT = re.compile(r"time \(slowest rank per phase\):.* report ([\d.]+) s")
@@ -67,7 +69,7 @@ def register(pair, stems, flags, ranks, out):
     slowest = {phase: max(timing.get(phase, [0.0])) for phase in PHASES}
     return dict(pair=pair, flags=" ".join(flags), ranks=ranks, shape="x".join(map(str, meta["grid"])), wall=wall,
                 timing=timing, slowest=slowest, launcher=wall - sum(slowest.values()),
-                outside=wall - slowest["solve"], rss_rank0=float(memory.group(1)) * 1e9,
+                outside=wall - slowest["solve"] - slowest["affine"], rss_rank0=float(memory.group(1)) * 1e9,
                 rss_other=float(memory.group(2)) * 1e9, rss_sum=float(memory.group(3)) * 1e9,
                 gn=sum(1 for h in meta["history"] if h["iteration"] > 0),
                 matvecs=meta["workload"]["hessian_matvec"]["pcg_iterations"],

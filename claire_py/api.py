@@ -274,6 +274,20 @@ def _fields_per_point(nt, components, ranks=1, *, store_gradients=True, relaxed=
     return components * (state + 2) + 2 * 4 * 1.03 + 1 + newton + fft + 6 + lncc
 
 
+
+def _first_iterate_fields(nt, components, ranks=1, *, relaxed=True, distance="l2"):
+    """Scalar fields per local grid point while the input grid's gradient is computed with
+    its ``grad m(t_j)`` not stored (:func:`_fields_per_point`'s terms, at the gradient instead
+    of the matvec): per component ``m(t_j)`` (``nt + 1``, ``m(0)`` the moving image), one
+    gradient work vector (3) and the fixed image; the two plans, the Heun factor, the velocity,
+    the prolonged start and the gradient (3 each, and the relaxed model's ``g`` before its
+    projection), the FFT arrays, and the body force with its spectral vector (6)."""
+    state = nt + 1 + 3 + 1
+    fft = 4.15 if ranks == 1 else 8.65
+    vectors = 3 * 3 + (3 if relaxed else 0)
+    lncc = 8 * components + 3 if distance == "lncc" else 0
+    return components * state + 2 * 4 * 1.03 + 1 + vectors + fft + 6 + lncc
+
 #: Fields (of the working precision) per local grid point and image component while the inputs
 #: are prepared (:mod:`claire_py.prepare`): FIXED's and MOVING's planes (2), MOVING through the
 #: affine part and through the headers alone (float64: 4), the box of MOVING a block maps into
@@ -317,7 +331,14 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
     (the Python API's default) rank 0 also holds the gathered outputs (velocity,
     displacement, warped image, det: ``8 + 4 C`` values per point).
 
-    Returns ``{"per_rank_bytes", "rank0_bytes", "phases": {"prepare", "solve", "write"}}``.
+    A fourth phase, ``first_iterate``, is not a peak of its own but the part of ``solve`` that a
+    grid-continuation run reaches when the input grid converges at its first iterate (no
+    matvec there; its gradient stores no ``grad m(t_j)``: see
+    :meth:`~claire_py.solvers.problem.RegistrationProblem.deferring_gradients`), as on the
+    1 mm brain pair: :func:`_first_iterate_fields` per local point.
+
+    Returns ``{"per_rank_bytes", "rank0_bytes", "phases": {"prepare", "solve", "write",
+    "first_iterate"}}``.
     """
     points = float(np.prod(shape))
     local = points / ranks
@@ -328,7 +349,10 @@ def memory_model(shape, ranks, precision="float32", components=1, nt=4, *, store
     prepare = (20 + _PREPARE_FIELDS * components) * local * itemsize + \
         (_PYRAMID_BYTES * _pyramid_voxels(shape) if affine else 0)
     write = local * (24 + 3 * components) * itemsize
-    phases = {"prepare": _BASE_BYTES + prepare, "solve": _BASE_BYTES + solve, "write": _BASE_BYTES + write}
+    first = local * (_first_iterate_fields(nt, components, ranks, relaxed=relaxed, distance=distance) + untraced) \
+        * itemsize
+    phases = {"prepare": _BASE_BYTES + prepare, "solve": _BASE_BYTES + solve, "write": _BASE_BYTES + write,
+              "first_iterate": _BASE_BYTES + first}
     per_rank = max(phases.values())
     rank0 = per_rank
     if gather:  # the gathered outputs on rank 0, next to ~20 local fields (plans, v, u, det)
