@@ -195,6 +195,30 @@ def _smoothed_levels(image, shrinks, k0=0, n3=None, decomp=None):
     return out
 
 
+def _with_gradient(image):
+    """``(4, *image.shape)`` float32: ``image`` and its gradient in voxels, as
+    ``numpy.gradient`` gives it (central differences inside, one-sided at the faces; zero
+    along an axis of one voxel), made in place (``numpy.gradient`` and a stack took 1.4 s of
+    the affine stage's 4 s at 256^3)."""
+    out = np.empty((4,) + image.shape, np.float32)
+    out[0] = image
+    m = out[0]
+    for axis in range(3):
+        g = out[1 + axis]
+        if image.shape[axis] < 2:
+            g[...] = 0.0
+            continue
+
+        def at(sl, a=axis):
+            return (slice(None),) * a + (sl,)
+
+        np.subtract(m[at(slice(2, None))], m[at(slice(None, -2))], out=g[at(slice(1, -1))])
+        g[at(slice(1, -1))] *= np.float32(0.5)
+        np.subtract(m[at(slice(1, 2))], m[at(slice(0, 1))], out=g[at(slice(0, 1))])
+        np.subtract(m[at(slice(-1, None))], m[at(slice(-2, -1))], out=g[at(slice(-1, None))])
+    return out
+
+
 class ImagePyramid:
     """Smoothed, subsampled copies of FIXED and MOVING, every level whole on every rank.
 
@@ -226,7 +250,6 @@ class ImagePyramid:
         for shrink, iterations in kept:
             scale = np.diag([shrink, shrink, shrink, 1.0])
             m = whole(moving_levels.pop(shrink))
-            grads = np.gradient(m) if min(m.shape) > 1 else [np.zeros_like(m)] * 3
             sub = None
             if mask is not None:
                 first = -(-planes[0] // shrink) * shrink - planes[0]  # this rank's first plane on the level
@@ -237,7 +260,7 @@ class ImagePyramid:
                 "fixed": whole(fixed_levels.pop(shrink)),
                 "fixed_affine": np.asarray(fixed_affine, float) @ scale,
                 "moving_affine": np.asarray(moving_affine, float) @ scale,
-                "moving": np.ascontiguousarray(np.stack([m, *grads]).astype(np.float32)),
+                "moving": _with_gradient(m),
                 "mask": sub,
             })
         if not self.levels:  # every level too large: the coarsest one that fits

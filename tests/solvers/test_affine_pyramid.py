@@ -6,7 +6,7 @@ import pytest
 from mpi4py import MPI
 
 from claire_py.kernels import Decomposition
-from claire_py.solvers.affine import AffineOptions, ImagePyramid
+from claire_py.solvers.affine import AffineOptions, ImagePyramid, _with_gradient
 
 COMM = MPI.COMM_WORLD
 
@@ -39,3 +39,16 @@ def test_pyramid_by_planes_equals_the_whole_images_pyramid(shrink, iterations, m
             assert a[key].shape == b[key].shape
             np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-6)
         np.testing.assert_array_equal(b["fixed_affine"], a["fixed_affine"])
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 6), (2, 3, 9), (1, 4, 3)], ids=str)
+def test_a_levels_gradient_is_numpys(shape):
+    """The pyramid's MOVING levels carry numpy.gradient's differences (zero along an axis of
+    one voxel), in float32, bit for bit."""
+    m = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    out = _with_gradient(m)
+    assert out.dtype == np.float32 and out.shape == (4,) + shape
+    np.testing.assert_array_equal(out[0], m)
+    for axis in range(3):
+        expected = np.gradient(m, axis=axis) if shape[axis] > 1 else np.zeros_like(m)
+        np.testing.assert_array_equal(out[1 + axis], expected)
