@@ -331,11 +331,13 @@ class Decomposition:
             a[...] = 0
         return a
 
-    def new_scalar(self, *, spectral=False):
-        """Zero local scalar field, real ``local_shape`` or complex ``local_spectral_shape``."""
+    def new_scalar(self, *, spectral=False, zeroed=True):
+        """Zero local scalar field, real ``local_shape`` or complex ``local_spectral_shape``;
+        with ``zeroed=False`` its values are undefined (for a caller that overwrites them all:
+        zeroing touches every page of a field that is about to be written anyway)."""
         if spectral:
-            return self._zeros(self.local_spectral_shape, self.complex_dtype)
-        return self._zeros(self.local_shape, self.dtype)
+            return self._zeros(self.local_spectral_shape, self.complex_dtype, zeroed)
+        return self._zeros(self.local_shape, self.dtype, zeroed)
 
     def spectral_scratch(self):
         """A spectral scalar array for transient use: the forward transform's own output array,
@@ -344,7 +346,7 @@ class Decomposition:
         Its contents are lost by :meth:`backward` and by transforms into arrays of another
         layout."""
         own = self.fft.forward._xfftn[-1].output_array
-        fresh = self.new_scalar(spectral=True)
+        fresh = self.new_scalar(spectral=True, zeroed=False)  # (untouched unless used: no pages)
         return own if _same_layout(fresh, own) and own.shape == self.local_spectral_shape else fresh
 
     def new_vector(self, *, spectral=False, zeroed=True):
@@ -401,7 +403,7 @@ class Decomposition:
     # ------------------------------------------------------------- transforms
     def forward(self, f, out=None):
         """Normalised r2c transform of a local real scalar field: ``fhat = (1/N) rfftn(f)``."""
-        out = self.new_scalar(spectral=True) if out is None else out
+        out = self.new_scalar(spectral=True, zeroed=False) if out is None else out
         self._execute(self.fft.forward, "fwd", f, out, src_destroyable=False)
         out *= 1.0 / self.num_points
         return out
@@ -409,7 +411,7 @@ class Decomposition:
     def backward(self, fhat, out=None):
         """Inverse of :meth:`forward`: ``f = irfftn(fhat) * N`` on the local real block;
         ``fhat`` is preserved."""
-        out = self.new_scalar() if out is None else out
+        out = self.new_scalar(zeroed=False) if out is None else out
         return self._execute(self.fft.backward, "bck", fhat, out, src_destroyable=False)
 
     def forward_unnormalized(self, f, out):

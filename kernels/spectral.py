@@ -98,8 +98,8 @@ class SpectralOperators:
             raise ValueError(f"expected a local {kind} field of shape {shape}, got {f.shape}")
 
     def _out(self, out, vector):
-        if out is None:
-            return self.decomp.new_vector() if vector else self.decomp.new_scalar()
+        if out is None:  # every operator writes all of its output
+            return self.decomp.new_vector(zeroed=False) if vector else self.decomp.new_scalar(zeroed=False)
         self._check(out, vector)
         return out
 

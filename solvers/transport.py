@@ -136,7 +136,7 @@ class StateHistory:
                 self._fields[j] = None
             return g
         if self._work is None:
-            self._work = self.spectral.decomp.new_vector()
+            self._work = self.spectral.decomp.new_vector(zeroed=False)
         elif self._work_of is m:
             return self._work
         self._work_of = m
