@@ -168,12 +168,14 @@ def _draw_grid(outdir, mosaic, background, deformation_map, displacement):
 
 
 def _plain_log(ax):
-    """A log y axis with plain tick labels (matplotlib's default ones go through mathtext, slow)."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    """A log y axis with plain tick labels at the decades and no minor ticks (matplotlib's
+    default labels go through mathtext, and its minor ticks, eight per decade, each a few
+    artists, took 0.3 s of the report's 1 s)."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_locator(NullLocator())
 
 
 def _levels(history):
