@@ -446,3 +446,23 @@ def main(argv=None):
         print(report, file=sys.stderr)
         sys.stderr.flush()
     return int(worst[0])
+
+
+def console():
+    """The ``claire`` console script (and ``python -m claire_py``): :func:`main`, then the
+    output flushed, MPI finalised and the process ended at once, without Python's own
+    teardown of the interpreter (numba's and llvmlite's modules, the OpenMP runtime, every
+    object collected one by one), which took 0.7-0.8 s of a 2 mm registration's command after
+    its last file was written. Every output is complete and on disk before :func:`main`
+    returns; a non-zero status is the command's."""
+    status = main()
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    from mpi4py import MPI
+
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+    os._exit(int(status))
