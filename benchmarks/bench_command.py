@@ -14,7 +14,12 @@ optimisations (affine and solve), Gauss-Newton iterations, matvecs and Dice. The
 figures of a case are those of its run with the median wall time.
 
 With ``--peer`` DIPY SyN (``bench_accuracy.dipy_syn``: CC radius 4, DIPY's default levels, one
-process) registers each case's pair once in the same run, for the ratio. ``--floors`` measures
+process) registers each case's pair once in the same run, for the ratio. With ``--claire BIN``
+the original CLAIRE (built by ``benchmarks/build_claire.sh``) registers each case's pair once,
+as its users run it (``mpirun -np RANKS BIN -mr FIXED -mt MOVING -x OUT/ -velocity
+-deftemplate -detdefgrad``, its defaults: the problem of ``--preset claire``), on the same
+number of ranks: its wall time, its own "time to solution", Gauss-Newton iterations and
+matvecs. ``--floors`` measures
 what the outside-the-solve phases cannot go below on this machine: ``mpiexec -n P python -c
 pass`` (launcher and interpreter), the same importing ``claire_py.cli`` (imports, numba's cache
 load, MPI init), reading the pair with nibabel, and writing the outputs' bytes with fsync.
@@ -76,10 +81,38 @@ def register(pair, stems, flags, ranks, out):
                 dice=float(np.mean(meta["dice"]["after"])), out=out)
 
 
+def claire_peer(binary, mpirun, stems, ranks, out):
+    """The original CLAIRE on the pair ``stems`` (fixed, moving): wall seconds, its time to
+    solution, Gauss-Newton iterations and matvecs (from its log)."""
+    os.makedirs(out, exist_ok=True)
+    cmd = [mpirun, "--allow-run-as-root", "-np", str(ranks), binary, "-mr", stems[0] + ".nii.gz",
+           "-mt", stems[1] + ".nii.gz", "-x", out + "/", "-velocity", "-deftemplate", "-detdefgrad", "-verbosity", "2"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    log = proc.stdout + proc.stderr
+
+    def count(label):
+        match = re.search(rf"\[ {label}\s+(\d+)", log)
+        return int(match.group(1)) if match else None
+
+    solution = re.search(r"elapsed cpu time .*?; ([\d.eE+-]+)\)", log)
+    return dict(wall=wall, solve=float(solution.group(1)) if solution else None, gn=count("newton iterations"),
+                matvecs=count("hessian matrix vector products"))
+
+
 def _wall(cmd):
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True)
     return time.perf_counter() - t0
+
+
+def _shape(stem):
+    import nibabel as nib
+
+    return nib.load(stem + ".nii.gz").shape[:3]
 
 
 def floors(stems, ranks, out, repeat):
@@ -116,6 +149,8 @@ def main():
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--peer", action="store_true", help="DIPY SyN on each case's pair, in the same run")
     parser.add_argument("--floors", action="store_true", help="measure the floors of the outside-the-solve phases")
+    parser.add_argument("--claire", metavar="BIN", help="the original CLAIRE's binary: register each pair with it too")
+    parser.add_argument("--claire-mpirun", default="mpirun", help="the launcher of CLAIRE's MPI (default: mpirun)")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "claire_py", "real_pairs"))
     parser.add_argument("--out", default="/tmp/claire_command", help="where the registrations are written")
     parser.add_argument("--json")
@@ -137,6 +172,11 @@ def main():
         for pair in dict.fromkeys(pair for _, pair, _ in cases):
             peers[pair] = dipy_syn(pair, pairs[pair])
 
+    claire = {}
+    if args.claire:
+        for pair in dict.fromkeys(pair for _, pair, _ in cases):
+            claire[pair] = claire_peer(args.claire, args.claire_mpirun, pairs[pair], args.ranks,
+                                       os.path.join(args.out, "claire_" + pair))
     print(f"{'case':>12} {'grid':>11} {'wall':>6} {'outside':>7} " + " ".join(f"{p:>7}" for p in PHASES)
           + f" {'launch':>6} {'GN':>3} {'mv':>4} {'Dice':>6} {'RSS 0':>6} {'other':>6} {'sum GB':>6}"
           + (f" {'DIPY s':>7} {'DIPY/us':>7}" if peers else ""))
@@ -162,6 +202,14 @@ def main():
     if peers:
         for pair, peer in peers.items():
             print(f"DIPY SyN on {pair}: {peer['wall']:.1f} s, mean Dice {peer['dice']:.3f}")
+    for pair, peer in claire.items():
+        print(f"CLAIRE on {pair}, {args.ranks} ranks: {peer['wall']:.1f} s wall, {peer['solve']:.1f} s to solution, "
+              f"{peer['gn']} GN iterations, {peer['matvecs']} matvecs; "
+              + ", ".join(f"{name} {peer['wall'] / r['wall']:.2f}x" for name, p, _ in cases if p == pair
+                          for r in [sorted(runs[name], key=lambda r: r["wall"])[len(runs[name]) // 2]]))
+        rows.append(dict(name="claire_command_wall", n="x".join(map(str, _shape(pairs[pair][0]))), dtype="float64",
+                         ranks=args.ranks, threads=1, pair=pair, value=peer["wall"], unit="s",
+                         time_to_solution=peer["solve"], gn=peer["gn"], matvecs=peer["matvecs"]))
     if args.floors:
         name, pair, flags = cases[0]
         for what, seconds in floors(pairs[pair], args.ranks, runs[name][0]["out"], max(3, args.repeat)).items():
