@@ -181,6 +181,13 @@ def _cmd_register(args):
     timing = None if startup is None else dict({"startup": startup}, **result.timing)
     timing = result.save(args.output, overwrite=True, inputs=inputs, timing=timing,
                          suffix="." + args.output_format)
+    page = None
+    if report_wanted(args):  # every rank draws some of its figures
+        t0 = time.perf_counter()
+        page = write_report(args.output, fixed=result.fixed, moving=result.moving, slices=args.slices, comm=comm)
+        seconds = comm.gather(time.perf_counter() - t0)
+        if timing is not None:
+            timing["report"] = seconds
     peaks = comm.gather(peak_rss_bytes())
     if comm.Get_rank() == 0:
         if checkpoint is not None:
@@ -202,14 +209,10 @@ def _cmd_register(args):
                 ("outputs", f"{args.output}/ (warped, velocity, deformation_map, displacement, affine.mat, "
                             "transform.h5, det_grad_y, residuals, registration.json)")]
         print("\n".join(f"{name:24s} {value}" for name, value in rows))
-        if report_wanted(args):
-            t0 = time.perf_counter()
-            page = write_report(args.output, fixed=result.fixed, moving=result.moving, slices=args.slices)
-            timing["report"] = [time.perf_counter() - t0] + [0.0] * (comm.Get_size() - 1)
+        if page is not None:
             print(f"{'report':24s} {page}")
         log = logging.getLogger("claire_py")
         log.info("time (slowest rank per phase): %s", summary(timing))
-        peaks = [peak_rss_bytes()] + peaks[1:]  # the other ranks' peaks are final: they only wait now
         log.info("peak memory (RSS): rank 0 %.2f GB, largest other rank %.2f GB, sum over ranks %.2f GB "
                  "(per rank: %s GB)", peaks[0] / 1e9, max(peaks[1:], default=0) / 1e9, sum(peaks) / 1e9,
                  " ".join(f"{p / 1e9:.3f}" for p in peaks))

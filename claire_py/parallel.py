@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .errors import UserInputError
 
-__all__ = ["world", "on_root", "agree", "without_launcher"]
+__all__ = ["world", "on_root", "agree", "spread", "without_launcher"]
 
 
 def world(comm=None):
@@ -60,3 +60,46 @@ def without_launcher(environ=None):
 
     environ = os.environ if environ is None else environ
     return {k: v for k, v in environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+
+
+def spread(comm, jobs, weights=None):
+    """Run ``jobs`` (callables without arguments) spread over the ranks of ``comm``, each on
+    the rank with the least work so far by ``weights`` (default 1 each), and return their
+    values in order on rank 0 (``None`` on the others). A :class:`UserInputError` or
+    ``OSError`` on any rank is raised on every rank alike (an ``OSError`` keeps its message);
+    any other exception is re-raised where it happened and raised as ``RuntimeError`` (its
+    one line) on the others."""
+    comm = world(comm)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if len(set(comm.allgather(len(jobs)))) > 1:
+        raise RuntimeError("spread: the ranks were given different numbers of jobs")
+    load, owner = [0.0] * size, []
+    for weight in [1.0] * len(jobs) if weights is None else weights:
+        least = min(range(size), key=load.__getitem__)
+        owner.append(least)
+        load[least] += weight
+    mine, error, unexpected = {}, None, None
+    for i, job in enumerate(jobs):
+        if owner[i] != rank:
+            continue
+        try:
+            mine[i] = job()
+        except UserInputError as exc:
+            error = ("user", str(exc))
+        except OSError as exc:
+            error = ("os", str(exc))
+        except Exception as exc:  # a bug: raised below, after the other ranks learn of it
+            unexpected, error = exc, ("bug", f"{type(exc).__name__} on rank {rank}: {exc}")
+        if error is not None:
+            break
+    first = next((e for e in comm.allgather(error) if e), None)
+    if unexpected is not None:
+        raise unexpected
+    if first is not None:
+        kind, message = first
+        raise UserInputError(message) if kind == "user" else OSError(message) if kind == "os" else RuntimeError(message)
+    parts = comm.gather(mine, root=0)
+    if rank != 0:
+        return None
+    values = {i: value for part in parts for i, value in part.items()}
+    return [values[i] for i in range(len(jobs))]

@@ -17,8 +17,9 @@ canvas and no network resources:
 * the resolved configuration and the versions.
 
 Every file is written under a temporary name and renamed into place; the page references
-only files inside OUTDIR, by relative name. The report is drawn by one process: under MPI
-call it on rank 0 (``claire report`` does).
+only files inside OUTDIR, by relative name. The report is drawn by one process, or under MPI
+by every rank at once, each drawing some of the figures (``claire report`` and ``claire
+register`` do).
 
 The figures are drawn by :mod:`claire_py.report_figures` from the slices
 :mod:`claire_py.report_volumes` reads; this module writes the page. It also holds the two
@@ -35,7 +36,7 @@ import os
 import numpy as np
 
 from .errors import UserInputError
-from .parallel import world
+from .parallel import spread, world
 from .io import write_text
 from .outputs import output_file, read_record as _load_meta
 from .report_figures import (DPI, FIGURE_SIZES, _det_summary, _draw_convergence, _draw_det, _draw_dice, _draw_grid,
@@ -135,7 +136,7 @@ def _workload_section(outdir, workload):
         f"total{total}, as timed on rank 0. Per operation (nested timers overlap):") + _table(rows))
 
 
-def write_report(outdir, *, fixed=None, moving=None, slices=None):
+def write_report(outdir, *, fixed=None, moving=None, slices=None, comm=None):
     """Draw the report of the finished registration in ``outdir``.
 
     Parameters
@@ -148,6 +149,9 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
         need them are left out, and the page says so.
     slices : tuple of 3 ints, optional
         Index of the slice across each array axis; default the mid-slices ``n // 2``.
+    comm : MPI communicator, optional
+        Draw collectively: each section's figure on one of the ranks, all at once, the page
+        on rank 0; every rank returns the path and raises alike. Without it: one process.
 
     Returns
     -------
@@ -162,7 +166,7 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
 
     Notes
     -----
-    One process, no MPI: under ``mpiexec`` call it on rank 0 only. The PNGs (sizes in
+    Without ``comm``, under ``mpiexec`` call it on rank 0 only. The PNGs (sizes in
     :data:`FIGURE_SIZES` at :data:`DPI`) and ``report.html`` are each written under a
     temporary name and renamed into place. Panels whose files are missing are left out and
     listed at the top of the page. About 1 s for a 128³ registration.
@@ -175,6 +179,8 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
     'out/report.html'
     """
     outdir = os.fspath(outdir)
+    if comm is not None:
+        comm.Barrier()  # OUTDIR complete: rank 0 may still have been renaming registration.json into place
     meta = _load_meta(outdir)
     images = _load_images(outdir, _IMAGE_FILES)
     channels = images["warped"] is not None and images["warped"][0].ndim == 4
@@ -203,28 +209,28 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
         notes.append(f"FIXED has shape {fixed.shape}, not the registration grid {shape}: left out.")
         fixed = None
     warped = None if images["warped"] is None else images["warped"][0]
-    sections.append(_summary_section(meta, shape))
+    sections.append((0.1, lambda: _summary_section(meta, shape)))
 
     if mosaic is not None and not (fixed is None and moving is None and warped is None):
         if moving is not None and moving.shape != shape:
             notes.append("MOVING is on another grid than FIXED: its own mid-slices are shown, stretched.")
         rows = [("fixed", fixed, "FIXED not available"), ("moving", moving, "MOVING not available"),
                 ("warped moving", warped, "warped.nii.gz missing")]
-        sections.append(_section("Images", _figure_html(
+        sections.append((3, lambda: _section("Images", _figure_html(
             _draw_slices(outdir, mosaic(3), rows), "fixed, moving and warped slices",
             "FIXED (top), MOVING (middle) and MOVING warped onto FIXED (bottom), slices "
             f"{', '.join(f'{n}={s}' for n, s in zip('ijk', mosaic(1).slices))}; FIXED and MOVING each on its own "
             "grey scale (0.5–99.5 percentiles of the slices shown), the warped image on MOVING's: the bottom row "
-            "should look like the top one.")))
+            "should look like the top one."))))
 
     if mosaic is not None and images["residual_before"] is not None and images["residual_after"] is not None:
         before, after = images["residual_before"][0], images["residual_after"][0]
-        sections.append(_section("Residuals", _figure_html(
+        sections.append((2, lambda: _section("Residuals", _figure_html(
             _draw_residuals(outdir, mosaic(2), before, after), "residuals before and after",
             "Residual |fixed − moving| before (top) and |fixed − warped| after (bottom) registration, on "
             f"intensities normalised to [0, 1], one colour scale. Mean over the volume: "
             f"{_stats(before, mosaic(1).slices)['mean']:.4f} before, "
-            f"{_stats(after, mosaic(1).slices)['mean']:.4f} after.")))
+            f"{_stats(after, mosaic(1).slices)['mean']:.4f} after."))))
     else:
         notes.append("residual_before/after.nii.gz missing: no residual panel.")
 
@@ -232,14 +238,18 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
     bound = continuation.get("det_bound")
     if mosaic is not None and images["det_grad_y"] is not None:
         det = images["det_grad_y"][0]
-        s = _det_summary(det, bound, mosaic(1).slices)
-        bound_text = (f"{s['below']:.2f} % of voxels below the bound {bound:g} and {s['above']:.2f} % above "
-                      f"1/bound = {1 / bound:.3g} (dashed)" if bound else "no det bound in the configuration")
-        sections.append(_section("det(∇y)", _figure_html(
-            _draw_det(outdir, mosaic(1), det, bound), "determinant of the deformation gradient",
-            "det(∇y) of the pull-back map: blue &lt; 1 &lt; red, colour map centred at 1; right, its "
-            f"histogram. <b>det(∇y) min {s['min']:.3f}, max {s['max']:.3f}</b>; {bound_text}; "
-            f"{s['folded']:.2f} % ≤ 0 (folding).")))
+
+        def det_section():
+            s = _det_summary(det, bound, mosaic(1).slices)
+            bound_text = (f"{s['below']:.2f} % of voxels below the bound {bound:g} and {s['above']:.2f} % above "
+                          f"1/bound = {1 / bound:.3g} (dashed)" if bound else "no det bound in the configuration")
+            return _section("det(∇y)", _figure_html(
+                _draw_det(outdir, mosaic(1), det, bound), "determinant of the deformation gradient",
+                "det(∇y) of the pull-back map: blue &lt; 1 &lt; red, colour map centred at 1; right, its "
+                f"histogram. <b>det(∇y) min {s['min']:.3f}, max {s['max']:.3f}</b>; {bound_text}; "
+                f"{s['folded']:.2f} % ≤ 0 (folding)."))
+
+        sections.append((2, det_section))
     else:
         notes.append("det_grad_y.nii.gz missing: no det(∇y) panel.")
 
@@ -250,44 +260,52 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None):
         displacement = None if loaded is None else loaded[0]
     if mosaic is not None and (deformation_map is not None or displacement is not None):
         background = fixed if fixed is not None else warped
-        sections.append(_section("Deformation grid", _figure_html(
+        sections.append((2, lambda: _section("Deformation grid", _figure_html(
             _draw_grid(outdir, mosaic(1), background, deformation_map, displacement), "deformation grid",
             f"MOVING's regular grid (a line every {_grid_step(shape)} voxels) pulled back onto "
             f"{'FIXED' if fixed is not None else 'the warped image (FIXED unavailable)'}: the lines are where a "
-            "component of y(x) crosses a grid plane; straight, evenly spaced lines mean no deformation.")))
+            "component of y(x) crosses a grid plane; straight, evenly spaced lines mean no deformation."))))
     else:
         notes.append("deformation_map.nii.gz and displacement.nii.gz missing: no deformation grid panel.")
 
     history = [h for h in meta.get("history") or [] if isinstance(h, dict)]
     if history:
-        sections.append(_convergence_section(outdir, history))
+        sections.append((1, lambda: _convergence_section(outdir, history)))
     else:
         notes.append("registration.json has no convergence history: no convergence panel.")
 
     workload = {k: v for k, v in (meta.get("workload") or {}).items() if isinstance(v, dict)}
     if workload:
-        sections.append(_workload_section(outdir, workload))
+        sections.append((1, lambda: _workload_section(outdir, workload)))
 
     dice = meta.get("dice")
     if dice is not None and _valid_dice(dice):
-        sections.append(_section("Label overlap", _figure_html(
+        sections.append((1, lambda: _section("Label overlap", _figure_html(
             _draw_dice(outdir, dice), "Dice per label",
             f"Dice per label before (grey) and after (blue) registration; mean {np.mean(dice['before']):.3f} → "
-            f"{np.mean(dice['after']):.3f}.")))
+            f"{np.mean(dice['after']):.3f}."))))
     elif dice is not None:
         notes.append('registration.json["dice"] is malformed (needs labels, before and after of one length): '
                      "no Dice panel.")
 
-    config = json.dumps(meta.get("config", {}), indent=2)
-    sections.append(_section("Configuration", f"<pre>{html.escape(config, quote=False)}</pre>"))
-    sections.append(_section("Versions", _table(sorted((meta.get("versions") or {}).items()))))
-    note_html = "".join(f'<p class="note">{html.escape(n)}</p>\n' for n in notes)
-    name = html.escape(os.path.basename(os.path.abspath(outdir)))
-    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>claire_py registration report: {name}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
-            f"<h1>Registration report: {name}</h1>\n{note_html}{''.join(sections)}</body>\n</html>\n")
     path = os.path.join(outdir, "report.html")
-    write_text(path, page)
+
+    def write_page(drawn):
+        config = json.dumps(meta.get("config", {}), indent=2)
+        drawn += [_section("Configuration", f"<pre>{html.escape(config, quote=False)}</pre>"),
+                  _section("Versions", _table(sorted((meta.get("versions") or {}).items())))]
+        note_html = "".join(f'<p class="note">{html.escape(n)}</p>\n' for n in notes)
+        name = html.escape(os.path.basename(os.path.abspath(outdir)))
+        write_text(path, "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                   f"<title>claire_py registration report: {name}</title>\n<style>{_STYLE}</style>\n</head>\n"
+                   f"<body>\n<h1>Registration report: {name}</h1>\n{note_html}{''.join(drawn)}</body>\n</html>\n")
+
+    if comm is None:
+        write_page([job() for _, job in sections])
+        return path
+    # each section drawn on one rank (reading its own files), all at once; the page by rank 0
+    drawn = spread(comm, [job for _, job in sections], [weight for weight, _ in sections])
+    spread(comm, [lambda: write_page(drawn)])
     return path
 
 
@@ -368,23 +386,12 @@ def report_wanted(args):
 
 
 def _cmd_report(args):
-    """``claire report OUTDIR``: the report drawn on rank 0; errors raised on every rank."""
+    """``claire report OUTDIR``: the report drawn by every rank; errors raised on every rank."""
     comm = world()
-    error, path, failure = None, None, None
-    if comm.Get_rank() == 0:
-        try:
-            path = write_report(args.outdir, slices=args.slices)
-        except UserInputError as exc:
-            error = str(exc)
-        except OSError as exc:
-            error = f"{args.outdir}: cannot write the report ({exc})"
-        except Exception as exc:  # a bug: no rank may stay waiting in the bcast below
-            failure = exc
-    error, crashed = comm.bcast((error, failure is not None))
-    if crashed:
-        raise RuntimeError("claire report failed on rank 0") from failure
-    if error:
-        raise UserInputError(error)
+    try:
+        path = write_report(args.outdir, slices=args.slices, comm=comm)
+    except OSError as exc:
+        raise UserInputError(f"{args.outdir}: cannot write the report ({exc})") from None
     if comm.Get_rank() == 0:
         print(f"wrote {path}")
     return 0
