@@ -4,9 +4,10 @@ A NIfTI volume ``(n1, n2, n3[, C])`` is stored in Fortran order (``i`` fastest, 
 then the component), so the planes ``k0 <= k < k1`` of one component are one contiguous run of
 bytes: rank ``r`` of ``P`` owns the slab of planes :func:`slab_bounds` gives it. An uncompressed
 ``.nii`` is read and written by every rank at its own offsets (rank 0 writes the header and sizes
-the file first); a ``.nii.gz`` is one gzip stream, so rank 0 inflates or deflates it, sending or
+the file first); a ``.nii.gz`` is one gzip stream, so rank 0 inflates or writes it, sending or
 receiving each rank's planes in chunks of at most :data:`CHUNK_BYTES`: no rank holds more than
-its slab and one chunk. :meth:`Decomposition.blocks_from_boxes` then moves slabs to the
+its slab and one chunk (and, writing an image that deflate pays for, its slab deflated: each
+rank deflates its own chunks, all at once, and rank 0 strings them into one gzip member). :meth:`Decomposition.blocks_from_boxes` then moves slabs to the
 solver's blocks (and :meth:`~Decomposition.boxes_from_blocks` back).
 
 Every function here is collective over ``comm``; errors are raised on every rank alike (a
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import struct
 
 import numpy as np
 
@@ -329,10 +331,14 @@ def _new_file(path):
 
 
 def _stream_out(volume, comm, bounds, flat, tmp, level, head, gzip_stream):
-    """Rank 0 deflates the file, receiving each rank's chunks in file order (it drains them
-    all even after a failure, so that no rank waits forever); returns an error or ``None``."""
+    """Rank 0 writes the file, receiving each rank's chunks in file order (it drains them all
+    even after a failure, so that no rank waits forever); returns an error or ``None``. A
+    deflated file (``level`` > 0) is deflated by every rank at once, each its own chunks
+    (:func:`_deflated_stream_out`); a stored one goes through rank 0's ``gzip_stream``."""
     from mpi4py import MPI
 
+    if level:
+        return _deflated_stream_out(volume, comm, bounds, flat, tmp, level, head)
     rank = comm.Get_rank()
     k0 = bounds[rank][0]
     if rank != 0:
@@ -362,6 +368,52 @@ def _stream_out(volume, comm, bounds, flat, tmp, level, head, gzip_stream):
         if error is None:
             def finish():
                 stream.finish()
+                raw.flush()
+                os.fsync(raw.fileno())
+
+            error = _attempt(volume.path, finish)
+    finally:
+        if raw is not None:
+            raw.close()
+    return error
+
+
+def _deflated_stream_out(volume, comm, bounds, flat, tmp, level, head):
+    """One gzip member deflated in pieces: every rank deflates its chunks (the other ranks all
+    of theirs before sending any, so that the ranks deflate at once: ~1/P of the deflate
+    time, holding their deflated slab), rank 0 writes the pieces in file order between the
+    gzip header and the final empty block, and the CRC-32 combined from the pieces'."""
+    from .io import _FINAL_BLOCK, _GZIP_HEADER, _crc32_combine, _deflated_piece
+
+    rank = comm.Get_rank()
+    k0 = bounds[rank][0]
+
+    def piece(c, start, stop):
+        return _deflated_piece(np.ascontiguousarray(flat[:, :, start - k0:stop - k0, c].T), level)
+
+    if rank != 0:
+        pieces = [piece(c, start, stop) for c, owner, start, stop in _chunks(volume, bounds) if owner == rank]
+        for p in pieces:
+            comm.send(p, dest=0, tag=_DATA_TAG)
+        return None
+    raw, error = None, None
+    crc, size = 0, 0
+    try:
+        raw = open(tmp, "wb")
+        raw.write(_GZIP_HEADER)
+        data, crc, size = _deflated_piece(head, level)
+        raw.write(data)
+    except OSError as exc:
+        error = f"{volume.path}: writing failed ({exc})"
+    try:
+        for c, owner, start, stop in _chunks(volume, bounds):
+            data, part_crc, length = piece(c, start, stop) if owner == 0 else comm.recv(source=owner, tag=_DATA_TAG)
+            if error is None:
+                error = _attempt(volume.path, lambda: raw.write(data))
+            crc, size = _crc32_combine(crc, part_crc, length), size + length
+        if error is None:
+            def finish():
+                raw.write(_FINAL_BLOCK + struct.pack("<II", crc, size & 0xFFFFFFFF))
                 raw.flush()
                 os.fsync(raw.fileno())
 

@@ -322,6 +322,47 @@ def _deflate_level(data):
     return 1 if len(z.compress(sample) + z.flush()) < DEFLATE_WORTH * len(sample) else 0
 
 
+def _crc32_times(a, b):
+    """``a b mod P`` for CRC-32's polynomial ``P`` in its reflected form (bit 31 is x^0)."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+    return product
+
+
+def _crc32_combine(crc1, crc2, length2):
+    """CRC-32 of ``A + B`` from ``crc1`` of ``A``, ``crc2`` of ``B`` and ``B``'s length in
+    bytes (zlib's ``crc32_combine``, which Python's zlib does not export): ``crc1`` times
+    ``x^(8 length2)`` mod ``P``, plus ``crc2``."""
+    shift, square = 1 << 31, 1 << 23  # x^0; x^8 (one byte)
+    while length2:
+        if length2 & 1:
+            shift = _crc32_times(square, shift)
+        square = _crc32_times(square, square)
+        length2 >>= 1
+    return _crc32_times(shift, crc1) ^ crc2
+
+
+def _deflated_piece(data, level):
+    """``(bytes, crc32, length)``: ``data`` deflated at ``level`` (run-length strategy) as a
+    piece of a raw deflate stream that others may follow (ended by a sync flush: byte
+    aligned, not final). Pieces deflated apart, concatenated and closed by a final empty
+    block, are one deflate stream (as pigz writes them)."""
+    data = memoryview(data).cast("B")
+    z = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_RLE)
+    return z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH), zlib.crc32(data), len(data)
+
+
+#: gzip header: deflate, no flags, mtime 0, no extra flags, unknown OS (no name, no time:
+#: same data, same bytes); and the final empty fixed-Huffman block that closes a stream of
+#: :func:`_deflated_piece`s.
+_GZIP_HEADER, _FINAL_BLOCK = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff", b"\x03\x00"
+
+
 class _GzipStream:
     """A write-only file object that gzips what is written to ``raw``: deflated by zlib at
     ``level`` (strategy Z_RLE), or for ``level == 0`` as stored deflate blocks written
@@ -335,8 +376,8 @@ class _GzipStream:
         self.raw, self.size, self.level, self._crc = raw, 0, level, 0
         if level:
             self._z = zlib.compressobj(level, zlib.DEFLATED, 31, 9, zlib.Z_RLE)
-        else:  # gzip header: deflate, no flags, mtime 0, no extra flags, unknown OS
-            raw.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+        else:
+            raw.write(_GZIP_HEADER)
 
     def write(self, data):
         data = memoryview(data).cast("B")

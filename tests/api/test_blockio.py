@@ -115,26 +115,37 @@ def test_one_sequential_pass_of_planes_covers_the_file(shared_tmp, suffix, monke
     np.testing.assert_array_equal(seen, data)
 
 
-def test_a_full_disk_on_rank_0_mid_stream_fails_on_every_rank_and_leaves_nothing(shared_tmp, monkeypatch):
+@pytest.mark.parametrize("kind", ["image", "noise"])
+def test_a_full_disk_on_rank_0_mid_stream_fails_on_every_rank_and_leaves_nothing(shared_tmp, monkeypatch, kind):
     """Rank 0 keeps receiving the other ranks' chunks after its write failed (none waits for
-    ever in its send), then every rank raises the same line."""
-    import claire_py.io
+    ever in its send), then every rank raises the same line: an image the ranks deflate and a
+    field of noise stored through rank 0 alike."""
+    import builtins
 
     monkeypatch.setattr(blockio, "CHUNK_BYTES", 600)
     writes = []
 
-    def full_disk(self, data):
-        writes.append(len(data))
-        if len(writes) > 2:
-            raise OSError(28, "No space left on device")
-        return len(data)
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.file = builtins.open(path, mode)
 
-    monkeypatch.setattr(claire_py.io._GzipStream, "write", full_disk)
+        def write(self, data):
+            writes.append(len(data))
+            if len(writes) > 2:
+                raise OSError(28, "No space left on device")
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr(blockio, "open", FullDisk, raising=False)
     shape = (6, 5, 16)
     k0, k1 = blockio.slab_bounds(shape[2], COMM.size)[COMM.rank]
+    slab = np.zeros((6, 5, k1 - k0), np.float32, order="F")
+    if kind == "noise":
+        slab[...] = np.random.default_rng(COMM.rank).standard_normal(slab.shape)
     with pytest.raises(UserInputError, match="writing failed .*No space left"):
-        blockio.write_volume(os.path.join(shared_tmp, "full.nii.gz"), np.zeros((6, 5, k1 - k0), np.float32, order="F"),
-                             COMM, shape=shape, affine=np.eye(4))
+        blockio.write_volume(os.path.join(shared_tmp, "full.nii.gz"), slab, COMM, shape=shape, affine=np.eye(4))
     assert os.listdir(shared_tmp) == []
 
 
@@ -162,3 +173,31 @@ def test_composite_h5_written_by_every_rank_holds_the_whole_field_in_itk_order(s
     missing = os.path.join(shared_tmp, "no such directory", "transform.h5")
     error = write_composite_h5(missing, np.eye(4), slab, AFFINE, comm=COMM, shape=shape)
     assert error is not None and "writing failed" in error
+
+
+def test_an_image_deflated_by_every_rank_is_one_gzip_member(shared_tmp, monkeypatch):
+    """A .nii.gz that deflate pays for is deflated by each rank, chunk by chunk, and strung
+    together by rank 0: still one gzip member (CRC-32 and length of the whole) that zlib,
+    gzip and nibabel read."""
+    import gzip
+    import zlib
+
+    from claire_py.io import _crc32_combine
+
+    monkeypatch.setattr(blockio, "CHUNK_BYTES", 500)
+    shape = (13, 11, 9)
+    data = np.zeros(shape + (2,), np.float32)
+    data[3:9, 2:8, 1:7] = np.arange(6 * 6 * 6 * 2, dtype=np.float32).reshape(6, 6, 6, 2) % 7  # compresses
+    k0, k1 = blockio.slab_bounds(shape[2], COMM.size)[COMM.rank]
+    out = os.path.join(shared_tmp, "image.nii.gz")
+    blockio.write_volume(out, np.asfortranarray(data[:, :, k0:k1]), COMM, shape=shape, affine=AFFINE)
+    with open(out, "rb") as fh:
+        blob = fh.read()
+    inflate = zlib.decompressobj(31)
+    raw = inflate.decompress(blob)
+    assert inflate.eof and inflate.unused_data == b""  # one member, nothing after it
+    assert raw == gzip.decompress(blob) and len(blob) < 0.5 * len(raw)
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), data)
+    # the combination of CRCs that made the trailer
+    for a, b in ((raw[:100], raw[100:]), (b"", raw), (raw, b"")):
+        assert _crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(raw)
