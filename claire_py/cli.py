@@ -352,8 +352,8 @@ def _build_parser():
     add_flags(p, d)
     p.add_argument("--overwrite", action="store_true", help="replace the results already in OUTDIR")
     p.add_argument("--output-format", choices=("nii.gz", "nii"), default="nii.gz",
-                   help="image files of OUTDIR: nii.gz (rank 0 compresses) or nii (every rank writes its part in "
-                        "place: faster, larger; default nii.gz)")
+                   help="image files of OUTDIR: nii.gz (every rank deflates its part, rank 0 writes the stream) or nii "
+                        "(every rank writes its part in place: faster, larger; default nii.gz)")
     p.add_argument("--quiet", action="store_true", help="no per-iteration log, only the summary and warnings")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="save the solver's progress in OUTDIR/checkpoint every N Gauss-Newton iterations and at "
