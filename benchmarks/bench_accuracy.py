@@ -17,7 +17,7 @@ claire_py by per-label indicators and the most probable label, ANTs by ``generic
 by nearest neighbour),
 relative mismatch ``||warped - fixed|| / ||moving - fixed||`` of the intensities rescaled to
 [0, 1] (the same measure for every tool), det(grad y) min by the tool's own estimate (claire_py's
-``det_grad_y``, ANTs' ``create_jacobian_determinant_image``; DIPY has none) and by periodic central
+``det_grad_y``, ANTs' ``create_jacobian_determinant_image``; DIPY has none) and by central
 differences of the map (the same code for every tool), and the wall time of the registration
 (claire_py: the whole command; DIPY/ANTs: the library call plus warping the image and labels).
 

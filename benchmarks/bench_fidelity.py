@@ -7,7 +7,7 @@ reads its outputs: wall time of the command, solve time, Gauss-Newton iterations
 matvecs, stop reason, line-search steps, relative mismatch, mean Dice of the tissue labels
 (before -> after), det(grad y) min/max as the tree writes it (``det_grad_y.nii.gz``) and by
 central differences of its ``deformation_map.nii.gz`` (computed here, the same for every tree:
-``det(I + D u)``, ``u = y - x`` in voxels, periodic central differences), with the number of
+``det(I + D u)``, ``u = y - x`` in voxels, central differences), with the number of
 voxels <= 0 of each, and the beta used (the trained one with ``--train``).
 
 Run (the before/after table of benchmarks/RESULTS.md; an older checkout as ``--tree``)::
@@ -34,8 +34,8 @@ from real_pairs import prepare  # noqa: E402
 
 
 def central_difference_det(deformation_map_path):
-    """``det(grad y)`` of a ``deformation_map.nii.gz`` (world mm, SPM-style ``y``) by periodic
-    central differences of ``u = y - x`` in voxels."""
+    """``det(grad y)`` of a ``deformation_map.nii.gz`` (world mm, SPM-style ``y``) by central
+    differences of ``u = y - x`` in voxels (:func:`map_det`)."""
     import nibabel as nib
 
     img = nib.load(deformation_map_path)
@@ -44,13 +44,14 @@ def central_difference_det(deformation_map_path):
 
 def map_det(y, a):
     """``det(grad y)`` of a world-mm map ``y`` (``(*shape, 3)``) on a grid with affine ``a``, by
-    periodic central differences of ``u = y - x`` in voxels."""
+    central differences of ``u = y - x`` in voxels (one-sided at the faces: a map with an
+    affine part is not periodic, and differences across the wrap-around reported folds there)."""
     y_vox = np.einsum("ab,...b->...a", np.linalg.inv(a[:3, :3]), y - a[:3, 3])
     u = y_vox - np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in y.shape[:3]], indexing="ij"), axis=-1)
     jac = np.empty(u.shape[:3] + (3, 3))
     for i in range(3):
-        for j in range(3):
-            jac[..., i, j] = (i == j) + 0.5 * (np.roll(u[..., i], -1, axis=j) - np.roll(u[..., i], 1, axis=j))
+        for j, du in enumerate(np.gradient(u[..., i])):
+            jac[..., i, j] = (i == j) + du
     return np.linalg.det(jac)
 
 
