@@ -32,6 +32,8 @@ Run (the performance tables of benchmarks/RESULTS.md)::
 
     .venv/bin/python benchmarks/bench_command.py --cases 2mm,accurate,mni --repeat 3 --peer --floors --json /tmp/cmd.json
     .venv/bin/python benchmarks/bench_command.py --cases 1mm --json /tmp/cmd.json
+    .venv/bin/python benchmarks/bench_command.py --cases 2mm,1mm --tree /tmp/old --tree . --repeat 2  # A/B
+    .venv/bin/python benchmarks/bench_command.py --cases 2mm --claire /opt/claire/bin/claire  # and CLAIRE
 """
 
 import argparse
@@ -47,7 +49,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import append_json  # noqa: E402
-from _launch import VENV  # noqa: E402
+from _launch import ROOT, VENV  # noqa: E402
 from bench_fidelity import register_command  # noqa: E402
 from real_pairs import prepare  # noqa: E402
 
@@ -64,9 +66,10 @@ _MEMORY = re.compile(r"peak memory \(RSS\): rank 0 ([\d.]+) GB, largest other ra
 _REPORT = re.compile(r"time \(slowest rank per phase\):.* report ([\d.]+) s")
 
 
-def register(pair, stems, flags, ranks, out):
-    """One ``claire register`` run; its wall time and what the run recorded of itself."""
-    wall, meta, log = register_command(VENV, *stems, out, flags, ranks)
+def register(pair, stems, flags, ranks, out, venv=VENV):
+    """One ``claire register`` run (of the tree whose ``.venv/bin`` is ``venv``); its wall time
+    and what the run recorded of itself."""
+    wall, meta, log = register_command(venv, *stems, out, flags, ranks)
     memory, report = _MEMORY.search(log), _REPORT.search(log)
     if memory is None:
         raise RuntimeError(f"no peak-memory line in the log of the run in {out}")
@@ -153,35 +156,40 @@ def main():
     parser.add_argument("--claire-mpirun", default="mpirun", help="the launcher of CLAIRE's MPI (default: mpirun)")
     parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "claire_py", "real_pairs"))
     parser.add_argument("--out", default="/tmp/claire_command", help="where the registrations are written")
+    parser.add_argument("--tree", action="append",
+                        help="code tree(s) with a .venv, each case run by each in turn (an A/B in one run; "
+                             "default: this one)")
     parser.add_argument("--json")
     args = parser.parse_args()
     pairs = prepare(args.cache)
-    cases = []
+    cases, trees = [], args.tree or [ROOT]
     for name in args.cases.split(","):
         pair, flags = CASES[name] if name in CASES else name.split(":", 1)
-        cases.append((name, pair, shlex.split(flags)))
-    runs = {name: [] for name, _, _ in cases}
+        for tree in trees:
+            label = name + (f"@{os.path.basename(os.path.abspath(tree))}" if len(trees) > 1 else "")
+            cases.append((label, pair, shlex.split(flags), os.path.join(tree, ".venv", "bin")))
+    runs = {name: [] for name, *_ in cases}
     for _ in range(args.repeat):  # interleaved: a drift in the machine's load hits every case alike
-        for name, pair, flags in cases:
+        for name, pair, flags, venv in cases:
             out = os.path.join(args.out, "".join(c if c.isalnum() else "_" for c in name))
-            runs[name].append(register(pair, pairs[pair], flags, args.ranks, out))
+            runs[name].append(register(pair, pairs[pair], flags, args.ranks, out, venv))
     peers = {}
     if args.peer:
         from bench_accuracy import dipy_syn
 
-        for pair in dict.fromkeys(pair for _, pair, _ in cases):
+        for pair in dict.fromkeys(pair for _, pair, *_ in cases):
             peers[pair] = dipy_syn(pair, pairs[pair])
 
     claire = {}
     if args.claire:
-        for pair in dict.fromkeys(pair for _, pair, _ in cases):
+        for pair in dict.fromkeys(pair for _, pair, *_ in cases):
             claire[pair] = claire_peer(args.claire, args.claire_mpirun, pairs[pair], args.ranks,
                                        os.path.join(args.out, "claire_" + pair))
     print(f"{'case':>12} {'grid':>11} {'wall':>6} {'outside':>7} " + " ".join(f"{p:>7}" for p in PHASES)
           + f" {'launch':>6} {'GN':>3} {'mv':>4} {'Dice':>6} {'RSS 0':>6} {'other':>6} {'sum GB':>6}"
           + (f" {'DIPY s':>7} {'DIPY/us':>7}" if peers else ""))
     rows = []
-    for name, pair, flags in cases:
+    for name, pair, flags, _ in cases:
         walls = [r["wall"] for r in runs[name]]
         r = sorted(runs[name], key=lambda r: r["wall"])[len(walls) // 2]
         peer = peers.get(pair)
@@ -205,13 +213,13 @@ def main():
     for pair, peer in claire.items():
         print(f"CLAIRE on {pair}, {args.ranks} ranks: {peer['wall']:.1f} s wall, {peer['solve']:.1f} s to solution, "
               f"{peer['gn']} GN iterations, {peer['matvecs']} matvecs; "
-              + ", ".join(f"{name} {peer['wall'] / r['wall']:.2f}x" for name, p, _ in cases if p == pair
+              + ", ".join(f"{name} {peer['wall'] / r['wall']:.2f}x" for name, p, *_ in cases if p == pair
                           for r in [sorted(runs[name], key=lambda r: r["wall"])[len(runs[name]) // 2]]))
         rows.append(dict(name="claire_command_wall", n="x".join(map(str, _shape(pairs[pair][0]))), dtype="float64",
                          ranks=args.ranks, threads=1, pair=pair, value=peer["wall"], unit="s",
                          time_to_solution=peer["solve"], gn=peer["gn"], matvecs=peer["matvecs"]))
     if args.floors:
-        name, pair, flags = cases[0]
+        name, pair, *_ = cases[0]
         for what, seconds in floors(pairs[pair], args.ranks, runs[name][0]["out"], max(3, args.repeat)).items():
             print(f"floor: {what:40s} {seconds:6.2f} s")
             rows.append(dict(name="floor", what=what, n=runs[name][0]["shape"], dtype="float32", ranks=args.ranks,
