@@ -5,7 +5,8 @@ solved inexactly (``presolve_tolerance``) except the last, solved to the request
 
 * **Grid continuation**: the problem restricted spectrally to grids coarser by 2, 4, ... (the
   coarsest with at least ``coarsest_grid`` points along its shortest axis), the velocity
-  prolonged spectrally from level to level.
+  prolonged spectrally from level to level; as in CLAIRE, each grid's relative gradient
+  tolerance is taken against ``||g(v = 0)||`` on that grid, not against its start's gradient.
 * **Scale continuation**: on the input grid, images smoothed by σ = 32, 16, 8, 4, 2, 1 voxels
   (those above the configured σ and at most 1/8 of the shortest axis), down to the configured σ.
 * **β continuation**: solve at β = 1, 1e-1, ... (each an inexact presolve to
@@ -170,10 +171,17 @@ def solve(problem, v0, newton, options, *, callback=None, checkpoint=None):
             resume = None if saved is None else saved["resume"]
             on_iterate = None if checkpoint is None else (
                 lambda vk, state: checkpoint.iterate(level, p.decomp, vk, state))
+            level_reference = reference if on_input_grid else None
+            if what == "grid continuation" and resume is None:
+                # as CLAIRE's grid continuation: a coarse grid's tolerance is relative to ||g(v = 0)||
+                # on that grid, so that a good prolonged start is not asked to cut its (already
+                # small) gradient 20-fold again
+                p.set_velocity(p.decomp.new_vector())
+                level_reference = p.norm(p.gradient())
             # the start is the previous level's answer, which the next level replaces; beta
             # training restarts from its best answer, which must stay intact
             res = gauss_newton_krylov(p, v_start if saved is None else saved["velocity"], opts, callback=callback,
-                                      level=level, reference_gradient=reference if on_input_grid else None,
+                                      level=level, reference_gradient=level_reference,
                                       resume=resume, on_iterate=on_iterate, overwrite_start=options.train is None)
             if checkpoint is not None:
                 checkpoint.level_done(level, p.decomp, res)
