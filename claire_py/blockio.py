@@ -321,6 +321,20 @@ def _attempt(path, write):
     return None
 
 
+def _finished(path, raw, error, end):
+    """Unless ``error``: ``end()`` (the stream's last bytes), then ``raw`` flushed and on disk;
+    the error, or ``None``."""
+    if error is not None:
+        return error
+
+    def finish():
+        end()
+        raw.flush()
+        os.fsync(raw.fileno())
+
+    return _attempt(path, finish)
+
+
 def _new_file(path):
     from .io import atomic_path
 
@@ -365,13 +379,7 @@ def _stream_out(volume, comm, bounds, flat, tmp, level, head, gzip_stream):
                 comm.Recv([chunk, MPI.BYTE], source=owner, tag=_DATA_TAG)
             if error is None:
                 error = _attempt(volume.path, lambda: stream.write(memoryview(chunk).cast("B")))
-        if error is None:
-            def finish():
-                stream.finish()
-                raw.flush()
-                os.fsync(raw.fileno())
-
-            error = _attempt(volume.path, finish)
+        error = _finished(volume.path, raw, error, stream.finish)
     finally:
         if raw is not None:
             raw.close()
@@ -411,13 +419,8 @@ def _deflated_stream_out(volume, comm, bounds, flat, tmp, level, head):
             if error is None:
                 error = _attempt(volume.path, lambda: raw.write(data))
             crc, size = _crc32_combine(crc, part_crc, length), size + length
-        if error is None:
-            def finish():
-                raw.write(_FINAL_BLOCK + struct.pack("<II", crc, size & 0xFFFFFFFF))
-                raw.flush()
-                os.fsync(raw.fileno())
-
-            error = _attempt(volume.path, finish)
+        error = _finished(volume.path, raw, error,
+                          lambda: raw.write(_FINAL_BLOCK + struct.pack("<II", crc, size & 0xFFFFFFFF)))
     finally:
         if raw is not None:
             raw.close()
