@@ -169,8 +169,8 @@ def write_report(outdir, *, fixed=None, moving=None, slices=None, comm=None):
     Without ``comm``, under ``mpiexec`` call it on rank 0 only. The PNGs (sizes in
     :data:`FIGURE_SIZES` at :data:`DPI`) and ``report.html`` are each written under a
     temporary name and renamed into place. Panels whose files are missing are left out and
-    listed at the top of the page. For a 128×150×128 registration about 1.1 s on 2 ranks, 1.3 s
-    on one process (``claire register``'s report phase, 2026-12-07).
+    listed at the top of the page. For a 128×150×128 registration 1.0–1.1 s on 2 ranks, 1.1–1.4 s
+    on one process (the same report drawn alternately both ways, 2026-12-07).
 
     Examples
     --------
